@@ -1,0 +1,375 @@
+"""One schema for ``params.yaml``: every stage's section, validated before any work starts.
+
+The defaults here *are* the default CPU run; ``params.yaml`` spells them out in full because DVC tracks
+parameters by key (a test keeps the two equal). Presets (``pipeline/presets/*.yaml``) are partial overlays:
+``rcg preset cifar10`` writes a complete params file from one of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, ValidationInfo, model_validator)
+
+from pipeline.errors import RcgError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class Section(BaseModel):
+    """Strict: an unknown key or a wrong type is an error, never silently ignored."""
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+def _checking_paths(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("skip_path_checks", False)
+
+
+def _existing_file(path: Path | None, key: str, info: ValidationInfo) -> None:
+    if path is not None and _checking_paths(info) and not Path(path).is_file():
+        raise ValueError(f"{key}: file does not exist: {path}")
+
+
+def _existing_dir(path: Path | None, key: str, info: ValidationInfo) -> None:
+    if path is not None and _checking_paths(info) and not Path(path).is_dir():
+        raise ValueError(f"{key}: folder does not exist: {path}")
+
+
+# --------------------------------------------------------------------------------------------- data
+class Paths(Section):
+    """Where artifacts live; stage outputs are fixed names under these roots (see ARCHITECTURE.md)."""
+    data: Path = Path("data")
+    metrics: Path = Path("metrics")
+
+    @property
+    def shards(self) -> Path: return self.data / "shards"
+    @property
+    def reps(self) -> Path: return self.data / "reps.zarr"
+    @property
+    def tokens(self) -> Path: return self.data / "tokens.zarr"
+    @property
+    def models(self) -> Path: return self.data / "models"
+    @property
+    def state(self) -> Path: return self.data / "state"
+    @property
+    def plots(self) -> Path: return self.metrics / "plots"
+
+
+class BuiltinData(Section):
+    """The synthetic shapes set of the default run: made by code, deterministic by seed."""
+    num_train: PositiveInt = 4000
+    num_val: NonNegativeInt = 500
+    image_size: int = Field(32, ge=16, le=512)
+    seed: int = 0
+
+
+class Data(Section):
+    source: Literal["builtin", "folder"] = "builtin"
+    folder: Path | None = None       # ImageNet layout (<root>/<class>/*) or a flat folder of images
+    val_folder: Path | None = None   # optional held-out split in the same layout
+    builtin: BuiltinData = BuiltinData()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Data":
+        if self.source == "folder" and self.folder is None:
+            raise ValueError("data.folder: required when data.source is 'folder'")
+        _existing_dir(self.folder, "data.folder", info)
+        _existing_dir(self.val_folder, "data.val_folder", info)
+        return self
+
+
+class Shard(Section):
+    resize_short_side: PositiveInt | None = None  # e.g. 256 for ImageNet; None keeps bytes as they are
+    reencode_format: Literal["png", "jpeg"] = "png"  # for converted/resized images; png is lossless
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_per_shard: PositiveInt = 2000
+    max_shard_bytes: PositiveInt = 1 << 30
+    min_side: PositiveInt = 8             # smaller images are rejected
+    max_pixels: PositiveInt = 100_000_000  # larger images are rejected before decoding
+    max_aspect: float = Field(20.0, gt=1.0)
+    workers: NonNegativeInt = 0            # 0 = all cores
+
+
+class Views(Section):
+    """The deterministic views every store is computed on (pipeline.views)."""
+    count: PositiveInt = 2   # V: view 0 = centre crop, 1 = its flip (if flip), more = seeded random crops
+    resize: PositiveInt = 32  # short side before cropping (256 RDM-style, 292 MAGE-style on ImageNet)
+    crop: PositiveInt = 32
+    flip: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Views":
+        if self.crop > self.resize:
+            raise ValueError(f"views.crop ({self.crop}) must be <= views.resize ({self.resize})")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ encoder
+class EncoderModel(Section):
+    img_size: PositiveInt = 32
+    patch_size: PositiveInt = 4
+    embed_dim: PositiveInt = 192
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 3
+    mlp_ratio: PositiveFloat = 4.0
+    proj_hidden_dim: PositiveInt = 1024
+    proj_dim: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncoderModel":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"encoder.model.img_size ({self.img_size}) must be a multiple of patch_size")
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            raise ValueError("encoder.model.embed_dim must be divisible by num_heads and by 4 (sin-cos)")
+        return self
+
+
+class Encoder(Section):
+    checkpoint: Path | None = None  # official MoCo v3 file; None = pretrain our own (pretrain_encoder)
+    model: EncoderModel = EncoderModel()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Encoder":
+        _existing_file(self.checkpoint, "encoder.checkpoint", info)
+        return self
+
+
+class PretrainEncoder(Section):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    blr: PositiveFloat = 1.5e-4  # lr = blr * batch / 256 (MoCo v3 rule)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_epochs: NonNegativeInt = 3
+    temperature: PositiveFloat = 0.2
+    momentum: float = Field(0.99, ge=0, le=1)
+    workers: NonNegativeInt = 2
+    log_every: PositiveInt = 10
+
+
+class Encode(Section):
+    batch_size: PositiveInt = 256
+    chunk_size: PositiveInt = 1024  # rows per Zarr chunk: the unit of resume and of rank splits
+    workers: NonNegativeInt = 2
+    bf16: bool = False              # autocast on GPU only; the CPU path is exact fp32
+    knn_k: PositiveInt = 20
+
+
+# ---------------------------------------------------------------------------------------------- rdm
+class RdmModel(Section):
+    in_channels: PositiveInt = 256
+    time_embed_dim: PositiveInt = 256
+    model_channels: PositiveInt = 512
+    num_res_blocks: PositiveInt = 4
+    dropout: float = Field(0.0, ge=0, lt=1)
+    class_cond: bool = False
+    num_classes: PositiveInt = 1000
+    context_channels: PositiveInt = 512
+
+
+class Diffusion(Section):
+    timesteps: PositiveInt = 1000
+    linear_start: PositiveFloat = 0.0015
+    linear_end: PositiveFloat = 0.0195
+
+
+class RdmTrain(Section):
+    steps: PositiveInt = 4000
+    batch_size: PositiveInt = 256
+    blr: PositiveFloat = 1e-6        # lr = blr * batch (official rule, no /256)
+    weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    checkpoint_every: PositiveInt = 1000
+    log_every: PositiveInt = 50
+
+
+class RdmSample(Section):
+    steps: PositiveInt = 250
+    eta: float = Field(1.0, ge=0)
+    temperature: PositiveFloat = 1.0
+
+
+class RdmEval(Section):
+    num_samples: PositiveInt = 2000
+    batch_size: PositiveInt = 500
+
+
+class Rdm(Section):
+    checkpoint: Path | None = None  # official RDM file to evaluate/use instead of training
+    model: RdmModel = RdmModel()
+    diffusion: Diffusion = Diffusion()
+    train: RdmTrain = RdmTrain()
+    sample: RdmSample = RdmSample()
+    eval: RdmEval = RdmEval()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Rdm":
+        _existing_file(self.checkpoint, "rdm.checkpoint", info)
+        if self.sample.steps > self.diffusion.timesteps:
+            raise ValueError("rdm.sample.steps must be <= rdm.diffusion.timesteps")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+class TokenizerModel(Section):
+    ch: PositiveInt = 64
+    ch_mult: list[PositiveInt] = [1, 2, 2]   # downsampling factor 2**(len-1): 4 -> 8x8 tokens on 32x32
+    num_res_blocks: PositiveInt = 1
+    z_channels: PositiveInt = 64
+    embed_dim: PositiveInt = 64
+    n_embed: PositiveInt = 256
+    beta: float = Field(0.25, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizerModel":
+        if self.n_embed > 65536:
+            raise ValueError(f"tokenizer.model.n_embed ({self.n_embed}) exceeds 65536: "
+                             "token ids are stored as uint16")
+        return self
+
+
+class TokenizerTrain(Section):
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 2e-4
+    disc_start: NonNegativeInt = 1500
+    disc_weight: float = Field(0.1, ge=0)
+    codebook_weight: float = Field(1.0, ge=0)
+    restart_every: NonNegativeInt = 200   # dead-code restarts; 0 = never
+    checkpoint_every: PositiveInt = 500
+    log_every: PositiveInt = 50
+    workers: NonNegativeInt = 2
+
+
+class Tokenizer(Section):
+    checkpoint: Path | None = None  # official vqgan_jax_strongaug.ckpt; None = train our own
+    model: TokenizerModel = TokenizerModel()
+    train: TokenizerTrain = TokenizerTrain()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Tokenizer":
+        _existing_file(self.checkpoint, "tokenizer.checkpoint", info)
+        return self
+
+
+class Tokenize(Section):
+    batch_size: PositiveInt = 128
+    chunk_size: PositiveInt = 1024
+    workers: NonNegativeInt = 2
+    bf16: bool = False
+
+
+# ------------------------------------------------------------------------------------------- params
+class Runtime(Section):
+    """How to run, not what to compute: not a DVC dependency, so changing it never invalidates outputs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: NonNegativeInt = 0  # torch intra-op threads; 0 = torch's default
+    compile: bool = False        # torch.compile the training step where supported (GPU)
+
+
+class Params(Section):
+    seed: int = 0
+    paths: Paths = Paths()
+    data: Data = Data()
+    shard: Shard = Shard()
+    views: Views = Views()
+    encoder: Encoder = Encoder()
+    pretrain_encoder: PretrainEncoder = PretrainEncoder()
+    encode: Encode = Encode()
+    rdm: Rdm = Rdm()
+    tokenizer: Tokenizer = Tokenizer()
+    tokenize: Tokenize = Tokenize()
+    runtime: Runtime = Runtime()
+
+    def section(self, name: str) -> dict:
+        """A section as plain JSON-able data: what a stage records beside its outputs."""
+        return self.model_dump(mode="json")[name]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        # A validator that names its own key already says where; otherwise prefix the location.
+        lines.append(msg if key and msg.startswith(key.split(".")[0] + ".") else f"{key or 'params'}: {msg}")
+    return "invalid params: " + "; ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values use YAML scalars: 3, 0.5, true, null, [1, 2] all mean what they look like."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` to a nested dict; unknown keys are caught later by the schema."""
+    if "=" not in assignment:
+        raise RcgError(f"--set expects key=value, got {assignment!r}")
+    key, _, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RcgError(f"--set: malformed key {key!r}")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RcgError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_value(raw)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RcgError(f"params file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RcgError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(tree, dict):
+        raise RcgError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def validate(tree: dict, check_paths: bool = True) -> Params:
+    try:
+        return Params.model_validate(tree, context={"skip_path_checks": not check_paths})
+    except ValidationError as err:
+        raise RcgError(_format_error(err)) from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Params from a YAML file (missing keys take the defaults) plus ``key=value`` overrides."""
+    tree = read_yaml(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate(tree)
+
+
+def preset(name: str) -> Params:
+    """A full Params from a named overlay in pipeline/presets/."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise RcgError(f"unknown preset {name!r} (known: {known})")
+    return validate(read_yaml(path), check_paths=False)
+
+
+def dump_yaml(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, default_flow_style=None)

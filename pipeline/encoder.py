@@ -1,0 +1,179 @@
+"""MoCo v3 ViT representation encoder: architecture, checkpoint import and RCG's representation.
+
+The module layout mirrors MoCo v3's ViT (timm VisionTransformer whose ``head`` is the 3-layer projector), so the
+official ``module.base_encoder.*`` weights load strictly once that prefix is stripped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from pipeline.artifacts import load_checkpoint
+from pipeline.errors import RcgError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# MoCo v3's sizes (its ViT-S uses 12 heads, unlike DeiT-S's 6).
+VIT_SIZES = {
+    "small": dict(embed_dim=384, depth=12, num_heads=12),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+HEADS_BY_WIDTH = {v["embed_dim"]: v["num_heads"] for v in VIT_SIZES.values()}
+
+# RCG's ViT-L file stores these base-encoder keys under wrong names; they must be renamed, not copied.
+VITL_KEY_FIXES = {
+    "blocks.13.norm13.": "blocks.13.norm1.",
+    "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",
+    "blocks.14.norm14.": "blocks.14.norm2.",
+    "blocks.14.mlp.fc14.": "blocks.14.mlp.fc2.",
+}
+
+
+def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """MoCo v3's MLP: [Linear(no bias), BN, ReLU] x (n-1), Linear(no bias), BN(affine=False)."""
+    layers = []
+    for i in range(num_layers):
+        d1 = in_dim if i == 0 else hidden_dim
+        last = i == num_layers - 1
+        d2 = out_dim if last else hidden_dim
+        layers.append(nn.Linear(d1, d2, bias=False))
+        layers += [nn.BatchNorm1d(d2, affine=False)] if last else [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos table [1, 1 + h*w, dim]; cls row zeros; token m at row m // w, column m % w."""
+    assert dim % 4 == 0, "2D sin-cos position embedding needs embed_dim divisible by 4"
+    h, w = grid_size
+    omega = 1.0 / (10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    out_r = rows.flatten()[:, None] * omega[None]
+    out_c = cols.flatten()[:, None] * omega[None]
+    pe = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe])[None]
+
+
+class MoCoViT(VisionTransformer):
+    """MoCo v3 ViT: cls token after the final LayerNorm -> 3-layer projector stored as ``head``."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, proj_hidden_dim: int = 4096, proj_dim: int = 256):
+        super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
+                         global_pool="token", class_token=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                         weight_init="moco")
+        pe = sincos_pos_embed(self.patch_embed.grid_size, embed_dim)
+        self.pos_embed = nn.Parameter(pe.to(self.pos_embed), requires_grad=False)
+        # MoCo v3 initialises the patch projection like a linear layer (xavier-uniform on the flattened kernel).
+        val = math.sqrt(6.0 / float(3 * patch_size * patch_size + embed_dim))
+        nn.init.uniform_(self.patch_embed.proj.weight, -val, val)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self.head = build_mlp(3, embed_dim, proj_hidden_dim, proj_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-projector cls feature [B, embed_dim] (timm 0.3.2's ``forward_features``)."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+
+def normalize_for_encoder(x01: torch.Tensor, input_size: int) -> torch.Tensor:
+    """ImageNet mean/std, then bicubic resize (no antialias) only if needed: RCG's order, resize after normalising."""
+    mean = x01.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x01.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x01 - mean) / std
+    if tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False)
+    return x
+
+
+def standardize(r: torch.Tensor) -> torch.Tensor:
+    """Per-sample standardisation over features with torch's default (unbiased) std, as RCG does."""
+    return (r - r.mean(dim=-1, keepdim=True)) / r.std(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def represent(model: MoCoViT, images01: torch.Tensor, input_size: int | None = None,
+              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RCG representation r_hat [B, proj_dim] (fp32) of images in [0,1].
+
+    The encoder is frozen, so it is forced into eval mode: the projector BNs must use their running stats.
+    """
+    model.eval()
+    x = normalize_for_encoder(images01.float(), input_size or model.patch_embed.img_size[0])
+    amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with amp:
+        r = model(x)
+    return standardize(r.float())
+
+
+def import_mocov3_state_dict(ckpt: dict) -> dict:
+    """Base-encoder weights of an official MoCo v3 / RCG file (wrapped or bare, prefixed or already stripped),
+    with ``module.base_encoder.`` stripped and the ViT-L misnamed keys renamed."""
+    if not isinstance(ckpt, dict):
+        raise RcgError(f"encoder checkpoint must be a dict, got {type(ckpt).__name__}")
+    sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    for prefix in ("module.base_encoder.", "base_encoder."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    fix = re.compile("^(" + "|".join(re.escape(k) for k in VITL_KEY_FIXES) + ")")
+    return {fix.sub(lambda m: VITL_KEY_FIXES[m.group(1)], k): v for k, v in sd.items()}
+
+
+def infer_vit_config(state_dict: dict, num_heads: int | None = None) -> dict:
+    """MoCoViT constructor kwargs read from tensor shapes; heads are not in the weights, so they come from
+    ``num_heads`` or the standard width -> heads map."""
+    sd = import_mocov3_state_dict(state_dict)
+    need = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "head.0.weight", "head.6.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise RcgError(f"not a MoCo v3 ViT state dict: missing {', '.join(missing)}")
+    embed_dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    heads = num_heads or HEADS_BY_WIDTH.get(embed_dim)
+    if heads is None:
+        raise RcgError(f"cannot infer num_heads for embed_dim {embed_dim}; give it explicitly")
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=embed_dim,
+                depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads,
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+                proj_hidden_dim=sd["head.0.weight"].shape[0], proj_dim=sd["head.6.weight"].shape[0])
+
+
+def _load_strict(model: nn.Module, sd: dict, source: str) -> None:
+    """Strict load with a one-line account of missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {list(sd[k].shape)} vs model {list(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    problems = [f"{len(items)} {what} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+                for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if items]
+    if problems:
+        raise RcgError(f"{source} does not match the encoder architecture: {'; '.join(problems)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_encoder_checkpoint(path: str | Path, model: MoCoViT) -> MoCoViT:
+    """Load an official MoCo v3 / RCG encoder file into ``model`` strictly."""
+    _load_strict(model, import_mocov3_state_dict(load_checkpoint(path)), str(path))
+    return model
+
+
+def load_encoder(path: str | Path, num_heads: int | None = None) -> MoCoViT:
+    """Build a MoCoViT whose shape is read from the file, load it strictly, and return it frozen in eval mode."""
+    sd = import_mocov3_state_dict(load_checkpoint(path))
+    model = MoCoViT(**infer_vit_config(sd, num_heads))
+    _load_strict(model, sd, str(path))
+    return model.eval().requires_grad_(False)

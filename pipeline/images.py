@@ -1,0 +1,103 @@
+"""Decode-and-validate for the shard stage: every file is fully decoded once, then kept or converted.
+
+A file is kept byte-for-byte when it is an 8-bit RGB JPEG or PNG and no resize is asked for; anything
+else that decodes (grayscale, CMYK, palette, RGBA, 16-bit, other formats) becomes RGB and is re-encoded.
+Every failure is a reason string for ``rejects.parquet``, never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
+Image.MAX_IMAGE_PIXELS = None            # our own max_pixels check runs first, on the header
+
+KEEP_AS_IS = {("JPEG", "RGB"): "jpg", ("PNG", "RGB"): "png"}
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    resize_short_side: int | None = None
+    reencode_format: str = "png"
+    jpeg_quality: int = 95
+    min_side: int = 8
+    max_pixels: int = 100_000_000
+    max_aspect: float = 20.0
+
+
+@dataclass(frozen=True)
+class Accepted:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    sha256: str
+
+
+def _is_8bit_rgb_png(img: Image.Image) -> bool:
+    """PIL opens 16-bit RGB PNGs as mode 'RGB' too; only the raw mode tells them apart."""
+    return all(tile[3] == "RGB" for tile in img.tile)
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) on PIL: short side to ``size``, long side truncated, bicubic."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img.resize(new, Image.BICUBIC)
+
+
+def check_image(data: bytes, policy: ImagePolicy) -> Accepted | str:
+    """Validate one file's bytes; return what to store, or why it is rejected."""
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError, ...
+        return f"not a decodable image: {type(exc).__name__}: {str(exc)[:120]}"
+    w, h = img.size
+    if w * h > policy.max_pixels:
+        return f"too large: {w}x{h} > max_pixels {policy.max_pixels}"
+    if min(w, h) < policy.min_side:
+        return f"too small: {w}x{h} < min_side {policy.min_side}"
+    if max(w, h) / min(w, h) > policy.max_aspect:
+        return f"extreme aspect ratio: {w}x{h} > max_aspect {policy.max_aspect}"
+    fmt, mode = img.format, img.mode
+    raw_is_rgb8 = fmt != "PNG" or _is_8bit_rgb_png(img)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as exc:
+        return f"corrupt or truncated image: {type(exc).__name__}: {str(exc)[:120]}"
+    keep_ext = KEEP_AS_IS.get((fmt, mode)) if raw_is_rgb8 else None
+    if keep_ext and policy.resize_short_side is None:
+        return Accepted(data, keep_ext, w, h, hashlib.sha256(data).hexdigest())
+    rgb = img.convert("RGB")
+    if policy.resize_short_side is not None:
+        rgb = resize_short_side(rgb, policy.resize_short_side)
+    out = io.BytesIO()
+    if policy.reencode_format == "jpeg":
+        rgb.save(out, format="JPEG", quality=policy.jpeg_quality)
+        ext = "jpg"
+    else:
+        rgb.save(out, format="PNG", compress_level=1)
+        ext = "png"
+    blob = out.getvalue()
+    return Accepted(blob, ext, rgb.width, rgb.height, hashlib.sha256(blob).hexdigest())
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Stored shard bytes back to a PIL RGB image (shards only hold RGB JPEG/PNG)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -1,0 +1,101 @@
+"""MoCo v3 pretraining of the ViT encoder (Chen, Xie, He, ICCV 2021): symmetric InfoNCE between a predictor on the
+base encoder and a momentum encoder, with MoCo v3's asymmetric augmentation pair."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from pipeline.encoder import MoCoViT, build_mlp, normalize_for_encoder
+
+
+def momentum_at(progress: float, base_m: float = 0.99) -> float:
+    """Half-cycle cosine increase of the momentum from ``base_m`` (progress 0) to 1 (progress 1)."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base_m)
+
+
+@torch.no_grad()
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Keys from every rank (no gradient flows through all_gather; keys need none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, T: float) -> torch.Tensor:
+    """InfoNCE of each query against all keys of the global batch; positives sit at this rank's offset.
+    Scaled by 2T as in MoCo v3, so the gradient magnitude does not depend on T."""
+    q = F.normalize(q, dim=1)
+    k = F.normalize(concat_all_gather(k), dim=1)
+    logits = q @ k.t() / T
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    return F.cross_entropy(logits, labels) * (2 * T)
+
+
+class MoCoV3(nn.Module):
+    """Base encoder + predictor trained against a momentum copy; keys match the official ``MoCo_ViT``."""
+
+    def __init__(self, base_encoder: MoCoViT, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
+                 stop_grad_conv1: bool = True):
+        super().__init__()
+        self.T = T
+        # MoCo v3's ViT recipe freezes the random patch projection: it stabilises training.
+        base_encoder.patch_embed.requires_grad_(not stop_grad_conv1)
+        self.base_encoder = base_encoder
+        self.momentum_encoder = copy.deepcopy(base_encoder).requires_grad_(False)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m: float) -> None:
+        for pb, pm in zip(self.base_encoder.parameters(), self.momentum_encoder.parameters()):
+            pm.mul_(m).add_(pb.detach(), alpha=1.0 - m)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        """Symmetric loss for two views in [0,1]; preprocessed exactly as ``represent`` does."""
+        size = self.base_encoder.patch_embed.img_size[0]
+        x1, x2 = normalize_for_encoder(x1, size), normalize_for_encoder(x2, size)
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
+        q1, q2 = self.predictor(self.base_encoder(x1)), self.predictor(self.base_encoder(x2))
+        return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)
+
+
+class TwoCropAugment:
+    """MoCo v3's asymmetric view pair (BYOL recipe) on one image (uint8 CHW tensor or PIL) -> two float [0,1] views.
+
+    Blur sigma (0.1-2.0 at 224 px) and kernel (~10% of the side) scale with ``image_size``, so small images keep
+    their content.
+    """
+
+    def __init__(self, image_size: int, crop_min: float = 0.08):
+        s = image_size / 224
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+        blur = v2.GaussianBlur(kernel, sigma=(0.1 * s, 2.0 * s))
+
+        def view(blur_p: float, solarize_p: float) -> v2.Compose:
+            return v2.Compose([
+                v2.ToImage(),
+                v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), antialias=True),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([blur], p=blur_p),
+                v2.RandomSolarize(threshold=128, p=solarize_p),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.ToPureTensor(),
+            ])
+
+        self.view1, self.view2 = view(1.0, 0.0), view(0.1, 0.2)
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view1(img), self.view2(img)

@@ -1,0 +1,230 @@
+"""Representation Diffusion Model: RCG's SimpleMLP denoiser, its class embedder, and the official-checkpoint import.
+
+Module names follow the official code so ``SimpleMLP.state_dict()`` keys equal the official
+``model.diffusion_model.*`` keys with the prefix stripped (RCG_REFERENCE.md 2.1, 2.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from pipeline.artifacts import load_checkpoint
+from pipeline.diffusion import GaussianDiffusion
+from pipeline.errors import RcgError
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the raw integer t (not rescaled), cos first as in LDM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Start a residual branch / the output at zero, so the initial net is identity-like."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Pre-LN MLP residual block, with additive timestep (and optional class-context) embedding."""
+
+    def __init__(self, channels: int, mid_channels: int, emb_channels: int, dropout: float,
+                 use_context: bool = False, context_channels: int = 512):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.LayerNorm(channels), nn.SiLU(), nn.Linear(channels, mid_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, mid_channels))
+        self.use_context = use_context
+        if use_context:
+            self.context_layers = nn.Sequential(nn.SiLU(), nn.Linear(context_channels, mid_channels))
+        self.out_layers = nn.Sequential(nn.LayerNorm(mid_channels), nn.SiLU(), nn.Dropout(p=dropout),
+                                        zero_module(nn.Linear(mid_channels, channels)))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)
+        if self.use_context:
+            h = h + self.context_layers(context)
+        return x + self.out_layers(h)
+
+
+class SimpleMLP(nn.Module):
+    """RCG's RDM denoiser: predicts x0 from (x_t, t[, context]) for a flat representation vector."""
+
+    def __init__(self, in_channels: int = 256, time_embed_dim: int = 256, model_channels: int = 1536,
+                 bottleneck_channels: int = 1536, out_channels: int = 256, num_res_blocks: int = 12,
+                 dropout: float = 0.0, use_context: bool = False, context_channels: int = 512):
+        super().__init__()
+        self.model_channels = model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.res_blocks = nn.ModuleList([
+            ResBlock(model_channels, bottleneck_channels, time_embed_dim, dropout, use_context, context_channels)
+            for _ in range(num_res_blocks)])
+        self.out = nn.Sequential(nn.LayerNorm(model_channels, eps=1e-6), nn.SiLU(),
+                                 zero_module(nn.Linear(model_channels, out_channels)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B,C] or the official [B,C,1,1] (output has the input's rank); t: [B] long; context: [B,D]."""
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if context is not None:
+            context = context.flatten(1)
+        h = self.input_proj(x.flatten(1))  # flatten(1), unlike the official squeeze(), keeps B=1 intact
+        for block in self.res_blocks:
+            h = block(h, emb, context)
+        h = self.out(h)
+        return h.view(h.shape + (1,) * (x.dim() - 2))
+
+
+class ClassEmbedder(nn.Module):
+    """Learned class embedding used as the RDM context (LDM's ClassEmbedder, output [B, embed_dim])."""
+
+    def __init__(self, n_classes: int, embed_dim: int = 512):
+        super().__init__()
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding(y)
+
+
+class RDM(nn.Module):
+    """SimpleMLP (``net``) + ClassEmbedder (``cond_stage_model``); ``forward(x_t, t, y) -> x0_hat``.
+
+    Unconditional (``class_cond=False``): as in the official code the embedder has a single row (label 0)
+    that the MLP never reads, so ``y`` is ignored and ``n_classes`` is unused.
+    """
+
+    def __init__(self, class_cond: bool = False, n_classes: int = 1000, in_channels: int = 256,
+                 time_embed_dim: int = 256, model_channels: int = 1536, bottleneck_channels: int = 1536,
+                 out_channels: int = 256, num_res_blocks: int = 12, dropout: float = 0.0, embed_dim: int = 512):
+        super().__init__()
+        self.class_cond = class_cond
+        self.net = SimpleMLP(in_channels, time_embed_dim, model_channels, bottleneck_channels, out_channels,
+                             num_res_blocks, dropout, use_context=class_cond, context_channels=embed_dim)
+        self.cond_stage_model = ClassEmbedder(n_classes if class_cond else 1, embed_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        context = self.cond_stage_model(y) if self.class_cond else None
+        return self.net(x, t, context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official checkpoint import
+
+NET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+COND_PREFIX = "cond_stage_model."
+IGNORED_PREFIXES = ("pretrained_encoder.",)
+IGNORED_KEYS = {"model_ema.decay", "model_ema.num_updates", "betas", "alphas_cumprod", "alphas_cumprod_prev",
+                "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"}
+
+
+def ema_shadow_name(param_name: str) -> str:
+    """LitEma's buffer name for a SimpleMLP param: 'diffusion_model.' + name with every dot removed."""
+    return EMA_PREFIX + ("diffusion_model." + param_name).replace(".", "")
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise RcgError(f"official RDM checkpoint lacks {key!r}; cannot infer the architecture")
+    return tuple(sd[key].shape)
+
+
+def _check_state(what: str, state: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> None:
+    """RcgError naming missing/unexpected keys and shape mismatches (counts and the first few)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = ([f"missing {_few(missing)}"] if missing else []) + \
+               ([f"unexpected {_few(unexpected)}"] if unexpected else []) + \
+               ([f"shape mismatch {_few(wrong, 3)}"] if wrong else [])
+    if problems:
+        raise RcgError(f"official RDM checkpoint: {what} does not fit the inferred SimpleMLP: " + "; ".join(problems))
+
+
+def convert_official_rdm(sd: Mapping[str, Any]) -> tuple[dict, dict, dict | None, dict]:
+    """Split an official RDM state dict into (RDM config, net state, EMA net state or None, cond state).
+
+    Works on anything with ``.shape`` (meta tensors included) except the stored ``betas``, which must be
+    real values: they are checked against our schedule.
+    """
+    if not any(k.startswith(NET_PREFIX) for k in sd):
+        raise RcgError(f"not an official RDM checkpoint: no '{NET_PREFIX}*' keys "
+                       f"(first keys: {', '.join(list(sd)[:5])})")
+    net = {k[len(NET_PREFIX):]: v for k, v in sd.items() if k.startswith(NET_PREFIX)}
+    shadows = {k: v for k, v in sd.items() if k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS}
+    cond = {k[len(COND_PREFIX):]: v for k, v in sd.items() if k.startswith(COND_PREFIX)}
+    other = [k for k in sd if not k.startswith((NET_PREFIX, EMA_PREFIX, COND_PREFIX) + IGNORED_PREFIXES)
+             and k not in IGNORED_KEYS]
+    if other:
+        raise RcgError(f"official RDM checkpoint has unexpected keys {_few(other)}")
+    if "betas" in sd:
+        ours = GaussianDiffusion().betas
+        if tuple(sd["betas"].shape) != tuple(ours.shape) or not torch.allclose(sd["betas"].float(), ours, rtol=1e-4):
+            raise RcgError("official RDM checkpoint's 'betas' differ from our schedule "
+                           "(T=1000, sqrt-linear 0.0015..0.0195)")
+
+    blocks = {int(m.group(1)) for k in net if (m := re.match(r"res_blocks\.(\d+)\.", k))}
+    class_cond = any(".context_layers." in k for k in net)
+    n_classes, embed_dim = _shape(cond, "embedding.weight")
+    config = dict(class_cond=class_cond, n_classes=n_classes,
+                  in_channels=_shape(net, "input_proj.weight")[1],
+                  time_embed_dim=_shape(net, "time_embed.0.weight")[0],
+                  model_channels=_shape(net, "input_proj.weight")[0],
+                  bottleneck_channels=_shape(net, "res_blocks.0.in_layers.2.weight")[0],
+                  out_channels=_shape(net, "out.2.weight")[0],
+                  num_res_blocks=max(blocks) + 1 if blocks else 0, embed_dim=embed_dim)
+    if not class_cond and n_classes != 1:
+        raise RcgError(f"official RDM checkpoint: unconditional MLP but {n_classes} class embeddings")
+    with torch.device("meta"):
+        ref = RDM(**config)
+    _check_state("model.diffusion_model.*", net, ref.net.state_dict())
+    _check_state("cond_stage_model.*", cond, ref.cond_stage_model.state_dict())
+
+    ema = None
+    if shadows:
+        names = {ema_shadow_name(n): n for n, _ in ref.net.named_parameters()}
+        unexpected = [k for k in shadows if k not in names]
+        if unexpected:
+            raise RcgError(f"official RDM checkpoint: unexpected EMA shadows {_few(unexpected)}")
+        ema = {names[k]: v for k, v in shadows.items()}
+        _check_state("model_ema.*", ema, dict(ref.net.named_parameters()))
+    return config, net, ema, cond
+
+
+def load_official_rdm(path: str | Path) -> tuple[dict, dict, dict | None, dict]:
+    """Read an official RCG RDM checkpoint (``{'model' or 'state_dict': ..., 'args': Namespace, ...}``).
+
+    Returns (config for ``RDM(**config)``, net state, EMA net state or None, cond-embedder state).
+    The frozen encoder and the schedule buffers are dropped (the stored betas are checked).
+    """
+    ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
+    if not isinstance(ckpt, dict):
+        raise RcgError(f"{path} is not an official RDM checkpoint (holds a {type(ckpt).__name__})")
+    sd = ckpt.get("model", ckpt.get("state_dict"))
+    if not isinstance(sd, Mapping):
+        raise RcgError(f"{path} is not an official RDM checkpoint: no 'model' or 'state_dict' entry "
+                       f"(top-level keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    try:
+        return convert_official_rdm(sd)
+    except RcgError as exc:
+        raise RcgError(f"{path}: {exc}") from None

@@ -1,0 +1,208 @@
+"""WebDataset shards: scan a folder, write ``{split}-NNNNNN.tar`` plus ``index.parquet``, read them back.
+
+Shards are plain tars (one ``<key>.<jpg|png>`` and one ``<key>.cls`` member per image), readable by the
+``webdataset`` package. The index records each image's byte offset inside its tar, so any stage can read
+image ``idx`` with one seek instead of streaming: resumable, rank-split and random-access reads for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import RcgError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+INDEX_FILE, REJECTS_FILE, META_FILE = "index.parquet", "rejects.parquet", "meta.json"
+
+
+def display_path(path: str) -> str:
+    """File names may not be UTF-8; parquet needs text, so undecodable bytes are shown escaped."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def key_for(relpath: str) -> str:
+    """Stable sample key from the source path: safe for tar and WebDataset (no dots, no slashes)."""
+    return hashlib.sha256(os.fsencode(relpath)).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str      # absolute path (may hold surrogate-escaped bytes)
+    relpath: str   # relative to the dataset root
+    label: int     # -1 for a flat folder
+
+
+def _sorted_entries(path: str) -> list[os.DirEntry]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: os.fsencode(e.name))
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[Candidate], list[tuple[str, str]], list[str]]:
+    """Walk ``root`` deterministically. Returns (classes, candidates, rejects, warnings).
+
+    Layout follows torchvision's ImageFolder: subfolders are classes (index = sorted order) and their
+    images may sit at any depth; a folder with no subfolders is flat and unlabelled. Every regular file
+    found is either a candidate or a reject, so accepted + rejected = found holds downstream.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise RcgError(f"not a folder: {root}")
+    top = _sorted_entries(str(root))
+    class_dirs = [e for e in top if e.is_dir() and not e.name.startswith(".")]
+    candidates: list[Candidate] = []
+    rejects: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    visited: set[tuple[int, int]] = set()
+
+    def consider(entry: os.DirEntry, rel: str, label: int) -> None:
+        try:
+            st = os.stat(entry.path)  # follows symlinks
+        except OSError as exc:
+            reason = "symlink loop" if exc.errno == 40 else (
+                "broken symlink" if entry.is_symlink() else f"unreadable: {exc.strerror}")
+            rejects.append((rel, reason))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            walk(entry.path, rel, label, (st.st_dev, st.st_ino))
+        elif not stat.S_ISREG(st.st_mode):
+            rejects.append((rel, "not a regular file"))
+        elif entry.name.startswith("."):
+            rejects.append((rel, "hidden file"))
+        elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            rejects.append((rel, "not an image file extension"))
+        else:
+            candidates.append(Candidate(entry.path, rel, label))
+
+    def walk(path: str, rel: str, label: int, ident: tuple[int, int]) -> None:
+        if ident in visited:
+            rejects.append((rel, "symlink loop (folder already visited)"))
+            return
+        visited.add(ident)
+        try:
+            entries = _sorted_entries(path)
+        except OSError as exc:
+            rejects.append((rel, f"unreadable folder: {exc.strerror}"))
+            return
+        for entry in entries:
+            consider(entry, f"{rel}/{entry.name}" if rel else entry.name, label)
+
+    root_st = os.stat(root)
+    if class_dirs:
+        classes = [e.name for e in class_dirs]
+        visited.add((root_st.st_dev, root_st.st_ino))
+        for entry in top:
+            if any(entry.name == c.name for c in class_dirs):
+                continue
+            if entry.is_dir():  # hidden folders are not classes
+                rejects.append((entry.name, "hidden folder (not a class)"))
+            else:
+                rejects.append((entry.name, "file outside any class folder"))
+        for label, entry in enumerate(class_dirs):
+            before = len(candidates) + len(rejects)
+            st = os.stat(entry.path)
+            walk(entry.path, entry.name, label, (st.st_dev, st.st_ino))
+            if len(candidates) + len(rejects) == before:
+                warnings.append(f"empty class folder: {display_path(entry.name)} (label {label})")
+    else:
+        classes = []
+        walk(str(root), "", -1, (root_st.st_dev, root_st.st_ino))
+    return classes, candidates, rejects, warnings
+
+
+class ShardWriter:
+    """Appends samples to ``{prefix}-NNNNNN.tar`` files, starting a new one by count or size."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_count: int, max_bytes: int):
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.shard_id, self.count, self.tar = -1, 0, None
+
+    @property
+    def shard_name(self) -> str:
+        return f"{self.prefix}-{self.shard_id:06d}.tar"
+
+    def _member(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        # addfile copies ``info``, so the data offset is computed here: header start + header size.
+        offset = self.tar.offset + len(info.tobuf(self.tar.format, self.tar.encoding, self.tar.errors))
+        self.tar.addfile(info, io.BytesIO(data))
+        return offset
+
+    def add(self, key: str, ext: str, data: bytes, label: int) -> tuple[str, int]:
+        """Write one sample; return (shard file name, byte offset of the image data)."""
+        if self.tar is None or self.count >= self.max_count or self.tar.fileobj.tell() >= self.max_bytes:
+            self.close()
+            self.shard_id, self.count = self.shard_id + 1, 0
+            self.tar = tarfile.open(self.out_dir / self.shard_name, "w", format=tarfile.USTAR_FORMAT)
+        offset = self._member(f"{key}.{ext}", data)
+        if label >= 0:
+            self._member(f"{key}.cls", str(label).encode())
+        self.count += 1
+        return self.shard_name, offset
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+INDEX_SCHEMA = pa.schema([("split", pa.string()), ("idx", pa.int64()), ("key", pa.string()),
+                          ("label", pa.int64()), ("shard", pa.string()), ("offset", pa.int64()),
+                          ("nbytes", pa.int64()), ("ext", pa.string()), ("width", pa.int32()),
+                          ("height", pa.int32()), ("sha256", pa.string()), ("source", pa.string())])
+REJECTS_SCHEMA = pa.schema([("split", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    columns = {name: [r[name] for r in rows] for name in schema.names}
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), path)
+
+
+class ShardSet:
+    """Random access to one split of a shard folder: ``len``, ``labels``, ``keys``, ``read(idx)``."""
+
+    def __init__(self, shards_dir: str | Path, split: str = "train"):
+        self.dir = Path(shards_dir)
+        index_path = self.dir / INDEX_FILE
+        if not index_path.is_file():
+            raise RcgError(f"no shard index at {index_path}: run the shard stage first (rcg shard)")
+        table = pq.read_table(index_path, filters=[("split", "=", split)])
+        if table.num_rows == 0:
+            raise RcgError(f"{index_path} has no rows for split {split!r}")
+        self.split = split
+        cols = table.to_pydict()
+        self.keys: list[str] = cols["key"]
+        self.labels: list[int] = cols["label"]
+        self._shard, self._offset, self._nbytes = cols["shard"], cols["offset"], cols["nbytes"]
+        self._files: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, idx: int) -> bytes:
+        """The stored image bytes of row ``idx`` (one seek, one read)."""
+        if os.getpid() != self._pid:  # forked loader worker: never share file offsets with the parent
+            self._files, self._pid = {}, os.getpid()
+        name = self._shard[idx]
+        f = self._files.get(name)
+        if f is None:
+            f = self._files[name] = open(self.dir / name, "rb")
+        f.seek(self._offset[idx])
+        data = f.read(self._nbytes[idx])
+        if len(data) != self._nbytes[idx]:
+            raise RcgError(f"shard {self.dir / name} is truncated at sample {idx} ({self.keys[idx]})")
+        return data
+
+    def __getstate__(self) -> dict:  # picklable for spawn-based loader workers
+        return {**self.__dict__, "_files": {}}

@@ -1,0 +1,112 @@
+"""The ``rcg`` command: one sub-command per stage, calling the same ``stages.<name>.run`` as dvc.yaml."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.errors import RcgError
+
+app = typer.Typer(help="RCG pipeline: run any stage alone (dvc repro runs them all).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (repeatable).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _fail(command: str, message: str, code: int) -> None:
+    typer.echo(f"rcg {command}: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guarded(command: str, debug: bool, fn):
+    """Run ``fn``; bad input becomes one clear line and exit code 2 (traceback only with --debug)."""
+    try:
+        return fn()
+    except RcgError as exc:
+        if debug:
+            raise
+        _fail(command, str(exc), 2)
+    except KeyboardInterrupt:
+        _fail(command, "interrupted (rerun to resume where supported)", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(command, f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+
+
+def run_stage(name: str, params_file: Path, overrides: list[str] | None, debug: bool) -> None:
+    from pipeline.config import load_params
+    from pipeline.runtime import configure
+
+    def go():
+        params = load_params(params_file, overrides or [])
+        configure(params.runtime)
+        module = importlib.import_module(f"stages.{name}")
+        return module.run(params)
+
+    summary = _guarded(name.replace("_", "-"), debug, go)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _stage_command(name: str, help_text: str) -> None:
+    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
+        run_stage(name, params, set_, debug)
+    command.__doc__ = help_text
+    app.command(name.replace("_", "-"))(command)
+
+
+for _name, _help in [
+    ("shard", "Image folder (or the built-in set) -> WebDataset shards + index.parquet + rejects.parquet."),
+    ("pretrain_encoder", "MoCo v3 pretraining on the shards, or import the official encoder checkpoint."),
+    ("encode", "Encode every view of every image once -> data/reps.zarr."),
+    ("train_rdm", "Train the Representation Diffusion Model on data/reps.zarr and evaluate it."),
+    ("train_tokenizer", "Train a VQGAN on the shards, or import the official tokenizer checkpoint."),
+    ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
+]:
+    _stage_command(_name, _help)
+
+
+@app.command()
+def info(path: Path, debug: DebugOpt = False) -> None:
+    """Summarise an artifact: a shard folder, a .zarr store, a model file or a checkpoint."""
+    from pipeline.inspect import describe
+    typer.echo(json.dumps(_guarded("info", debug, lambda: describe(path)), indent=2, default=str))
+
+
+@app.command()
+def preset(name: str, out: Annotated[Path, typer.Option(help="Where to write the full params file.")] = Path("params.yaml"),
+           debug: DebugOpt = False) -> None:
+    """Write a complete params file from a named preset (default, cifar10, imagenet256_vitb, ...)."""
+    from pipeline.artifacts import atomic_file
+    from pipeline.config import dump_yaml
+    from pipeline.config import preset as load_preset
+
+    def go():
+        text = f"# written by `rcg preset {name}`\n" + dump_yaml(load_preset(name))
+        with atomic_file(out) as tmp:
+            tmp.write_text(text)
+        return out
+
+    typer.echo(f"wrote {_guarded('preset', debug, go)}")
+
+
+@app.command("make-builtin")
+def make_builtin(out: Path, count: int = 100, size: int = 32, seed: int = 0, split: str = "train") -> None:
+    """Write built-in images to a folder (ImageNet layout) to look at them or shard them like any folder."""
+    from pipeline.synthetic import write_builtin
+    typer.echo(f"wrote {write_builtin(out, split, count, size, seed)}")
+
+
+def main() -> None:
+    app(prog_name="rcg")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

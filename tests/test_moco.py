@@ -1,0 +1,107 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.encoder import VIT_SIZES, MoCoViT
+from pipeline.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
+
+MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
+
+
+def tiny_moco(seed: int = 0, **kw) -> MoCoV3:
+    torch.manual_seed(seed)
+    vit = MoCoViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, proj_hidden_dim=64, proj_dim=16)
+    return MoCoV3(vit, dim=16, mlp_dim=64, T=0.2, **kw)
+
+
+@pytest.mark.skipif(not MANIFEST.is_file(), reason="reference manifest not available")
+def test_full_moco_matches_official_state_dict():
+    manifest = json.loads(MANIFEST.read_text())
+    with torch.device("meta"):
+        model = MoCoV3(MoCoViT(**VIT_SIZES["base"]))
+    own = {f"module.{k}": list(v.shape) for k, v in model.state_dict().items()}
+    assert list(own) == list(manifest) and own == manifest
+
+
+def test_momentum_schedule():
+    assert momentum_at(0.0) == pytest.approx(0.99)
+    assert momentum_at(1.0) == pytest.approx(1.0)
+    assert momentum_at(0.5, base_m=0.9) == pytest.approx(0.95)
+
+
+def test_momentum_update():
+    model = tiny_moco()
+    base, mom = model.base_encoder, model.momentum_encoder
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), mom.parameters()))
+    assert not any(p.requires_grad for p in mom.parameters())
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in mom.parameters()]
+    model.update_momentum_encoder(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, mom.parameters()))
+    model.update_momentum_encoder(0.5)
+    assert all(torch.allclose(m, (a + b) / 2) for m, a, b in zip(mom.parameters(), before, base.parameters()))
+    model.update_momentum_encoder(0.0)
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), mom.parameters()))
+
+
+def test_contrastive_loss_prefers_aligned_pairs():
+    torch.manual_seed(0)
+    q = torch.randn(16, 8)
+    aligned = contrastive_loss(q, q * 2, T=0.2)
+    random = contrastive_loss(q, torch.randn(16, 8), T=0.2)
+    assert aligned < random
+    # uniform logits give CE = log(N), scaled by 2T
+    assert contrastive_loss(torch.ones(4, 8), torch.ones(4, 8), T=0.5) == pytest.approx(math.log(4))
+
+
+def test_gradients_reach_base_and_predictor_only():
+    model = tiny_moco().train()
+    x1, x2 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    model(x1, x2, m=0.99).backward()
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())
+    assert all(p.grad is None for p in model.base_encoder.patch_embed.parameters())  # stop-grad conv1
+    assert model.base_encoder.pos_embed.grad is None
+    trainable = [p for p in model.base_encoder.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert model.base_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictor.parameters())
+    unfrozen = tiny_moco(stop_grad_conv1=False)
+    unfrozen(x1, x2, m=0.99).backward()
+    assert unfrozen.base_encoder.patch_embed.proj.weight.grad is not None
+
+
+def test_sgd_steps_reduce_loss():
+    model = tiny_moco().train()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 3, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g)) for _ in range(2)]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+
+    def total() -> float:
+        with torch.no_grad():
+            return sum(model(x1, x2, m=1.0).item() for x1, x2 in batches)
+
+    start = total()
+    for _ in range(10):
+        for x1, x2 in batches:
+            opt.zero_grad()
+            model(x1, x2, m=0.99).backward()
+            opt.step()
+    assert total() < 0.9 * start
+
+
+def test_two_crop_augment():
+    torch.manual_seed(0)
+    aug = TwoCropAugment(32)
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    v1, v2 = aug(img)
+    for v in (v1, v2):
+        assert type(v) is torch.Tensor and v.shape == (3, 32, 32) and v.dtype == torch.float32
+        assert v.min() >= 0 and v.max() <= 1
+    assert not torch.equal(v1, v2)
+    w1, _ = aug(img)
+    assert not torch.equal(v1, w1)
