@@ -244,10 +244,16 @@ class TokenizerTrain(Section):
     workers: NonNegativeInt = 2
 
 
+class TokenizerEval(Section):
+    num_images: PositiveInt = 1000  # held-out images (val split when there is one) for PSNR/usage/FD
+    batch_size: PositiveInt = 100
+
+
 class Tokenizer(Section):
     checkpoint: Path | None = None  # official vqgan_jax_strongaug.ckpt; None = train our own
     model: TokenizerModel = TokenizerModel()
     train: TokenizerTrain = TokenizerTrain()
+    eval: TokenizerEval = TokenizerEval()
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Tokenizer":

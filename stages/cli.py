@@ -68,6 +68,7 @@ for _name, _help in [
     ("encode", "Encode every view of every image once -> data/reps.zarr."),
     ("train_rdm", "Train the Representation Diffusion Model on data/reps.zarr and evaluate it."),
     ("train_tokenizer", "Train a VQGAN on the shards, or import the official tokenizer checkpoint."),
+    ("eval_tokenizer", "Reconstruction PSNR, codebook usage and representation-space FD of the tokenizer."),
     ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
 ]:
     _stage_command(_name, _help)

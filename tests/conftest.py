@@ -1,0 +1,59 @@
+"""Shared fixtures: a micro preset (tiny models, 16x16 images) and one session-wide micro shard set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Params, apply_override, deep_merge, validate
+
+os.environ.setdefault("RCG_PROGRESS", "0")
+
+# Every stage at toy size: enough to exercise the real code paths in seconds on 2 CPU cores.
+MICRO = {
+    "data": {"builtin": {"num_train": 48, "num_val": 16, "image_size": 16}},
+    "shard": {"max_per_shard": 20, "workers": 1},
+    "views": {"count": 2, "resize": 16, "crop": 16},
+    "encoder": {"model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                          "proj_hidden_dim": 64, "proj_dim": 16}},
+    "pretrain_encoder": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "workers": 0},
+    "encode": {"batch_size": 8, "chunk_size": 16, "workers": 0, "knn_k": 5},
+    "rdm": {"model": {"in_channels": 16, "time_embed_dim": 16, "model_channels": 32, "num_res_blocks": 2,
+                      "num_classes": 10, "context_channels": 16},
+            "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 5},
+            "sample": {"steps": 10}, "eval": {"num_samples": 32, "batch_size": 16}},
+    "tokenizer": {"model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 8, "embed_dim": 8,
+                            "n_embed": 32},
+                  "train": {"steps": 6, "batch_size": 8, "disc_start": 3, "restart_every": 2,
+                            "checkpoint_every": 3, "log_every": 2, "workers": 0},
+                  "eval": {"num_images": 16, "batch_size": 8}},
+    "tokenize": {"batch_size": 8, "chunk_size": 16, "workers": 0},
+}
+
+
+def micro_params(root: Path, overrides: list[str] = (), extra: dict | None = None) -> Params:
+    """Micro preset with all artifacts under ``root``; ``overrides`` are ``key=value`` like ``--set``."""
+    tree = deep_merge(MICRO, {"paths": {"data": str(root / "data"), "metrics": str(root / "metrics")}})
+    tree = deep_merge(tree, extra or {})
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate(tree)
+
+
+@pytest.fixture(scope="session")
+def micro_shards(tmp_path_factory) -> Path:
+    """Shards of the micro built-in set, made once per session (copy before writing next to them)."""
+    from stages import shard
+    root = tmp_path_factory.mktemp("micro-shards")
+    shard.run(micro_params(root))
+    return root / "data" / "shards"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, micro_shards: Path) -> Path:
+    """A fresh project root whose data/shards is a copy of the session's micro shards."""
+    shutil.copytree(micro_shards, tmp_path / "data" / "shards")
+    return tmp_path
