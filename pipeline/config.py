@@ -7,6 +7,7 @@ parameters by key (a test keeps the two equal). Presets (``pipeline/presets/*.ya
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,10 +179,12 @@ class Diffusion(Section):
 
 class RdmTrain(Section):
     steps: PositiveInt = 4000
-    batch_size: PositiveInt = 256
-    blr: PositiveFloat = 1e-6        # lr = blr * batch (official rule, no /256)
+    batch_size: PositiveInt = 256    # per rank
+    blr: PositiveFloat = 1e-6        # lr = blr * batch * world (official rule, no /256), constant
+    warmup_steps: NonNegativeInt = 0  # linear warm-up before the constant lr (official: none)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.9999, gt=0, lt=1)
+    bf16: bool = False               # autocast on GPU only (official: fp32); the CPU path is exact fp32
     checkpoint_every: PositiveInt = 1000
     log_every: PositiveInt = 50
 
@@ -193,8 +196,9 @@ class RdmSample(Section):
 
 
 class RdmEval(Section):
-    num_samples: PositiveInt = 2000
+    num_samples: PositiveInt = 2000  # M generated vs M real reps, each against the whole store (FD)
     batch_size: PositiveInt = 500
+    knn_k: PositiveInt = 20          # class-cond: k-NN class agreement of samples with their requested class
 
 
 class Rdm(Section):
@@ -242,6 +246,7 @@ class TokenizerTrain(Section):
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
     workers: NonNegativeInt = 2
+    bf16: bool = False                    # autocast on GPU only; the CPU path is exact fp32
 
 
 class TokenizerEval(Section):
@@ -265,7 +270,7 @@ class Tokenize(Section):
     batch_size: PositiveInt = 128
     chunk_size: PositiveInt = 1024
     workers: NonNegativeInt = 2
-    bf16: bool = False
+    bf16: bool = False  # autocast on GPU only; nearest-code ties then differ: ~2% of tokens change vs fp32
 
 
 # ------------------------------------------------------------------------------------------- params
@@ -334,9 +339,10 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+    """A new tree: ``over`` on top of ``base``; neither input is modified or aliased."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +19,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decod
 Image.MAX_IMAGE_PIXELS = None            # our own max_pixels check runs first, on the header
 
 KEEP_AS_IS = {("JPEG", "RGB"): "jpg", ("PNG", "RGB"): "png"}
+
+
+def _reason(prefix: str, exc: Exception) -> str:
+    """A stable reject reason (no memory addresses), so rejects.parquet is identical across runs."""
+    text = re.sub(r"<[^>]* at 0x[0-9a-f]+>", "data", str(exc))[:120]
+    return f"{prefix}: {type(exc).__name__}: {text}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ def check_image(data: bytes, policy: ImagePolicy) -> Accepted | str:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as exc:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError, ...
-        return f"not a decodable image: {type(exc).__name__}: {str(exc)[:120]}"
+        return _reason("not a decodable image", exc)
     w, h = img.size
     if w * h > policy.max_pixels:
         return f"too large: {w}x{h} > max_pixels {policy.max_pixels}"
@@ -78,7 +85,7 @@ def check_image(data: bytes, policy: ImagePolicy) -> Accepted | str:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
     except Exception as exc:
-        return f"corrupt or truncated image: {type(exc).__name__}: {str(exc)[:120]}"
+        return _reason("corrupt or truncated image", exc)
     keep_ext = KEEP_AS_IS.get((fmt, mode)) if raw_is_rgb8 else None
     if keep_ext and policy.resize_short_side is None:
         return Accepted(data, keep_ext, w, h, hashlib.sha256(data).hexdigest())

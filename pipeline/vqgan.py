@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.artifacts import load_checkpoint
+from pipeline.artifacts import load_checkpoint, load_model_file
 from pipeline.errors import RcgError
 
 
@@ -256,3 +256,11 @@ def load_official_vqgan(path: str | Path, model: VQGAN | None = None) -> VQGAN:
         raise RcgError(f"{path} does not fit the VQGAN architecture: " + "; ".join(p for p in problems if p))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def load_tokenizer(path: str | Path) -> tuple[VQGAN, dict]:
+    """The VQGAN of an ``rcg-tokenizer`` model file (trained or imported) and the file's payload."""
+    payload = load_model_file(path, "rcg-tokenizer")
+    model = VQGAN(**payload["config"]["model"])
+    model.load_state_dict(payload["state_dict"])
+    return model, payload

@@ -1,0 +1,322 @@
+"""Stage ``train_rdm``: the Representation Diffusion Model, trained on the cached ``reps.zarr`` and evaluated.
+
+The official recipe runs the frozen encoder on a fresh random crop of every image at every step; here every
+view was encoded once, so a training step is an index into an in-memory [N, V, D] tensor (a random image,
+a random one of its V views) and the step costs what the MLP costs. With ``rdm.checkpoint`` set, an
+official RDM is imported instead of trained, and evaluated the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline import distributed
+from pipeline.artifacts import file_sha256, load_checkpoint, save_model_file, write_json
+from pipeline.config import Params
+from pipeline.diffusion import GaussianDiffusion
+from pipeline.ema import EMA
+from pipeline.errors import RcgError
+from pipeline.metrics import frechet_distance, knn_accuracy
+from pipeline.progress import log, progress
+from pipeline.rdm import RDM, check_official_encoder, load_official_rdm, rdm_kwargs
+from pipeline.runtime import device_for
+from pipeline.stores import open_store
+from pipeline.training import CurveLog, TrainState, check_finite, set_lr, unwrap
+
+FORMAT = "rcg-rdm"
+STAGE = "train_rdm"
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class RepStore:
+    """The whole representation store on the training device: reps [N, V, D] float32, labels [N]."""
+    path: Path
+    reps: torch.Tensor
+    labels: torch.Tensor
+    identity: dict
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.reps.shape)
+
+
+def load_store(params: Params, device: torch.device) -> RepStore:
+    """Read reps.zarr chunk by chunk into memory (ImageNet at V=4 is ~5 GB), refusing NaN/Inf rows and a
+    representation size or label set the RDM config cannot take."""
+    path = params.paths.reps
+    group = open_store(path, "reps")
+    arr = group["reps"]
+    if arr.ndim != 3:
+        raise RcgError(f"{path}: 'reps' has shape {arr.shape}, expected [N, V, D]")
+    n, v, dim = arr.shape
+    m = params.rdm.model
+    if dim != m.in_channels:
+        raise RcgError(f"{path} holds {dim}-d representations but rdm.model.in_channels is {m.in_channels}")
+    reps = np.empty((n, v, dim), dtype=np.float32)
+    step = arr.chunks[0]
+    for start in range(0, n, step):
+        block = np.asarray(arr[start:start + step], dtype=np.float32)
+        bad = ~np.isfinite(block).all(axis=2)
+        if bad.any():
+            row, view = (int(i) for i in np.argwhere(bad)[0])
+            raise RcgError(f"{path}: row {start + row} (view {view}) holds NaN or Inf; "
+                           "rerun encode (delete the store) or check the encoder")
+        reps[start:start + step] = block
+    labels = np.asarray(group["labels"][:], dtype=np.int64)
+    if m.class_cond:
+        if (labels < 0).any():
+            raise RcgError(f"{path}: rdm.model.class_cond needs labels, but row {int(np.argmax(labels < 0))} "
+                           "has none (-1): the images came without class folders")
+        if labels.max() >= m.num_classes:
+            raise RcgError(f"{path}: label {int(labels.max())} does not fit rdm.model.num_classes "
+                           f"({m.num_classes})")
+    identity = group.attrs.asdict().get("identity", {})
+    return RepStore(path, torch.from_numpy(reps).to(device), torch.from_numpy(labels).to(device), identity)
+
+
+def seeded(device: torch.device, *entropy: int) -> torch.Generator:
+    """A generator seeded from a tuple (seed, purpose, ...): independent streams without saved RNG state."""
+    seed = np.random.SeedSequence([e % 2**63 for e in entropy]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(seed) & (2**63 - 1))
+
+
+class RepBatches:
+    """Batch ``step`` of rank ``rank`` as a pure function of (seed, step, rank), so a resumed run draws
+    exactly what the killed one would have.
+
+    Every epoch the images go through a fresh seeded permutation split across ranks (DistributedSampler
+    with drop_last, as the official loader); each image then gets a uniformly random one of its V views,
+    the stand-in for the official random crop + flip.
+    """
+
+    def __init__(self, store: RepStore, batch: int, seed: int, d: distributed.Dist):
+        self.store, self.batch, self.seed, self.d = store, batch, seed, d
+        n = store.shape[0]
+        self.per_epoch = n // (batch * d.world)
+        if self.per_epoch == 0:
+            raise RcgError(f"rdm.train.batch_size ({batch}) x {d.world} ranks exceeds the store's {n} images")
+        self.epoch, self.perm = -1, None
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """(x0 [B, D], row indices [B], the step's generator for the diffusion noise)."""
+        epoch, i = divmod(step, self.per_epoch)
+        device = self.store.reps.device
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.perm = torch.randperm(self.store.shape[0], generator=seeded(device, self.seed, 1, epoch),
+                                       device=device)
+        start = (i * self.d.world + self.d.rank) * self.batch
+        rows = self.perm[start:start + self.batch]
+        gen = seeded(device, self.seed, 2, step, self.d.rank)
+        views = torch.randint(self.store.shape[1], (self.batch,), generator=gen, device=device)
+        return self.store.reps[rows, views], rows, gen
+
+
+# -------------------------------------------------------------------------------------------- training
+def train_config(params: Params, store: RepStore, world: int) -> dict:
+    """What the training result depends on: a resume state written under anything else is not reused."""
+    t = params.rdm.train
+    return {"seed": params.seed, "model": params.section("rdm")["model"], "diffusion": params.section("rdm")["diffusion"],
+            "train": {k: v for k, v in t.model_dump().items() if k not in ("checkpoint_every", "log_every")},
+            "store": store.identity, "store_shape": list(store.shape), "world": world}
+
+
+def train(params: Params, store: RepStore, device: torch.device, d: distributed.Dist) -> tuple[RDM, EMA, dict]:
+    """Train (or resume) the RDM; returns the bare model, its EMA and a summary."""
+    cfg, t = params.rdm, params.rdm.train
+    torch.manual_seed(params.seed)  # identical init on every rank
+    model = RDM(**rdm_kwargs(cfg.model)).to(device)
+    if not cfg.model.class_cond:  # the single "fake class" row is never read (official): no grad, no decay
+        model.cond_stage_model.requires_grad_(False)
+    ema = EMA(model.net, max_decay=t.ema_decay)  # LitEma covers the MLP, not the class embedder
+    diffusion = GaussianDiffusion(**cfg.diffusion.model_dump()).to(device)
+    lr = t.blr * t.batch_size * d.world
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=t.weight_decay, fused=device.type == "cuda")
+    state = TrainState(params.paths.state / f"{STAGE}.pt", train_config(params, store, d.world))
+    modules = {"model": model, "ema": ema, "optimizer": optimizer}
+    start, _ = state.load(modules)
+    curves = CurveLog(params.paths.plots / f"{STAGE}.csv", ["loss", "lr"], resume_step=start) if d.is_main else None
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
+    batches = RepBatches(store, t.batch_size, params.seed, d)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if t.bf16 and device.type == "cuda"
+           else contextlib.nullcontext())
+    if start < t.steps:
+        log(f"train_rdm: {sum(p.numel() for p in model.parameters()):,} params, lr {lr:.3g}, "
+            f"steps {start}..{t.steps}, batch {t.batch_size} x {d.world}, store {list(store.shape)}")
+
+    pending: list[torch.Tensor] = []  # losses since the last check: one host sync per interval, not per step
+    bar = progress(total=t.steps, desc="train_rdm", unit="step")
+    bar.update(start)
+    tic = time.perf_counter()
+    for step in range(start, t.steps):
+        cur_lr = lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else lr
+        set_lr(optimizer, cur_lr)
+        x0, rows, gen = batches(step)
+        y = store.labels[rows] if cfg.model.class_cond else torch.zeros_like(rows)  # uncond: label 0 (official)
+        ema.update(model.net)  # LitEma updates inside the forward, before the optimizer step: it lags one step
+        with amp:
+            loss = diffusion.training_loss(net, x0, y, generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        pending.append(loss.detach())
+        done = step + 1
+        if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.steps:
+            losses = torch.stack(pending)
+            first_bad = int((~torch.isfinite(losses)).nonzero()[0]) if not torch.isfinite(losses).all() else -1
+            if first_bad >= 0:
+                check_finite(losses[first_bad], done - len(pending) + first_bad, STAGE, state)
+            mean_loss = distributed.all_mean(losses.mean().item(), d, device)
+            pending = []
+            if curves is not None:
+                curves.add(done, loss=mean_loss, lr=cur_lr)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if d.is_main and (done % t.checkpoint_every == 0 or done == t.steps):
+                state.save(done, modules)
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - tic
+    trained = t.steps - start
+    summary = {"steps": t.steps, "resumed_from": start, "lr": lr, "world": d.world,
+               "train_seconds": round(seconds, 2),
+               "samples_per_s": round(trained * t.batch_size * d.world / seconds, 1) if trained else None}
+    return model, ema, summary
+
+
+# ---------------------------------------------------------------------------------------- official file
+def import_official(params: Params, store: RepStore, device: torch.device) -> tuple[RDM, EMA | None, dict]:
+    """An official RCG RDM checkpoint as our model, after checking it fits the params and the store."""
+    path = params.rdm.checkpoint
+    config, net_sd, ema_sd, cond_sd = load_official_rdm(path)
+    ours = rdm_kwargs(params.rdm.model)
+    if not params.rdm.model.class_cond:
+        ours["n_classes"] = 1
+    diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in ours if ours[k] != config[k]]
+    if diffs:
+        raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: " + ", ".join(diffs))
+    check_official_encoder(load_checkpoint(path, safe_globals=OFFICIAL_GLOBALS), store.identity, path)
+    model = RDM(**config)
+    model.net.load_state_dict(net_sd)
+    model.cond_stage_model.load_state_dict(cond_sd)
+    model.to(device)
+    ema = None
+    if ema_sd is not None:
+        ema = EMA(model.net, max_decay=params.rdm.train.ema_decay)
+        ema.load_state_dict(ema_sd)
+    else:
+        log(f"warning: {path} has no EMA weights; evaluating its raw weights")
+    return model, ema, {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path)}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def store_stats(reps: torch.Tensor, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance over all N x V reps, accumulated in float64 block by block."""
+    flat = reps.reshape(-1, reps.shape[-1])
+    total = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
+    outer = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
+    for i in range(0, len(flat), block):
+        x = flat[i:i + block].double()
+        total += x.sum(0)
+        outer += x.T @ x
+    n = len(flat)
+    mu = total / n
+    sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def sample_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = x.double()
+    return x.mean(0).cpu().numpy(), torch.cov(x.T).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, device: torch.device) -> dict:
+    """Fréchet distance of M generated reps to the whole store, next to that of M real reps drawn from the
+    store the way training draws them (the paper's lower bound: 0.48 generated vs 0.38 on ImageNet)."""
+    cfg, ev = params.rdm, params.rdm.eval
+    n, v, dim = store.shape
+    m = ev.num_samples
+    if m >= n:
+        raise RcgError(f"rdm.eval.num_samples ({m}) must be below the store's {n} images")
+    gen = seeded(device, params.seed, 3)
+    rows = torch.randperm(n, generator=gen, device=device)[:m]
+    real = store.reps[rows, torch.randint(v, (m,), generator=gen, device=device)]
+    labels = store.labels[rows] if cfg.model.class_cond else torch.zeros_like(rows)
+
+    diffusion = GaussianDiffusion(**cfg.diffusion.model_dump()).to(device)
+    model.eval()
+    samples = []
+    scope = ema.swapped_in(model.net) if ema is not None else contextlib.nullcontext()
+    bar = progress(total=m, desc="rdm samples", unit="rep")
+    with scope:
+        for i in range(0, m, ev.batch_size):
+            y = labels[i:i + ev.batch_size]
+            samples.append(diffusion.ddim_sample(model, (len(y), dim), y, steps=cfg.sample.steps, eta=cfg.sample.eta,
+                                                 temperature=cfg.sample.temperature, generator=gen))
+            bar.update(len(y))
+    bar.close()
+    fake = torch.cat(samples)
+    if not torch.isfinite(fake).all():
+        raise RcgError("rdm samples hold NaN/Inf: the model file is broken (check the training curve)")
+
+    ref = store_stats(store.reps)
+    fd_gen = frechet_distance(*sample_stats(fake), *ref)
+    fd_low = frechet_distance(*sample_stats(real), *ref)
+    out = {"fd_generated": fd_gen, "fd_lower_bound": fd_low, "ratio": fd_gen / fd_low, "num_samples": m,
+           "reference": f"Gaussian fit to all {n} x {v} store reps",
+           "lower_bound": f"{m} distinct store images, each at a uniformly random view, vs the reference",
+           "weights": "ema" if ema is not None else "raw",
+           "sample": params.section("rdm")["sample"], "generated_std": fake.std(dim=1).mean().item()}
+    if cfg.model.class_cond:  # bank: view 0 of the images not drawn above; queries: samples / the real draws
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        keep[rows] = False
+        bank, bank_labels = store.reps[keep, 0], store.labels[keep]
+        out["class_agreement"] = knn_accuracy(bank, bank_labels, k=ev.knn_k, queries=fake, query_labels=labels)
+        out["class_agreement_real"] = knn_accuracy(bank, bank_labels, k=ev.knn_k, queries=real, query_labels=labels)
+        out["knn_k"] = ev.knn_k
+        out["classes_requested"] = int(labels.unique().numel())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- run
+OFFICIAL_GLOBALS = (__import__("argparse").Namespace,)
+
+
+def run(params: Params) -> dict:
+    d = distributed.init()
+    device = device_for(params.runtime, d.local_rank)
+    started = time.perf_counter()
+    store = load_store(params, device)
+    if params.rdm.checkpoint is not None:
+        if d.world > 1:
+            raise RcgError("importing rdm.checkpoint needs no torchrun: run it on one process")
+        model, ema, summary = import_official(params, store, device)
+    else:
+        model, ema, summary = train(params, store, device, d)
+    if not d.is_main:
+        return {"rank": d.rank, **summary}
+
+    config = {"model": rdm_kwargs_of(model), "diffusion": params.section("rdm")["diffusion"],
+              "sample": params.section("rdm")["sample"], "store": store.identity}
+    out_path = params.paths.models / "rdm.pt"
+    save_model_file(out_path, FORMAT, config, model.state_dict(),
+                    ema.state_dict() if ema is not None else None, summary)
+    metrics = evaluate(params, model, ema, store, device)
+    metrics_path = params.paths.metrics / "rdm.json"
+    write_json(metrics_path, {**metrics, "source": summary.get("source", "trained")})
+    log(f"train_rdm: FD generated {metrics['fd_generated']:.4f} vs lower bound {metrics['fd_lower_bound']:.4f} "
+        f"(ratio {metrics['ratio']:.3f})")
+    return {"output": str(out_path), "metrics": str(metrics_path), **summary,
+            **{k: metrics[k] for k in ("fd_generated", "fd_lower_bound", "ratio")},
+            **({"class_agreement": metrics["class_agreement"]} if "class_agreement" in metrics else {}),
+            "seconds": round(time.perf_counter() - started, 2)}

@@ -1,0 +1,79 @@
+"""The params schema: defaults equal params.yaml, and bad params fail before any work, naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Params, load_params, preset, validate
+from pipeline.errors import RcgError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_is_the_schema_defaults():
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet256_vitb", "imagenet256_vitl",
+                                  "imagenet256_vitb_mage"])
+def test_presets_validate(name):
+    p = preset(name)
+    assert isinstance(p, Params)
+
+
+def test_imagenet_preset_has_official_sizes():
+    p = preset("imagenet256_vitb")
+    assert (p.encoder.model.embed_dim, p.encoder.model.depth, p.encoder.model.img_size) == (768, 12, 224)
+    assert (p.rdm.model.model_channels, p.rdm.model.num_res_blocks) == (1536, 12)
+    assert p.tokenizer.model.n_embed == 1024 and p.tokenizer.model.ch_mult == [1, 1, 2, 2, 4]
+    mage = preset("imagenet256_vitb_mage").views
+    assert (mage.resize, mage.crop, mage.flip, mage.count) == (292, 256, False, 1)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["rdm.model.model_channels=-4"], "rdm.model.model_channels"),
+    (["rdm.train.stepz=3"], "rdm.train.stepz: unknown key"),
+    (["nosuchsection.x=1"], "nosuchsection: unknown key"),
+    (["encode.batch_size=many"], "encode.batch_size"),
+    (["data.source=folder"], "data.folder: required"),
+    (["data.source=folder", "data.folder=/definitely/not/here"], "data.folder: folder does not exist"),
+    (["encoder.checkpoint=/no/such/ckpt.pth"], "encoder.checkpoint: file does not exist"),
+    (["tokenizer.model.n_embed=70000"], "uint16"),
+    (["views.crop=64", "views.resize=32"], "views.crop"),
+    (["shard.reencode_format=gif"], "shard.reencode_format"),
+])
+def test_bad_params_name_the_key(override, fragment):
+    with pytest.raises(RcgError, match="invalid params") as err:
+        load_params(None, override)
+    assert fragment in str(err.value)
+
+
+def test_override_types_and_errors():
+    p = load_params(None, ["rdm.train.steps=12", "views.flip=false", "tokenizer.model.ch_mult=[1, 2]",
+                           "encoder.checkpoint=null"])
+    assert p.rdm.train.steps == 12 and p.views.flip is False and p.tokenizer.model.ch_mult == [1, 2]
+    with pytest.raises(RcgError, match="key=value"):
+        load_params(None, ["rdm.train.steps"])
+    with pytest.raises(RcgError, match="is a value, not a section"):
+        load_params(ROOT / "params.yaml", ["seed.x=1"])
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(RcgError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rdm: [1, 2\n")
+    with pytest.raises(RcgError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(RcgError, match="mapping"):
+        load_params(bad)
+
+
+def test_preset_paths_are_not_required_to_exist_yet():
+    assert preset("imagenet256_vitb").encoder.checkpoint is not None
+    with pytest.raises(RcgError, match="encoder.checkpoint: file does not exist"):
+        validate(yaml.safe_load(yaml.safe_dump(preset("imagenet256_vitb").model_dump(mode="json"))))
+    with pytest.raises(RcgError, match="unknown preset"):
+        preset("nope")
