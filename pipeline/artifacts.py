@@ -16,8 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from pipeline.errors import RcgError
 
 MODEL_FILE_VERSION = 1
@@ -35,6 +33,8 @@ def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
 def load_checkpoint(path: str | Path, safe_globals: tuple = ()) -> Any:
     """Load any checkpoint with ``weights_only=True``; ``safe_globals`` allow-lists extra types
     (e.g. ``argparse.Namespace`` in the official RCG files). A missing or unreadable file raises RcgError."""
+    import torch  # imported here so torch-free stages (shard, info on shards) start fast
+
     path = Path(path)
     if not path.is_file():
         raise RcgError(f"checkpoint not found: {path}")
@@ -48,6 +48,8 @@ def load_checkpoint(path: str | Path, safe_globals: tuple = ()) -> Any:
 def save_model_file(path: str | Path, fmt: str, config: dict, state_dict: dict,
                     ema_state_dict: dict | None = None, summary: dict | None = None) -> None:
     """Write a model file atomically (temp file + rename)."""
+    import torch
+
     payload = {"format": fmt, "version": MODEL_FILE_VERSION, "config": config,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
                "summary": summary or {}}

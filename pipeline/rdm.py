@@ -7,6 +7,7 @@ Module names follow the official code so ``SimpleMLP.state_dict()`` keys equal t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from pipeline.artifacts import load_checkpoint
+from pipeline.artifacts import load_checkpoint, load_model_file
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.errors import RcgError
 
@@ -211,12 +212,9 @@ def convert_official_rdm(sd: Mapping[str, Any]) -> tuple[dict, dict, dict | None
     return config, net, ema, cond
 
 
-def load_official_rdm(path: str | Path) -> tuple[dict, dict, dict | None, dict]:
-    """Read an official RCG RDM checkpoint (``{'model' or 'state_dict': ..., 'args': Namespace, ...}``).
-
-    Returns (config for ``RDM(**config)``, net state, EMA net state or None, cond-embedder state).
-    The frozen encoder and the schedule buffers are dropped (the stored betas are checked).
-    """
+def read_official_rdm(path: str | Path) -> Mapping[str, Any]:
+    """The state dict inside an official RCG RDM checkpoint (``{'model' or 'state_dict': ..., 'args':
+    Namespace, ...}``), loaded with weights_only=True and only ``argparse.Namespace`` allow-listed."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if not isinstance(ckpt, dict):
         raise RcgError(f"{path} is not an official RDM checkpoint (holds a {type(ckpt).__name__})")
@@ -224,7 +222,59 @@ def load_official_rdm(path: str | Path) -> tuple[dict, dict, dict | None, dict]:
     if not isinstance(sd, Mapping):
         raise RcgError(f"{path} is not an official RDM checkpoint: no 'model' or 'state_dict' entry "
                        f"(top-level keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    return sd
+
+
+def load_official_rdm(path: str | Path, sd: Mapping[str, Any] | None = None) -> tuple[dict, dict, dict | None, dict]:
+    """Read an official RCG RDM checkpoint (or convert its already-read state dict ``sd``).
+
+    Returns (config for ``RDM(**config)``, net state, EMA net state or None, cond-embedder state).
+    The frozen encoder and the schedule buffers are dropped (the stored betas are checked).
+    """
     try:
-        return convert_official_rdm(sd)
+        return convert_official_rdm(read_official_rdm(path) if sd is None else sd)
     except RcgError as exc:
         raise RcgError(f"{path}: {exc}") from None
+
+
+def official_rdm_encoder(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The MoCo v3 encoder an official RDM embeds (``pretrained_encoder.*``: the weights it was trained on),
+    with MoCoViT key names; empty if the file does not carry it."""
+    prefix = IGNORED_PREFIXES[0]
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, values): equal weights, equal hash, whatever
+    file or container they came in."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our model files ("rcg-rdm", written by stages/train_rdm.py)
+
+def rdm_kwargs(model_params: Any) -> dict:
+    """``RDM(**kwargs)`` from the ``rdm.model`` params section; the official bottleneck equals the width,
+    and an unconditional RDM keeps one (unread) class row."""
+    m = model_params
+    return dict(class_cond=m.class_cond, n_classes=m.num_classes if m.class_cond else 1,
+                in_channels=m.in_channels, time_embed_dim=m.time_embed_dim, model_channels=m.model_channels,
+                bottleneck_channels=m.model_channels, out_channels=m.in_channels,
+                num_res_blocks=m.num_res_blocks, dropout=m.dropout, embed_dim=m.context_channels)
+
+
+def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, GaussianDiffusion, dict]:
+    """(RDM in eval mode, its diffusion, the file's config) from an "rcg-rdm" model file; the MLP carries
+    the EMA weights (what RCG samples with) unless ``use_ema`` is False or the file has none."""
+    payload = load_model_file(path, "rcg-rdm")
+    config = payload["config"]
+    model = RDM(**config["model"])
+    model.load_state_dict(payload["state_dict"])
+    if use_ema and "ema_state_dict" in payload:
+        model.net.load_state_dict({k: v for k, v in payload["ema_state_dict"].items() if k != "num_updates"})
+    return model.eval(), GaussianDiffusion(**config["diffusion"]), config

@@ -19,14 +19,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import distributed
-from pipeline.artifacts import file_sha256, load_checkpoint, save_model_file, write_json
+from pipeline.artifacts import file_sha256, save_model_file, write_json
 from pipeline.config import Params
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.ema import EMA
 from pipeline.errors import RcgError
 from pipeline.metrics import frechet_distance, knn_accuracy
 from pipeline.progress import log, progress
-from pipeline.rdm import RDM, check_official_encoder, load_official_rdm, rdm_kwargs
+from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm, weights_sha256
 from pipeline.runtime import device_for
 from pipeline.stores import open_store
 from pipeline.training import CurveLog, TrainState, check_finite, set_lr, unwrap
@@ -130,11 +130,12 @@ def train_config(params: Params, store: RepStore, world: int) -> dict:
             "store": store.identity, "store_shape": list(store.shape), "world": world}
 
 
-def train(params: Params, store: RepStore, device: torch.device, d: distributed.Dist) -> tuple[RDM, EMA, dict]:
-    """Train (or resume) the RDM; returns the bare model, its EMA and a summary."""
+def train(params: Params, store: RepStore, device: torch.device, d: distributed.Dist) -> tuple[RDM, EMA, dict, dict]:
+    """Train (or resume) the RDM; returns the bare model, its EMA, its RDM kwargs and a summary."""
     cfg, t = params.rdm, params.rdm.train
     torch.manual_seed(params.seed)  # identical init on every rank
-    model = RDM(**rdm_kwargs(cfg.model)).to(device)
+    kwargs = rdm_kwargs(cfg.model)
+    model = RDM(**kwargs).to(device)
     if not cfg.model.class_cond:  # the single "fake class" row is never read (official): no grad, no decay
         model.cond_stage_model.requires_grad_(False)
     ema = EMA(model.net, max_decay=t.ema_decay)  # LitEma covers the MLP, not the class embedder
@@ -190,21 +191,25 @@ def train(params: Params, store: RepStore, device: torch.device, d: distributed.
     summary = {"steps": t.steps, "resumed_from": start, "lr": lr, "world": d.world,
                "train_seconds": round(seconds, 2),
                "samples_per_s": round(trained * t.batch_size * d.world / seconds, 1) if trained else None}
-    return model, ema, summary
+    return model, ema, kwargs, summary
 
 
 # ---------------------------------------------------------------------------------------- official file
-def import_official(params: Params, store: RepStore, device: torch.device) -> tuple[RDM, EMA | None, dict]:
-    """An official RCG RDM checkpoint as our model, after checking it fits the params and the store."""
+def check_encoder(embedded: dict, store: RepStore, path: Path) -> str:
+    """TODO placeholder"""
+    return "unchecked"
+
+
+def import_official(params: Params, store: RepStore, device: torch.device) -> tuple[RDM, EMA | None, dict, dict]:
+    """An official RCG RDM checkpoint as our model, after checking it fits rdm.model and the store."""
     path = params.rdm.checkpoint
-    config, net_sd, ema_sd, cond_sd = load_official_rdm(path)
+    sd = read_official_rdm(path)
+    config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
     ours = rdm_kwargs(params.rdm.model)
-    if not params.rdm.model.class_cond:
-        ours["n_classes"] = 1
-    diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in ours if ours[k] != config[k]]
+    diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in config if ours[k] != config[k]]
     if diffs:
-        raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: " + ", ".join(diffs))
-    check_official_encoder(load_checkpoint(path, safe_globals=OFFICIAL_GLOBALS), store.identity, path)
+        raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: {', '.join(diffs)}")
+    encoder_check = check_encoder(official_rdm_encoder(sd), store, path)
     model = RDM(**config)
     model.net.load_state_dict(net_sd)
     model.cond_stage_model.load_state_dict(cond_sd)
@@ -215,7 +220,8 @@ def import_official(params: Params, store: RepStore, device: torch.device) -> tu
         ema.load_state_dict(ema_sd)
     else:
         log(f"warning: {path} has no EMA weights; evaluating its raw weights")
-    return model, ema, {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path)}
+    return model, ema, config, {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path),
+                                "encoder_check": encoder_check}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -289,9 +295,6 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, devic
 
 
 # ------------------------------------------------------------------------------------------------- run
-OFFICIAL_GLOBALS = (__import__("argparse").Namespace,)
-
-
 def run(params: Params) -> dict:
     d = distributed.init()
     device = device_for(params.runtime, d.local_rank)
@@ -300,13 +303,13 @@ def run(params: Params) -> dict:
     if params.rdm.checkpoint is not None:
         if d.world > 1:
             raise RcgError("importing rdm.checkpoint needs no torchrun: run it on one process")
-        model, ema, summary = import_official(params, store, device)
+        model, ema, kwargs, summary = import_official(params, store, device)
     else:
-        model, ema, summary = train(params, store, device, d)
+        model, ema, kwargs, summary = train(params, store, device, d)
     if not d.is_main:
         return {"rank": d.rank, **summary}
 
-    config = {"model": rdm_kwargs_of(model), "diffusion": params.section("rdm")["diffusion"],
+    config = {"model": kwargs, "diffusion": params.section("rdm")["diffusion"],
               "sample": params.section("rdm")["sample"], "store": store.identity}
     out_path = params.paths.models / "rdm.pt"
     save_model_file(out_path, FORMAT, config, model.state_dict(),
