@@ -99,14 +99,22 @@ def render(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     return img.resize((size, size), Image.LANCZOS)
 
 
-def write_builtin(root: Path, split: str, count: int, size: int, seed: int) -> Path:
-    """Write ``count`` images as ``root/<split>/<class>/<split>_NNNNNN.png``; classes are balanced."""
+def _write_one(job: tuple[Path, str, int, int, int]) -> None:
+    out, split, i, size, seed = job
+    label = i % len(CLASSES)
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}.get(split, 2), i])
+    render(label, rng, size).save(out / CLASSES[label] / f"{split}_{i:06d}.png", compress_level=1)
+
+
+def write_builtin(root: Path, split: str, count: int, size: int, seed: int, pool=None) -> Path:
+    """Write ``count`` images as ``root/<split>/<class>/<split>_NNNNNN.png``; classes are balanced.
+
+    ``pool`` (a multiprocessing pool) spreads the rendering; the bytes do not depend on it.
+    """
     out = Path(root) / split
     for name in CLASSES:
         (out / name).mkdir(parents=True, exist_ok=True)
-    split_id = {"train": 0, "val": 1}.get(split, 2)
-    for i in range(count):
-        label = i % len(CLASSES)
-        rng = np.random.default_rng([seed, split_id, i])
-        render(label, rng, size).save(out / CLASSES[label] / f"{split}_{i:06d}.png", compress_level=1)
+    jobs = [(out, split, i, size, seed) for i in range(count)]
+    for _ in (pool.imap_unordered(_write_one, jobs, chunksize=64) if pool else map(_write_one, jobs)):
+        pass
     return out

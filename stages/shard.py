@@ -73,12 +73,12 @@ def shard_split(split: str, folder: Path, out: Path, params: Params, pool, class
     return rows, reject_rows, classes, warnings, found
 
 
-def _sources(params: Params, scratch: Path) -> list[tuple[str, Path]]:
+def _sources(params: Params, scratch: Path, pool) -> list[tuple[str, Path]]:
     if params.data.source == "builtin":
         b = params.data.builtin
-        out = [("train", write_builtin(scratch, "train", b.num_train, b.image_size, b.seed))]
+        out = [("train", write_builtin(scratch, "train", b.num_train, b.image_size, b.seed, pool))]
         if b.num_val:
-            out.append(("val", write_builtin(scratch, "val", b.num_val, b.image_size, b.seed)))
+            out.append(("val", write_builtin(scratch, "val", b.num_val, b.image_size, b.seed, pool)))
         return out
     out = [("train", params.data.folder)]
     if params.data.val_folder is not None:
@@ -96,8 +96,8 @@ def run(params: Params) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=".builtin-", dir=out_dir.parent))
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     try:
-        sources = _sources(params, scratch)
         with atomic_dir(out_dir) as tmp, ctx.Pool(worker_count(s.workers), _init_worker, (policy,)) as pool:
+            sources = _sources(params, scratch, pool)
             index, rejects, splits, warnings, classes = [], [], {}, [], None
             for split, folder in sources:
                 rows, rej, cls, warn, found = shard_split(split, folder, tmp, params, pool, classes)

@@ -31,3 +31,11 @@ def test_images_vary_within_a_class_and_differ_across_classes():
     a = np.asarray(render(0, np.random.default_rng(7), 32), dtype=float)
     b = np.asarray(render(4, np.random.default_rng(7), 32), dtype=float)
     assert np.abs(a - b).mean() > 1
+
+
+def test_pool_does_not_change_the_bytes(tmp_path):
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(2) as pool:
+        a = write_builtin(tmp_path / "a", "train", 25, 16, seed=1, pool=pool)
+    b = write_builtin(tmp_path / "b", "train", 25, 16, seed=1)
+    assert _digest(a) == _digest(b)
