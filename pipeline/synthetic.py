@@ -29,9 +29,14 @@ def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float | 
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A background: stripes, checks, smooth noise or a gradient, in two muted colours."""
+    """A background: stripes, checks, smooth noise or a gradient, in two close, muted colours.
+
+    Low contrast on purpose: two crops of one image share its background, so a loud texture would let a
+    self-supervised encoder tell images apart by texture alone and never learn the shapes.
+    """
     yy, xx = np.mgrid[0:size, 0:size] / size
-    c1, c2 = rng.uniform(0, 0.6, 3), rng.uniform(0, 0.6, 3)
+    c1 = rng.uniform(0.05, 0.55, 3)
+    c2 = np.clip(c1 + rng.uniform(-0.12, 0.12, 3), 0, 1)
     kind = rng.integers(4)
     if kind == 0:
         a, f = rng.uniform(0, math.pi), rng.uniform(3, 9)
