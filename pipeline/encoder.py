@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.artifacts import load_checkpoint
+from pipeline.artifacts import load_checkpoint, load_model_file
 from pipeline.errors import RcgError
 
+MODEL_FORMAT = "rcg-encoder"  # data/models/encoder.pt, whether pretrained here or imported
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -177,3 +178,32 @@ def load_encoder(path: str | Path, num_heads: int | None = None) -> MoCoViT:
     model = MoCoViT(**infer_vit_config(sd, num_heads))
     _load_strict(model, sd, str(path))
     return model.eval().requires_grad_(False)
+
+
+def load_encoder_as(path: str | Path, config: dict) -> MoCoViT:
+    """Import an official file into the architecture ``config`` names (MoCoViT kwargs), frozen in eval mode.
+
+    A mismatch names the fields that differ (read from the file's shapes) and the keys/shapes that do not fit.
+    """
+    sd = import_mocov3_state_dict(load_checkpoint(path))
+    model = MoCoViT(**config)
+    try:
+        _load_strict(model, sd, "its state dict")
+    except RcgError as exc:
+        try:
+            have = infer_vit_config(sd, config["num_heads"])
+        except RcgError:
+            raise RcgError(f"{path}: {exc}") from None
+        diffs = ", ".join(f"{k} {have[k]} (params: {config[k]})" for k in config if have[k] != config[k])
+        if not diffs:
+            raise RcgError(f"{path}: {exc}") from None
+        raise RcgError(f"{path} is another architecture than encoder.model: the file has {diffs}; {exc}") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_encoder_file(path: str | Path) -> tuple[MoCoViT, dict]:
+    """The frozen encoder of an "rcg-encoder" model file, and the file's payload (config, summary)."""
+    payload = load_model_file(path, MODEL_FORMAT)
+    model = MoCoViT(**payload["config"]["model"])
+    _load_strict(model, payload["state_dict"], str(path))
+    return model.eval().requires_grad_(False), payload

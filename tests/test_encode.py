@@ -1,0 +1,202 @@
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import zarr
+
+from conftest import micro_params
+from pipeline.artifacts import file_sha256, save_model_file
+from pipeline.distributed import Dist
+from pipeline.encoder import MODEL_FORMAT, MoCoViT, represent
+from pipeline.errors import RcgError
+from pipeline.shards import ShardSet
+from pipeline.stores import StoreWriter, open_store, partial_path
+from pipeline.views import ViewRecipe, all_views
+from stages import encode
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_encoder(params, seed: int = 0) -> MoCoViT:
+    """An "rcg-encoder" file at data/models/encoder.pt with non-trivial projector BN statistics."""
+    config = params.encoder.model.model_dump()
+    torch.manual_seed(seed)
+    model = MoCoViT(**config)
+    for m in model.head:
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    save_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT, {"model": config}, model.state_dict(),
+                    summary={"source": "test"})
+    return model.eval()
+
+
+def reps(params) -> np.ndarray:
+    return open_store(params.paths.reps, "reps")["reps"][:]
+
+
+def kill_after(monkeypatch, chunks: int) -> None:
+    """Make the chunk write after ``chunks`` completed ones die before it lands, like a kill mid-run."""
+    real, count = StoreWriter.write, [0]
+
+    def write(self, chunk, values):
+        if count[0] == chunks:
+            raise KeyboardInterrupt("simulated kill")
+        count[0] += 1
+        real(self, chunk, values)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+
+
+def test_store_layout_identity_and_metrics(workspace):
+    params = micro_params(workspace)
+    model = write_encoder(params)
+    summary = encode.run(params)
+    group = open_store(params.paths.reps, "reps")
+    arr = group["reps"]
+    shards = ShardSet(params.paths.shards)
+    assert arr.shape == (48, 2, 16) and arr.dtype == np.float32 and arr.chunks == (16, 2, 16)
+    assert summary["shape"] == [48, 2, 16] and summary["images"] == 48
+    assert group["labels"][:].tolist() == shards.labels
+    ident = group.attrs["identity"]
+    assert ident["encoder"]["sha256"] == file_sha256(params.paths.models / "encoder.pt")
+    assert ident["encoder"]["config"] == {"model": params.encoder.model.model_dump()}
+    assert ident["views"] == ViewRecipe(**params.views.model_dump()).describe()
+    assert ident["index"]["rows"] == 48 and ident["index"]["split"] == "train"
+    assert ident["dim"] == 16 and ident["normalization"]["input_size"] == 16
+    assert ident["compute"] == {"device": "cpu", "precision": "fp32", "batch_size": 8}
+    # each stored row is RCG's representation of that view of that image
+    for i in (0, 21, 47):
+        views = all_views(shards.read(i), shards.keys[i], ViewRecipe(**params.views.model_dump()))
+        x = torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255
+        torch.testing.assert_close(torch.from_numpy(arr[i]), represent(model, x), atol=1e-5, rtol=1e-5)
+    assert not np.array_equal(arr[:, 0], arr[:, 1])  # view 1 is the mirror, not a copy
+    metrics = json.loads((params.paths.metrics / "encoder.json").read_text())
+    assert metrics["k"] == 5 and metrics["num_images"] == 48 and metrics["encoder"] == "test"
+    assert 0 <= metrics["knn_top1"] <= 1 and 0 <= metrics["knn_top1_random_init"] <= 1
+
+
+def test_rerun_is_bit_identical(workspace):
+    params = micro_params(workspace)
+    write_encoder(params)
+    encode.run(params)
+    first = reps(params)
+    encode.run(params)
+    assert first.tobytes() == reps(params).tobytes()
+
+
+def test_resume_after_kill_equals_full_run(workspace, monkeypatch):
+    params = micro_params(workspace)
+    write_encoder(params)
+    encode.run(params)
+    full = reps(params)
+
+    kill_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        encode.run(params)
+    monkeypatch.undo()
+    partial = zarr.open_group(str(partial_path(params.paths.reps)), mode="r")
+    assert partial["done"][:].tolist() == [1, 0, 0]
+    assert full.tobytes() == reps(params).tobytes()  # the finished store is untouched until the swap
+
+    # a chunk whose data landed but whose completion mark did not is redone, too
+    partial = zarr.open_group(str(partial_path(params.paths.reps)), mode="r+")
+    partial["reps"][16:32] = 7.0
+    summary = encode.run(params)
+    assert summary["images"] == 32  # only the two missing chunks were encoded
+    assert full.tobytes() == reps(params).tobytes()
+    assert not partial_path(params.paths.reps).exists()
+
+
+class Sequential(Dist):
+    """Ranks run one after another in this process: nothing to wait for."""
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_two_ranks_equal_one_process(workspace):
+    params = micro_params(workspace)
+    write_encoder(params)
+    encode.run(params)
+    single = reps(params)
+
+    w0, s0 = encode.encode_part(params, Sequential(rank=0, world=2))
+    _, s1 = encode.encode_part(params, Sequential(rank=1, world=2))
+    assert (s0["images"], s1["images"]) == (32, 16)  # 3 chunks: rank 0 takes 0-1, rank 1 takes 2
+    encode.finish(params, w0, s0)
+    assert single.tobytes() == reps(params).tobytes()
+
+
+def _torchrun_worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), RCG_PROGRESS="0")
+    torch.set_num_threads(1)
+    from pathlib import Path
+    encode.run(micro_params(Path(root)))
+    torch.distributed.destroy_process_group()
+
+
+def test_gloo_ranks_equal_one_process(workspace):
+    params = micro_params(workspace)
+    write_encoder(params)
+    encode.run(params)
+    single = reps(params)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_torchrun_worker, args=(2, port, str(workspace)), nprocs=2, start_method="fork")
+    assert single.tobytes() == reps(params).tobytes()
+
+
+def test_partial_from_other_inputs_is_discarded(workspace, monkeypatch):
+    params = micro_params(workspace)
+    write_encoder(params, seed=0)
+    kill_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        encode.run(params)
+    monkeypatch.undo()
+    write_encoder(params, seed=1)  # another encoder: its partial must not be appended to
+    summary = encode.run(params)
+    assert summary["images"] == 48
+    other = reps(params)
+    params.paths.reps.rename(params.paths.reps.with_name("old.zarr"))
+    encode.run(params)
+    assert other.tobytes() == reps(params).tobytes()
+
+    kill_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        encode.run(params)
+    monkeypatch.undo()
+    more_views = micro_params(workspace, ["views.count=3"])
+    summary = encode.run(more_views)
+    assert summary["images"] == 48 and summary["shape"] == [48, 3, 16]
+    np.testing.assert_allclose(reps(more_views)[:, :2], other, atol=1e-5)  # views 0/1 do not depend on the count
+
+
+def test_knn_subset(workspace):
+    params = micro_params(workspace, ["encode.knn_images=20"])
+    write_encoder(params)
+    encode.run(params)
+    assert json.loads((params.paths.metrics / "encoder.json").read_text())["num_images"] == 20
+
+
+def test_missing_or_wrong_model_file(workspace):
+    params = micro_params(workspace)
+    with pytest.raises(RcgError, match="no encoder model at .*encoder.pt: run `rcg pretrain-encoder`"):
+        encode.run(params)
+    save_model_file(params.paths.models / "encoder.pt", "rcg-tokenizer", {"model": {}}, {})
+    with pytest.raises(RcgError, match="holds a 'rcg-tokenizer' model, expected 'rcg-encoder'"):
+        encode.run(params)
+    assert not params.paths.reps.exists()

@@ -1,0 +1,148 @@
+import csv
+import shutil
+
+import pytest
+import torch
+
+from conftest import micro_params
+from pipeline.artifacts import file_sha256, load_model_file
+from pipeline.encoder import MODEL_FORMAT, MoCoViT, load_encoder_file, represent
+from pipeline.errors import RcgError
+from pipeline.moco import MoCoV3
+from pipeline.training import TrainState
+from stages import pretrain_encoder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def official_file(path, model: MoCoViT) -> None:
+    """``model`` in the layout of MoCo v3's vit-b-300ep.pth.tar (a DDP-wrapped MoCo_ViT)."""
+    sd = {f"module.base_encoder.{k}": v for k, v in model.state_dict().items()}
+    sd.update({f"module.momentum_encoder.{k}": v.clone() for k, v in model.state_dict().items()})
+    sd["module.predictor.0.weight"] = torch.randn(64, 16)
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": None}, path)
+
+
+def curve(params) -> list[dict]:
+    with open(params.paths.plots / "pretrain_encoder.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrain_writes_a_loadable_encoder(workspace):
+    params = micro_params(workspace, ["pretrain_encoder.log_every=1"])
+    summary = pretrain_encoder.run(params)
+    assert summary["source"] == "pretrained" and summary["steps"] == 6  # 48 images / 16 = 3 steps x 2 epochs
+    model, payload = load_encoder_file(params.paths.models / "encoder.pt")
+    assert payload["config"] == {"model": params.encoder.model.model_dump()}
+    assert payload["summary"]["epochs"] == 2 and payload["summary"]["final_loss"] > 0
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    torch.manual_seed(params.seed)
+    init = MoCoViT(**params.encoder.model.model_dump())  # the first draw of the seeded run
+    trained, start = model.state_dict(), init.state_dict()
+    assert torch.equal(trained["patch_embed.proj.weight"], start["patch_embed.proj.weight"])  # frozen (MoCo v3)
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(trained["head.1.running_mean"], start["head.1.running_mean"])
+    assert represent(model, torch.rand(2, 3, 16, 16)).shape == (2, 16)
+    rows = curve(params)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    lr, m = [float(r["lr"]) for r in rows], [float(r["m"]) for r in rows]
+    assert lr[0] == 0.0 and max(lr) == lr[3] == pytest.approx(1.5e-4 * 16 / 256)  # warm-up 3 steps, then cosine
+    assert m[0] == 0.99 and m == sorted(m) and m[-1] < 1
+
+
+def test_resume_after_kill_is_exact(workspace, monkeypatch):
+    params = micro_params(workspace)
+    pretrain_encoder.run(params)
+    uninterrupted = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    full_curve = curve(params)
+
+    other = workspace / "killed"
+    shutil.copytree(workspace / "data" / "shards", other / "data" / "shards")
+    params = micro_params(other)
+    real_save = TrainState.save
+
+    def save_then_die(self, step, modules, extra=None):
+        real_save(self, step, modules, extra)
+        raise KeyboardInterrupt("simulated kill after the first epoch's checkpoint")
+
+    monkeypatch.setattr(TrainState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_encoder.run(params)
+    monkeypatch.undo()
+    assert not (params.paths.models / "encoder.pt").exists()
+    assert torch.load(params.paths.state / "pretrain_encoder.pt", weights_only=True)["step"] == 3
+
+    steps = []
+    real_forward = MoCoV3.forward
+    monkeypatch.setattr(MoCoV3, "forward", lambda self, *a: steps.append(1) or real_forward(self, *a))
+    summary = pretrain_encoder.run(params)  # resumes at step 3 (epoch 1) of the same config
+    assert len(steps) == 3
+    resumed = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    assert list(resumed) == list(uninterrupted)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert curve(params) == full_curve and summary["steps"] == 6
+
+
+def test_state_from_another_config_is_not_resumed(workspace):
+    params = micro_params(workspace)
+    pretrain_encoder.run(params)
+    other = micro_params(workspace, ["pretrain_encoder.temperature=0.5"])
+    fresh = micro_params(workspace / "fresh", ["pretrain_encoder.temperature=0.5"])
+    shutil.copytree(workspace / "data" / "shards", workspace / "fresh" / "data" / "shards")
+    pretrain_encoder.run(other)
+    pretrain_encoder.run(fresh)
+    a = load_model_file(other.paths.models / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    b = load_model_file(fresh.paths.models / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_official_import_writes_the_same_format(workspace):
+    params = micro_params(workspace)
+    pretrain_encoder.run(params)
+    pretrained = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)
+
+    torch.manual_seed(3)
+    source = MoCoViT(**params.encoder.model.model_dump())
+    ckpt = workspace / "vit-small.pth.tar"
+    official_file(ckpt, source)
+    params = micro_params(workspace, [f"encoder.checkpoint={ckpt}"])
+    summary = pretrain_encoder.run(params)
+    imported = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)
+    assert summary["source"] == "official" and summary["checkpoint_sha256"] == file_sha256(ckpt)
+    assert imported["summary"] == {"source": "official", "checkpoint": str(ckpt),
+                                   "checkpoint_sha256": file_sha256(ckpt)}
+    assert set(imported) == set(pretrained) and imported["config"] == pretrained["config"]
+    assert {k: v.shape for k, v in imported["state_dict"].items()} == \
+           {k: v.shape for k, v in pretrained["state_dict"].items()}
+    assert all(torch.equal(imported["state_dict"][k], v) for k, v in source.state_dict().items())
+
+
+def test_wrong_architecture_checkpoint_names_fields_keys_and_shapes(workspace):
+    params = micro_params(workspace)
+    wrong = MoCoViT(**{**params.encoder.model.model_dump(), "depth": 2, "img_size": 32})
+    ckpt = workspace / "wrong.pth.tar"
+    official_file(ckpt, wrong)
+    with pytest.raises(RcgError) as err:
+        pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={ckpt}"]))
+    msg = str(err.value)
+    assert "img_size 32 (params: 16)" in msg and "depth 2 (params: 1)" in msg
+    assert "unexpected keys (blocks.1." in msg and "pos_embed [1, 65, 32] vs model [1, 17, 32]" in msg
+    assert not (params.paths.models / "encoder.pt").exists()
+
+
+def test_bad_input(workspace):
+    with pytest.raises(RcgError, match="encoder.checkpoint: file does not exist: .*missing.pth"):
+        micro_params(workspace, [f"encoder.checkpoint={workspace / 'missing.pth'}"])
+    not_moco = workspace / "other.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, not_moco)
+    with pytest.raises(RcgError, match="does not match the encoder architecture: .*missing keys"):
+        pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={not_moco}"]))
+    with pytest.raises(RcgError, match="batch_size \\(64\\) x 1 rank\\(s\\) exceeds the 48 training images"):
+        pretrain_encoder.run(micro_params(workspace, ["pretrain_encoder.batch_size=64"]))
