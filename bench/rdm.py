@@ -1,0 +1,146 @@
+"""RDM training throughput: the stage's loop on cached reps vs bare compute, and vs the official way.
+
+    python bench/rdm.py [--sizes default imagenet] [--steps N] [--threads T]
+
+(1) cached / bare: samples/s of ``stages.train_rdm.train`` (batch gather from the in-memory store, random
+    views, noising, AdamW, EMA, loss checks, curves) over the forward + backward + AdamW step of the same RDM on
+    fixed random tensors, same process, interleaved; target >= 0.9. The fwd/bwd-only rate is printed too.
+(2) official / cached: the official recipe runs the frozen encoder (fp32, as RCG) on every image at every
+    step; here that is the encoder forward on ready-made 256x256 (ImageNet) or 32x32 (default) crops plus the
+    same bare RDM step. JPEG decoding and cropping, which the official loader also pays, are left out, so
+    the speed-up is a lower bound.
+Checkpoint writes are left out of (1): they are I/O every ``checkpoint_every`` steps, not per-step cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.config import Params, preset, validate  # noqa: E402
+from pipeline.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.distributed import Dist  # noqa: E402
+from pipeline.encoder import MoCoViT, represent  # noqa: E402
+from pipeline.rdm import RDM, rdm_kwargs  # noqa: E402
+from pipeline.training import TrainState  # noqa: E402
+from stages import train_rdm  # noqa: E402
+
+
+def setting(name: str) -> tuple[Params, int, int]:
+    """(params, views, image size fed to the encoder) of a named size."""
+    if name == "default":
+        return Params(), Params().views.count, Params().views.crop
+    p = preset("imagenet256_vitb")
+    tree = p.model_dump(mode="json")
+    tree["rdm"]["train"]["batch_size"] = 128  # per GPU, as the official 4 x 128
+    tree["runtime"]["device"] = "auto"
+    return validate(tree, check_paths=False), p.views.count, p.views.crop
+
+
+def cached_rate(params: Params, store: train_rdm.RepStore, device: torch.device, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = params.model_dump(mode="json")
+        tree["paths"] = {"data": tmp + "/data", "metrics": tmp + "/metrics"}
+        tree["rdm"]["train"].update(steps=steps, log_every=max(1, steps // 4), checkpoint_every=10 ** 9)
+        summary = train_rdm.train(validate(tree, check_paths=False), store, device, Dist())[3]
+    return summary["samples_per_s"]
+
+
+def bare_rate(params: Params, device: torch.device, steps: int, optimizer_step: bool = True) -> float:
+    """The same RDM on fixed random tensors: forward, MSE, backward (and the AdamW step)."""
+    torch.manual_seed(0)
+    model = RDM(**rdm_kwargs(params.rdm.model)).to(device)
+    model.cond_stage_model.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01,
+                            fused=True)
+    b, dim = params.rdm.train.batch_size, params.rdm.model.in_channels
+    x_t, x0 = torch.randn(b, dim, device=device), torch.randn(b, dim, device=device)
+    t, y = torch.randint(0, 1000, (b,), device=device), torch.zeros(b, dtype=torch.long, device=device)
+
+    def step():
+        loss = F.mse_loss(model(x_t, t, y), x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if optimizer_step:
+            opt.step()
+
+    step()
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * b / (time.perf_counter() - tic)
+
+
+def encoder_rate(params: Params, image_size: int, device: torch.device, batch: int, steps: int) -> float:
+    """Images/s of the frozen encoder alone (fp32, eval), on [0,1] crops of the official size."""
+    torch.manual_seed(0)
+    model = MoCoViT(**params.encoder.model.model_dump()).to(device).eval()
+    x = torch.rand(batch, 3, image_size, image_size, device=device)
+    represent(model, x)
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        represent(model, x)
+    sync(device)
+    return steps * batch / (time.perf_counter() - tic)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synthetic_store(params: Params, views: int, device: torch.device) -> train_rdm.RepStore:
+    n, dim = max(8192, 8 * params.rdm.train.batch_size), params.rdm.model.in_channels
+    reps = torch.randn(n, views, dim)
+    reps = (reps - reps.mean(-1, keepdim=True)) / reps.std(-1, keepdim=True)
+    return train_rdm.RepStore(Path("<memory>"), reps.to(device), torch.zeros(n, dtype=torch.long, device=device),
+                              {"bench": True})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["default", "imagenet"], choices=["default", "imagenet"])
+    ap.add_argument("--steps", type=int, default=0, help="steps per measurement (0: 40 default, 4 imagenet on CPU)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    TrainState.save = lambda self, step, modules, extra=None: None  # checkpoint I/O is not per-step cost
+    print(f"device {device}, torch threads {torch.get_num_threads()}")
+    rows = []
+    for name in args.sizes:
+        params, views, image_size = setting(name)
+        m, b = params.rdm.model, params.rdm.train.batch_size
+        steps = args.steps or (200 if device.type == "cuda" else 40 if name == "default" else 4)
+        store = synthetic_store(params, views, device)
+        best = {"cached": 0.0, "bare": 0.0, "fwd_bwd": 0.0}
+        for _ in range(args.rounds):
+            best["bare"] = max(best["bare"], bare_rate(params, device, steps))
+            best["cached"] = max(best["cached"], cached_rate(params, store, device, steps))
+            best["fwd_bwd"] = max(best["fwd_bwd"], bare_rate(params, device, steps, optimizer_step=False))
+        enc_batch = b if device.type == "cuda" else min(b, 16 if name == "imagenet" else 64)
+        enc = encoder_rate(params, image_size, device, enc_batch, max(1, steps // 4 if name == "imagenet" else steps))
+        official = 1.0 / (1.0 / enc + 1.0 / best["bare"])  # encoder on every image + the same RDM step
+        rows.append((name, f"{m.model_channels}x{m.num_res_blocks}", b, best["fwd_bwd"], best["bare"],
+                     best["cached"], best["cached"] / best["bare"], enc, official, best["cached"] / official))
+    header = ("size", "mlp", "batch", "fwd+bwd/s", "bare/s", "cached/s", "cached/bare", "encoder img/s",
+              "official/s", "cached/official")
+    print(" | ".join(header))
+    for r in rows:
+        print(" | ".join([r[0], r[1], str(r[2])] + [f"{v:.1f}" if v >= 10 else f"{v:.3f}" for v in r[3:]]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import load_checkpoint, load_model_file
+from pipeline.config import EncoderModel
+from pipeline.diffusion import GaussianDiffusion
+from pipeline.distributed import Dist
+from pipeline.encoder import MoCoViT
+from pipeline.errors import RcgError
+from pipeline.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs, weights_sha256
+from pipeline.stores import StoreWriter
+from stages import train_rdm
+from conftest import MICRO, micro_params
+
+N, V, D, CLASSES = 48, 2, 16, 10
+ENCODER = MoCoViT(**MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy-sized ops: a second intra-op thread only adds sync cost (a lot of it on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def identity(weights: bool = True) -> dict:
+    encoder = {"sha256": "0" * 64, "config": {"model": EncoderModel(**MICRO["encoder"]["model"]).model_dump()}}
+    if weights:
+        encoder["weights_sha256"] = weights_sha256(ENCODER)
+    return {"encoder": encoder, "views": {"count": V}, "index": {"rows": N}}
+
+
+def make_store(root: Path, labels: np.ndarray | None = None, nan_at: tuple[int, int] | None = None,
+               ident: dict | None = None) -> Path:
+    """A small reps.zarr like real ones: a class mixture, standardised per sample."""
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % CLASSES if labels is None else labels
+    means = rng.normal(size=(CLASSES, D)) * 2
+    x = means[np.clip(y, 0, None) % CLASSES][:, None] + rng.normal(size=(N, V, D))
+    x = (x - x.mean(-1, keepdims=True)) / x.std(-1, ddof=1, keepdims=True)
+    if nan_at is not None:
+        x[nan_at] = np.nan
+    path = root / "data" / "reps.zarr"
+    writer = StoreWriter(path, "reps", (N, V, D), "float32", 16, ident or identity(), y)
+    for c in writer.pending():
+        r = writer.rows(c)
+        writer.write(c, x[r.start:r.stop].astype(np.float32))
+    writer.finalize()
+    return path
+
+
+def read_curve(root: Path) -> list[dict]:
+    with open(root / "metrics" / "plots" / "train_rdm.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
+    make_store(tmp_path)
+    params = micro_params(tmp_path)
+    summary = train_rdm.run(params)
+
+    payload = load_model_file(tmp_path / "data" / "models" / "rdm.pt", "rcg-rdm")  # weights_only=True
+    assert payload["config"]["model"] == rdm_kwargs(params.rdm.model)
+    assert payload["config"]["store"] == identity()
+    assert payload["config"]["sample"] == {"steps": 10, "eta": 1.0, "temperature": 1.0}
+    ema = payload["ema_state_dict"]
+    assert int(ema["num_updates"]) == 20
+    raw = payload["state_dict"]
+    assert set(ema) - {"num_updates"} == {k[len("net."):] for k in raw if k.startswith("net.")}
+    assert not torch.equal(ema["out.2.weight"], raw["net.out.2.weight"])  # an average, not a copy
+
+    model, diffusion, _ = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    assert torch.equal(model.net.out[2].weight, ema["out.2.weight"])  # samples with the EMA weights
+    assert diffusion.num_timesteps == 1000
+
+    metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
+    assert metrics["num_samples"] == 32 and metrics["weights"] == "ema" and metrics["source"] == "trained"
+    assert metrics["fd_generated"] > 0 and metrics["fd_lower_bound"] > 0
+    assert metrics["ratio"] == pytest.approx(metrics["fd_generated"] / metrics["fd_lower_bound"])
+    assert "class_agreement" not in metrics
+    assert summary["ratio"] == metrics["ratio"]
+
+    curve = read_curve(tmp_path)
+    assert [int(r["step"]) for r in curve] == [5, 10, 15, 20]
+    assert all(np.isfinite(float(r["loss"])) for r in curve)
+    assert float(curve[0]["lr"]) == pytest.approx(1e-6 * 16)  # blr * batch * world, constant
+
+
+def test_warmup_and_cosine_schedule(tmp_path):
+    make_store(tmp_path)
+    train_rdm.run(micro_params(tmp_path, ["rdm.train.warmup_steps=10", "rdm.train.cosine=true",
+                                          "rdm.eval.num_samples=8"]))
+    lr = [float(r["lr"]) for r in read_curve(tmp_path)]  # at steps 5, 10, 15, 20 (iterations 4, 9, 14, 19)
+    base = 1e-6 * 16
+    assert lr[:2] == pytest.approx([base * 4 / 10, base * 9 / 10], rel=1e-5)  # the CSV keeps 6 digits
+    assert lr[2] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 4 / 10)), rel=1e-5)
+    assert 0 < lr[3] < lr[2]
+
+
+def test_batches_are_a_function_of_the_step(tmp_path):
+    make_store(tmp_path)
+    store = train_rdm.load_store(micro_params(tmp_path), torch.device("cpu"))
+    a, b = train_rdm.RepBatches(store, 8, 0, Dist()), train_rdm.RepBatches(store, 8, 0, Dist())
+    for step in (4, 0, 11):
+        xa, ra, ga = a(step)
+        xb, rb, gb = b(step)
+        assert torch.equal(xa, xb) and torch.equal(ra, rb)
+        assert torch.equal(torch.randn(3, generator=ga), torch.randn(3, generator=gb))
+    # one epoch (6 steps of 8) visits every image once; each x0 is one of that image's views
+    rows = torch.cat([a(s)[1] for s in range(6)])
+    assert sorted(rows.tolist()) == list(range(N))
+    x0, rows, _ = a(1)
+    assert all(any(torch.equal(x, store.reps[r, v]) for v in range(V)) for x, r in zip(x0, rows))
+    # two ranks split a step's images without overlap
+    r0, r1 = (train_rdm.RepBatches(store, 8, 0, Dist(rank, 2, 0))(3)[1] for rank in (0, 1))
+    assert not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    make_store(whole)
+    make_store(killed)
+    train_rdm.run(micro_params(whole))
+
+    original = train_rdm.RepBatches.__call__
+
+    def die_at_13(self, step):
+        if step == 12:  # the 13th step: after the checkpoint at 10
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(train_rdm.RepBatches, "__call__", die_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_rdm.run(micro_params(killed))
+    assert load_checkpoint(killed / "data" / "state" / "train_rdm.pt")["step"] == 10
+    assert not (killed / "data" / "models" / "rdm.pt").exists()
+    monkeypatch.setattr(train_rdm.RepBatches, "__call__", original)
+    summary = train_rdm.run(micro_params(killed))
+    assert summary["resumed_from"] == 10
+
+    a = load_model_file(whole / "data" / "models" / "rdm.pt", "rcg-rdm")
+    b = load_model_file(killed / "data" / "models" / "rdm.pt", "rcg-rdm")
+    for key in ("state_dict", "ema_state_dict"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert read_curve(whole) == read_curve(killed)
+    # a finished state is reused: a rerun (e.g. after an eval-only param change) trains nothing
+    assert train_rdm.run(micro_params(killed, ["rdm.eval.num_samples=24"]))["resumed_from"] == 20
+
+
+def test_nan_in_store_names_the_row(tmp_path):
+    make_store(tmp_path, nan_at=(37, 1))
+    with pytest.raises(RcgError, match=r"row 37 \(view 1\) holds NaN"):
+        train_rdm.run(micro_params(tmp_path))
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    make_store(tmp_path)
+    calls = {"n": 0}
+    original = GaussianDiffusion.training_loss
+
+    def nan_from_step_12(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 12 else loss
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", nan_from_step_12)
+    state = tmp_path / "data" / "state" / "train_rdm.pt"
+    with pytest.raises(RcgError, match=r"non-finite loss .* at step 12;.*train_rdm\.pt"):
+        train_rdm.run(micro_params(tmp_path))
+    assert load_checkpoint(state)["step"] == 10
+    assert not (tmp_path / "data" / "models" / "rdm.pt").exists()
+
+
+def test_store_that_does_not_fit_the_config(tmp_path):
+    make_store(tmp_path)
+    with pytest.raises(RcgError, match="16-d representations but rdm.model.in_channels is 32"):
+        train_rdm.run(micro_params(tmp_path, ["rdm.model.in_channels=32"]))
+    with pytest.raises(RcgError, match="label 9 does not fit rdm.model.num_classes"):
+        train_rdm.run(micro_params(tmp_path, ["rdm.model.class_cond=true", "rdm.model.num_classes=5"]))
+    with pytest.raises(RcgError, match="exceeds the store's 48 images"):
+        train_rdm.run(micro_params(tmp_path, ["rdm.train.batch_size=64"]))
+
+
+def test_class_cond_needs_labels(tmp_path):
+    make_store(tmp_path, labels=np.full(N, -1))
+    with pytest.raises(RcgError, match="needs labels, but row 0 has none"):
+        train_rdm.run(micro_params(tmp_path, ["rdm.model.class_cond=true"]))
+
+
+def test_class_conditional_rdm_and_its_class_agreement(tmp_path):
+    make_store(tmp_path)
+    params = micro_params(tmp_path, ["rdm.model.class_cond=true", "rdm.train.steps=10", "rdm.eval.knn_k=3"])
+    train_rdm.run(params)
+    payload = load_model_file(tmp_path / "data" / "models" / "rdm.pt", "rcg-rdm")
+    assert payload["config"]["model"]["class_cond"] and payload["config"]["model"]["n_classes"] == CLASSES
+    assert payload["state_dict"]["cond_stage_model.embedding.weight"].shape == (CLASSES, 16)
+    metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
+    assert 0 <= metrics["class_agreement"] <= 1 and metrics["knn_k"] == 3
+    assert metrics["class_agreement_real"] > 0.5  # the toy classes are well separated in the store
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official checkpoint import
+
+def official_file(path: Path, config: dict, encoder_sd: dict, ema_offset: float = 0.5) -> RDM:
+    """A tiny checkpoint in the official RCG layout (args as an argparse.Namespace, EMA shadows, embedded
+    MoCo encoder, schedule buffers); returns the source model."""
+    torch.manual_seed(1)
+    src = RDM(**config)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    diffusion = GaussianDiffusion()
+    sd = {"betas": diffusion.betas.clone(), "alphas_cumprod": diffusion.alphas_cumprod.clone()}
+    sd.update({"model.diffusion_model." + k: v.clone() for k, v in src.net.state_dict().items()})
+    sd["model_ema.decay"] = torch.tensor(0.9999)
+    sd["model_ema.num_updates"] = torch.tensor(500, dtype=torch.int32)
+    sd.update({ema_shadow_name(k): v.detach() + ema_offset for k, v in src.net.named_parameters()})
+    sd.update({"pretrained_encoder." + k: v.clone() for k, v in encoder_sd.items()})
+    sd["cond_stage_model.embedding.weight"] = src.cond_stage_model.embedding.weight.detach().clone()
+    torch.save({"model": sd, "model_ema": None, "epoch": 199, "args": argparse.Namespace(blr=1e-6)}, path)
+    return src
+
+
+def test_imports_an_official_checkpoint(tmp_path):
+    make_store(tmp_path)
+    params = micro_params(tmp_path)
+    ckpt = tmp_path / "checkpoint-last.pth"
+    src = official_file(ckpt, rdm_kwargs(params.rdm.model), ENCODER)
+    summary = train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+    assert summary["source"] == "official" and summary["encoder_check"] == "weights"
+    assert not (tmp_path / "data" / "state" / "train_rdm.pt").exists()  # nothing trained
+
+    payload = load_model_file(tmp_path / "data" / "models" / "rdm.pt", "rcg-rdm")
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(payload["state_dict"]["net." + k], v)
+        assert torch.equal(payload["ema_state_dict"][k], v + 0.5)
+    metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
+    assert metrics["source"] == "official" and metrics["weights"] == "ema" and metrics["fd_generated"] > 0
+
+
+def test_official_checkpoint_must_fit_the_store_and_params(tmp_path):
+    ckpt = tmp_path / "checkpoint-last.pth"
+    config = rdm_kwargs(micro_params(tmp_path).rdm.model)
+    torch.manual_seed(5)
+    other_weights = MoCoViT(**MICRO["encoder"]["model"]).state_dict()
+    official_file(ckpt, config, other_weights)
+    make_store(tmp_path)
+    with pytest.raises(RcgError, match="trained with another encoder.*same architecture, different weights"):
+        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+
+    wider = MoCoViT(**{**MICRO["encoder"]["model"], "embed_dim": 48}).state_dict()
+    official_file(ckpt, config, wider)
+    with pytest.raises(RcgError, match="trained with another encoder.*embed_dim 48 \\(store's encoder: 32\\)"):
+        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+
+    official_file(ckpt, config, ENCODER)
+    with pytest.raises(RcgError, match=r"does not match rdm.model: num_res_blocks 3 \(file: 2\)"):
+        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}", "rdm.model.num_res_blocks=3"]))
+
+
+def test_store_without_a_weights_hash_checks_the_architecture(tmp_path):
+    make_store(tmp_path, ident=identity(weights=False))
+    ckpt = tmp_path / "checkpoint-last.pth"
+    official_file(ckpt, rdm_kwargs(micro_params(tmp_path).rdm.model), ENCODER)
+    summary = train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}", "rdm.eval.num_samples=16"]))
+    assert summary["encoder_check"] == "architecture"
