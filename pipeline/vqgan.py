@@ -156,6 +156,40 @@ class VectorQuantizer(nn.Module):
         return len(dead)
 
 
+class CodebookEMA(nn.Module):
+    """Train a :class:`VectorQuantizer`'s codebook by EMA k-means (VQ-VAE appendix, VQ-VAE-2) instead of the
+    codebook loss: each code moves to the running mean of the encoder outputs assigned to it. Adam moves a code by
+    about ``lr`` per step, so loss-trained codes trail the encoder for thousands of steps; EMA codes keep up at
+    once. Only training changes: the codebook stays ``quantize.embedding.weight`` (freeze it; the commitment term
+    still trains the encoder), nearest-L2 lookup and the file format are the official ones."""
+
+    def __init__(self, quantizer: VectorQuantizer, decay: float = 0.99, eps: float = 1e-5):
+        super().__init__()
+        self.decay, self.eps = decay, eps
+        self.register_buffer("cluster_size", torch.ones(quantizer.n_embed))
+        self.register_buffer("embed_sum", quantizer.embedding.weight.detach().float().clone())
+
+    @torch.no_grad()
+    def update(self, weight: torch.Tensor, z_flat: torch.Tensor, indices: torch.Tensor, reduce=lambda t: t) -> None:
+        """One EMA step of the codebook ``weight`` from encoder outputs [N, D] and their codes [N];
+        ``reduce`` sums a tensor over DDP ranks in place, so every rank makes the same step."""
+        counts = torch.bincount(indices.flatten(), minlength=len(self.cluster_size)).to(self.cluster_size)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.flatten(), z_flat.to(self.embed_sum))
+        reduce(counts)
+        reduce(sums)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_sum.lerp_(sums, 1 - self.decay)
+        n = self.cluster_size.sum()  # Laplace smoothing keeps never-used codes finite
+        size = (self.cluster_size + self.eps) / (n + len(self.cluster_size) * self.eps) * n
+        weight.copy_(self.embed_sum / size[:, None])
+
+    @torch.no_grad()
+    def reset(self, weight: torch.Tensor, codes: torch.Tensor) -> None:
+        """After ``codes`` were restarted elsewhere: their statistics become one fresh assignment at the new place."""
+        self.cluster_size[codes] = 1.0
+        self.embed_sum[codes] = weight[codes].to(self.embed_sum)
+
+
 def code_usage(indices: torch.Tensor, n_embed: int) -> torch.Tensor:
     """How often each code occurs in ``indices`` (any shape) -> LongTensor[n_embed]."""
     return torch.bincount(indices.flatten().long(), minlength=n_embed)

@@ -1,9 +1,10 @@
 """Stage ``train_tokenizer``: import the official VQGAN, or train one on the shards -> data/models/tokenizer.pt.
 
-Training follows taming-transformers (minus LPIPS, see pipeline.vqgan_loss): pixel L1 + codebook/commitment loss,
-a hinge PatchGAN switched on at ``disc_start`` with its own Adam, both Adam(0.5, 0.9). The codebook stays the plain
-nearest-L2 one of the official model (so the file loads into the same class and tokenizes the same way); collapse is
-handled by restarting codes unused over the last ``restart_every`` steps onto current encoder outputs.
+Training follows taming-transformers minus LPIPS (no VGG weights here): pixel L1/L2 + commitment loss, a hinge
+PatchGAN switched on at ``disc_start`` with its own optimiser, both Adam(0.5, 0.9). The quantiser stays the official
+plain nearest-L2 one, so the file loads into the same class and tokenizes the same way; only how the codebook
+learns differs: by EMA k-means (pipeline.vqgan.CodebookEMA) instead of a codebook loss, and codes unused over the
+last ``restart_every`` steps are restarted onto current encoder outputs (after step 0 too: a data-based init).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pipeline.progress import log, progress
 from pipeline.runtime import device_for
 from pipeline.shards import ShardSet
 from pipeline.training import CurveLog, TrainState, check_finite, seed_everything, unwrap
-from pipeline.vqgan import VQGAN, code_usage, codebook_stats, infer_vqgan_config, load_official_vqgan
+from pipeline.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
+                            load_official_vqgan)
 from pipeline.vqgan_loss import VQGANLoss
 
 FORMAT = "rcg-tokenizer"
@@ -66,7 +68,7 @@ class RandomCrops(Dataset):
         out = np.asarray(img.crop((left, top, left + self.crop, top + self.crop)))
         if rng.integers(2):
             out = out[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(out))
+        return torch.from_numpy(out.copy())
 
 
 class StepBatches(Sampler[list[tuple[int, int]]]):
@@ -98,9 +100,9 @@ def import_official(params: Params, out: Path) -> dict:
     path = params.tokenizer.checkpoint
     model = load_official_vqgan(path)
     inferred = infer_vqgan_config(model.state_dict())
+    inferred["ch_mult"] = list(inferred["ch_mult"])
     wanted = model_kwargs(params.tokenizer.model)
-    diffs = [f"{k}: file {list(inferred[k]) if k == 'ch_mult' else inferred[k]} vs params {wanted[k]}"
-             for k in ARCH if (list(inferred[k]) if k == "ch_mult" else inferred[k]) != wanted[k]]
+    diffs = [f"{k}: file {inferred[k]} vs params {wanted[k]}" for k in ARCH if inferred[k] != wanted[k]]
     if diffs:
         raise RcgError(f"{path} does not match tokenizer.model ({'; '.join(diffs)}); "
                        f"set tokenizer.model to the file's architecture")
@@ -128,29 +130,40 @@ def train(params: Params, out: Path) -> dict:
     if params.views.crop % model.downsample_factor:
         raise RcgError(f"views.crop ({params.views.crop}) must be a multiple of the tokenizer's downsampling "
                        f"factor {model.downsample_factor} (tokenizer.model.ch_mult)")
-    loss_fn = VQGANLoss(tr.disc_start, tr.disc_weight, tr.codebook_weight).to(device)
+    if params.views.crop < 3 * 2 ** tr.disc_layers:  # the PatchGAN's last two 4x4 convs need >= 1 output
+        raise RcgError(f"views.crop ({params.views.crop}) is too small for tokenizer.train.disc_layers "
+                       f"({tr.disc_layers}): it needs crops of at least {3 * 2 ** tr.disc_layers}")
+    loss_fn = VQGANLoss(tr.disc_start, tr.disc_weight, tr.codebook_weight, tr.pixel_l1_weight, tr.pixel_l2_weight,
+                        disc_ndf=tr.disc_ndf, disc_num_layers=tr.disc_layers).to(device)
     disc = loss_fn.discriminator
-    fused = device.type == "cuda"
-    opt_g = torch.optim.Adam(model.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=fused)
-    config = {"seed": params.seed, "crop": params.views.crop, "model": kwargs, "train": params.section("tokenizer")["train"]}
+    codebook = model.quantize.embedding.weight.requires_grad_(False)  # moved by EMA, not by the optimiser
+    ema = CodebookEMA(model.quantize).to(device)
+    cuda = device.type == "cuda"
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tr.lr, betas=(0.5, 0.9),
+                             fused=cuda)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=cuda)
+    config = {"seed": params.seed, "crop": params.views.crop, "model": kwargs,
+              "train": params.section("tokenizer")["train"]}
     for k in ("checkpoint_every", "log_every", "workers"):  # how to run, not what to compute
         config["train"].pop(k)
     state = TrainState(params.paths.state / "train_tokenizer.pt", config)
-    modules = {"model": model, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
+    modules = {"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
     start, extra = state.load(modules)
     counts = extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart
+    final = extra.get("final", {})  # the last logged figures, for the model file's summary
 
     shards = ShardSet(params.paths.shards, "train")
     sampler = StepBatches(len(shards), tr.batch_size, params.seed, start, tr.steps, d.rank, d.world)
     loader = DataLoader(RandomCrops(shards, params.views.crop, params.seed), batch_sampler=sampler,
-                        num_workers=tr.workers, pin_memory=device.type == "cuda",
+                        num_workers=tr.workers, pin_memory=cuda,
                         prefetch_factor=4 if tr.workers else None)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if fused else None) if d.world > 1 else model
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if tr.bf16 and device.type == "cuda"
-           else contextlib.nullcontext())
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if d.world > 1 else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if tr.bf16 and cuda else contextlib.nullcontext()
+    latent = {}  # the quantiser's input, for the EMA and restarts
+    model.quantize.register_forward_hook(lambda m, args, out: latent.update(z=args[0].detach()))
+    reduce = lambda t: _all_reduce_(t, d)  # noqa: E731
     curves = CurveLog(params.paths.plots / "train_tokenizer.csv", CURVES, start) if d.is_main else None
-    window, win_counts, final = defaultdict(float), torch.zeros_like(counts), {}
+    window, win_counts = defaultdict(float), torch.zeros_like(counts)
     restarts, t0 = 0, time.perf_counter()
     model.train()
     for step, batch in zip(range(start, tr.steps), progress(loader, total=len(sampler), desc="train_tokenizer",
@@ -164,6 +177,8 @@ def train(params: Params, out: Path) -> dict:
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
+        z_flat = latent["z"].permute(0, 2, 3, 1).reshape(-1, latent["z"].shape[1]).float()
+        ema.update(codebook, z_flat, idx.flatten(), reduce)
         logs["d_loss"] = 0.0
         if step >= tr.disc_start:
             disc.requires_grad_(True)
@@ -173,18 +188,18 @@ def train(params: Params, out: Path) -> dict:
             d_loss.backward()
             if d.world > 1:  # D runs thrice per step (not a DDP pattern), so its gradients are averaged by hand
                 for p in disc.parameters():
-                    _all_reduce_(p.grad, d).div_(d.world)
+                    reduce(p.grad).div_(d.world)
             opt_d.step()
             logs["d_loss"] = dlogs["d_loss"]
-        step_counts = _all_reduce_(code_usage(idx, n_embed), d)
+        step_counts = reduce(code_usage(idx, n_embed))
         counts += step_counts
         win_counts += step_counts
         for key, name in [("loss", "loss"), ("rec_loss", "rec"), ("q_loss", "q"), ("g_loss", "g"), ("d_loss", "d")]:
             window[name] += logs[key]
         window["n"] += 1
 
-        if tr.restart_every and (step + 1) % tr.restart_every == 0:
-            restarts += restart_dead_codes(unwrap(model), x, counts, d, _seed(params.seed, 2, step))
+        if tr.restart_every and (step == 0 or (step + 1) % tr.restart_every == 0):  # step 0: data-based init
+            restarts += restart_dead_codes(model.quantize, ema, z_flat, counts, d, _seed(params.seed, 2, step))
             counts.zero_()
         if (step + 1) % tr.log_every == 0 or step + 1 == tr.steps:
             final = {k: distributed.all_mean(v / window["n"], d, device) for k, v in window.items() if k != "n"}
@@ -196,7 +211,7 @@ def train(params: Params, out: Path) -> dict:
             window, restarts = defaultdict(float), 0
             win_counts.zero_()
         if d.is_main and ((step + 1) % tr.checkpoint_every == 0 or step + 1 == tr.steps):
-            state.save(step + 1, modules, {"counts": counts.cpu()})
+            state.save(step + 1, modules, {"counts": counts.cpu(), "final": final})
     d.barrier()
     elapsed = time.perf_counter() - t0
     summary = {"source": "trained", "steps": tr.steps, "resumed_from": start,
@@ -208,18 +223,18 @@ def train(params: Params, out: Path) -> dict:
 
 
 @torch.no_grad()
-def restart_dead_codes(model: VQGAN, x: torch.Tensor, counts: torch.Tensor, d: distributed.Dist, seed: int) -> int:
-    """Move codes unused since the last restart onto this batch's encoder outputs. Rank 0 decides and broadcasts,
-    so every rank keeps the same codebook; the seed depends on the step only, so resume repeats it exactly."""
-    weight = model.quantize.embedding.weight
-    n = 0
+def restart_dead_codes(quantizer: VectorQuantizer, ema: CodebookEMA, z_flat: torch.Tensor, counts: torch.Tensor,
+                       d: distributed.Dist, seed: int) -> int:
+    """Move codes unused since the last restart onto this step's encoder outputs. Rank 0 picks the places and
+    broadcasts, so every rank keeps the same codebook; the seed depends on the step only, so resume repeats it."""
+    weight = quantizer.embedding.weight
     if d.is_main:
-        z = model.encoder(x.float())
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        n = model.quantize.restart_dead_codes(z_flat, counts, 1, torch.Generator().manual_seed(seed))
+        quantizer.restart_dead_codes(z_flat, counts, 1, torch.Generator().manual_seed(seed))
     if d.world > 1:
         tdist.broadcast(weight.data, 0)
-    return n
+    dead = (counts < 1).nonzero().flatten()
+    ema.reset(weight, dead)
+    return len(dead)
 
 
 def run(params: Params) -> dict:

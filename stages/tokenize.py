@@ -1,0 +1,94 @@
+"""Stage ``tokenize``: every view of every training image through the frozen VQGAN, once -> ``data/tokens.zarr``.
+
+The views come from the same :func:`pipeline.views.make_view` as ``encode``'s (through ``fill_store``), so
+``tokens[i, v]`` and ``reps[i, v]`` describe the same pixels; :func:`pipeline.alignment.check_aligned` lets a
+consumer verify that two stores were built from the same views and index.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.artifacts import file_sha256
+from pipeline.config import Params
+from pipeline.distributed import Dist
+from pipeline.errors import RcgError
+from pipeline.fill import ViewsDataset, fill_store
+from pipeline.runtime import device_for
+from pipeline.shards import INDEX_FILE, ShardSet
+from pipeline.stores import StoreWriter, open_store
+from pipeline.views import ViewRecipe
+from pipeline.vqgan import VQGAN, load_tokenizer
+
+
+def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
+    """uint8 views [B, V, H, W, 3] -> token ids uint16 [B, V, h, w] (pixels in [0, 1], no normalisation)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+    @torch.inference_mode()
+    def fn(views: torch.Tensor) -> np.ndarray:
+        b, v, h, w, c = views.shape
+        x = views.to(device, non_blocking=True).reshape(b * v, h, w, c).permute(0, 3, 1, 2).float().div(255)
+        with autocast:
+            idx = model.encode_to_indices(x.contiguous())
+        return idx.reshape(b, v, *idx.shape[1:]).to(torch.int32).cpu().numpy().astype(np.uint16)
+
+    return fn
+
+
+def load_model(params: Params, device: torch.device) -> tuple[VQGAN, dict]:
+    path = params.paths.models / "tokenizer.pt"
+    if not path.is_file():
+        raise RcgError(f"no tokenizer model at {path}: run `rcg train-tokenizer` first "
+                       "(it imports tokenizer.checkpoint when one is set)")
+    model, payload = load_tokenizer(path)
+    return model.to(device).eval().requires_grad_(False), payload
+
+
+def tokenize_part(params: Params, d: Dist) -> tuple[StoreWriter, dict]:
+    """Tokenize this rank's pending chunks into ``tokens.zarr.partial`` (rank 0 creates or vets the partial)."""
+    t = params.tokenize
+    device = device_for(params.runtime, d.local_rank)
+    model, payload = load_model(params, device)
+    shards = ShardSet(params.paths.shards, "train")
+    recipe = ViewRecipe(**params.views.model_dump())
+    f = model.downsample_factor
+    if recipe.crop % f:
+        raise RcgError(f"views.crop ({recipe.crop}) is not a multiple of the tokenizer's downsampling factor {f}")
+    n, grid = len(shards), [recipe.crop // f, recipe.crop // f]
+    identity = {
+        "tokenizer": {"sha256": file_sha256(params.paths.models / "tokenizer.pt"), "config": payload["config"]},
+        "views": recipe.describe(),
+        "index": {"sha256": file_sha256(params.paths.shards / INDEX_FILE), "split": "train", "rows": n},
+        "grid": grid,
+        "codebook_size": model.quantize.n_embed,
+        # What else decides the bytes: a partial written otherwise is redone, so the store stays bit-identical.
+        "compute": {"device": device.type, "precision": "bf16" if t.bf16 and device.type == "cuda" else "fp32",
+                    "batch_size": t.batch_size},
+    }
+    writer = StoreWriter(params.paths.tokens, "tokens", (n, recipe.count, *grid), "uint16", t.chunk_size, identity,
+                         np.asarray(shards.labels, dtype=np.int64), d.rank, d.barrier)
+    start = time.perf_counter()
+    done = fill_store(writer, ViewsDataset(shards, recipe), tokenizer_fn(model, device, t.bf16), t.batch_size,
+                      t.workers, d, "tokenize")
+    seconds = time.perf_counter() - start
+    return writer, {"images": done, "seconds": round(seconds, 2),
+                    "images_per_s": round(done / seconds, 1) if done else None}
+
+
+def run(params: Params) -> dict:
+    d = distributed.init()
+    writer, stats = tokenize_part(params, d)
+    d.barrier()
+    summary = stats
+    if d.is_main:
+        writer.finalize()
+        shape = list(open_store(params.paths.tokens, "tokens")["tokens"].shape)
+        summary = {"output": str(params.paths.tokens), "shape": shape, **stats}
+    d.barrier()
+    return summary
