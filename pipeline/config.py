@@ -111,13 +111,14 @@ class Views(Section):
 
 # ------------------------------------------------------------------------------------------ encoder
 class EncoderModel(Section):
+    # Default: a ViT sized for the CPU budget (16 tokens of 8x8 pixels on 32x32 images); see presets for S/B/L.
     img_size: PositiveInt = 32
-    patch_size: PositiveInt = 4
-    embed_dim: PositiveInt = 192
+    patch_size: PositiveInt = 8
+    embed_dim: PositiveInt = 64
     depth: PositiveInt = 4
-    num_heads: PositiveInt = 3
+    num_heads: PositiveInt = 2
     mlp_ratio: PositiveFloat = 4.0
-    proj_hidden_dim: PositiveInt = 1024
+    proj_hidden_dim: PositiveInt = 512
     proj_dim: PositiveInt = 256
 
     @model_validator(mode="after")
@@ -140,14 +141,15 @@ class Encoder(Section):
 
 
 class PretrainEncoder(Section):
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 128
-    blr: PositiveFloat = 1.5e-4  # lr = blr * batch / 256 (MoCo v3 rule)
+    # Defaults: a short CPU run (8 epochs of the built-in set); ImageNet MoCo v3 used 300 epochs, blr 1.5e-4.
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 64
+    blr: PositiveFloat = 6e-3    # lr = blr * batch / 256 (MoCo v3 rule): 1.5e-3 here, high for a short run
     weight_decay: float = Field(0.1, ge=0)
-    warmup_epochs: NonNegativeInt = 3
+    warmup_epochs: NonNegativeInt = 1
     temperature: PositiveFloat = 0.2
-    momentum: float = Field(0.99, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
-    crop_min: float = Field(0.08, gt=0, le=1)    # RandomResizedCrop scale lower bound
+    momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
+    crop_min: float = Field(0.8, gt=0, le=1)     # RandomResizedCrop scale lower bound (0.08 on ImageNet)
     bf16: bool = False                           # autocast on GPU only; the CPU path is exact fp32
     workers: NonNegativeInt = 2
     log_every: PositiveInt = 10
@@ -181,9 +183,9 @@ class Diffusion(Section):
 
 
 class RdmTrain(Section):
-    steps: PositiveInt = 4000
+    steps: PositiveInt = 3000
     batch_size: PositiveInt = 256    # per rank
-    blr: PositiveFloat = 1e-6        # lr = blr * batch * world (official rule, no /256)
+    blr: PositiveFloat = 8e-6        # lr = blr * batch * world (official rule, no /256; official blr 1e-6)
     warmup_steps: NonNegativeInt = 0  # linear warm-up from 0 (official: none)
     cosine: bool = False             # half-cycle cosine decay to 0 after the warm-up (official --cosine_lr; off)
     weight_decay: float = Field(0.01, ge=0)
