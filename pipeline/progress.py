@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Iterable, TypeVar
 
 from tqdm import tqdm
@@ -23,4 +24,4 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
 def log(message: str) -> None:
     """A line for the user (stderr, so stdout stays machine-readable), main process only."""
     if int(os.environ.get("RANK", "0")) == 0:
-        tqdm.write(message, file=None)
+        tqdm.write(message, file=sys.stderr)

@@ -51,7 +51,8 @@ def evaluate(params: Params) -> dict:
     encoder = load_encoder_file(models / "encoder.pt")[0].to(device)
     shards, rows = held_out(params)
     recipe = dataclasses.replace(ViewRecipe(**params.views.model_dump()), count=1)  # view 0 only
-    loader = DataLoader(Subset(ViewsDataset(shards, recipe), rows.tolist()), batch_size=params.tokenizer.eval.batch_size)
+    loader = DataLoader(Subset(ViewsDataset(shards, recipe), rows.tolist()),
+                        batch_size=params.tokenizer.eval.batch_size)
     psnr, reps, reps_rec = [], [], []
     counts = torch.zeros(tokenizer.quantize.n_embed, dtype=torch.long)
     for views in progress(loader, desc="eval_tokenizer", unit="batch"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -47,6 +48,12 @@ class TwoCropDataset(Dataset):
         return self.augment(decode_rgb(self.shards.read(idx)))
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Augmentation randomness of one rank's epoch, a function of (seed, epoch, rank) alone: ranks differ, and
+    resuming needs no per-rank RNG state."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def import_official(params: Params) -> dict:
     path, config = params.encoder.checkpoint, params.encoder.model.model_dump()
     model = load_encoder_as(path, config)
@@ -60,13 +67,13 @@ def pretrain(params: Params, d: Dist) -> dict:
     p, config = params.pretrain_encoder, params.encoder.model.model_dump()
     device = device_for(params.runtime, d.local_rank)
     cuda = device.type == "cuda"
-    seed_everything(params.seed + d.rank)  # augmentations differ per rank; DDP broadcasts rank 0's init
+    seed_everything(params.seed)  # the same initial weights on every rank
 
     shards = ShardSet(params.paths.shards, "train")
     dataset = TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min))
     sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=params.seed,
                                  drop_last=True)
-    # Fresh workers each epoch: their seeds come from the RNG state a resume restores, so resuming is exact.
+    # Fresh workers each epoch, seeded from the epoch's seed (below): a resumed run draws the same augmentations.
     loader = DataLoader(dataset, batch_size=p.batch_size, sampler=sampler, num_workers=p.workers, drop_last=True,
                         pin_memory=cuda, persistent_workers=False)
     steps_per_epoch = len(loader)
@@ -100,6 +107,7 @@ def pretrain(params: Params, d: Dist) -> dict:
     bar.update(step)
     for epoch in range(step // steps_per_epoch, p.epochs):
         sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(params.seed, epoch, d.rank))
         for x1, x2 in loader:
             lr = cosine_lr(step, total, base_lr, warmup)
             set_lr(optimizer, lr)

@@ -150,6 +150,8 @@ def train(params: Params, store: RepStore, device: torch.device, d: distributed.
     start, _ = state.load(modules)
     curves = CurveLog(params.paths.plots / f"{STAGE}.csv", ["loss", "lr"], resume_step=start) if d.is_main else None
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
+    if params.runtime.compile and device.type == "cuda":
+        net = torch.compile(net)
     batches = RepBatches(store, t.batch_size, params.seed, d)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if t.bf16 and device.type == "cuda"
            else contextlib.nullcontext())
@@ -166,7 +168,7 @@ def train(params: Params, store: RepStore, device: torch.device, d: distributed.
         cur_lr = (cosine_lr(it, t.steps, lr, t.warmup_steps) if t.cosine
                   else lr * min(1.0, it / t.warmup_steps) if t.warmup_steps else lr)
         set_lr(optimizer, cur_lr)
-        x0, rows, gen = batches(step - 1)
+        x0, rows, gen = batches(it)
         y = store.labels[rows] if cfg.model.class_cond else torch.zeros_like(rows)  # uncond: label 0 (official)
         ema.update(model.net)  # LitEma updates inside the forward, before the optimizer step: it lags one step
         with amp:

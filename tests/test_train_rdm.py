@@ -92,7 +92,8 @@ def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
     curve = read_curve(tmp_path)
     assert [int(r["step"]) for r in curve] == [5, 10, 15, 20]
     assert all(np.isfinite(float(r["loss"])) for r in curve)
-    assert float(curve[0]["lr"]) == pytest.approx(1e-6 * 16)  # blr * batch * world, constant
+    blr = micro_params(tmp_path).rdm.train.blr
+    assert float(curve[0]["lr"]) == pytest.approx(blr * 16)  # blr * batch * world, constant
 
 
 def test_warmup_and_cosine_schedule(tmp_path):
@@ -100,7 +101,7 @@ def test_warmup_and_cosine_schedule(tmp_path):
     train_rdm.run(micro_params(tmp_path, ["rdm.train.warmup_steps=10", "rdm.train.cosine=true",
                                           "rdm.eval.num_samples=8"]))
     lr = [float(r["lr"]) for r in read_curve(tmp_path)]  # at steps 5, 10, 15, 20 (iterations 4, 9, 14, 19)
-    base = 1e-6 * 16
+    base = micro_params(tmp_path).rdm.train.blr * 16
     assert lr[:2] == pytest.approx([base * 4 / 10, base * 9 / 10], rel=1e-5)  # the CSV keeps 6 digits
     assert lr[2] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 4 / 10)), rel=1e-5)
     assert 0 < lr[3] < lr[2]
