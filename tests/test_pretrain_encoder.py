@@ -54,7 +54,7 @@ def test_pretrain_writes_a_loadable_encoder(workspace):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     lr, m = [float(r["lr"]) for r in rows], [float(r["m"]) for r in rows]
     assert lr[0] == 0.0 and max(lr) == lr[3] == pytest.approx(params.pretrain_encoder.blr * 16 / 256)  # warm-up 3 steps, then cosine
-    assert m[0] == 0.99 and m == sorted(m) and m[-1] < 1
+    assert m[0] == params.pretrain_encoder.momentum and m == sorted(m) and m[-1] < 1
 
 
 def test_resume_after_kill_is_exact(workspace, monkeypatch):
