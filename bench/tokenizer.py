@@ -1,6 +1,6 @@
 """Tokenize throughput against the bare VQGAN encoder forward (+ quantiser), at two sizes.
 
-    python bench/tokenize.py [--sizes default imagenet] [--images N] [--set key=value ...]
+    python bench/tokenizer.py [--sizes default imagenet] [--images N] [--set key=value ...]
 
 Each size runs in a fresh process: built-in shards, a random-init tokenizer file of that size's architecture,
 ``tokenize.run`` (throughput of its fill loop: shard reads, PNG decode, views, loader, Zarr writes), then
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's folder must leave sys.path first: as "tokenize" it would shadow the standard library module.
+# Keep bench/ itself off sys.path (the repo root is what the imports need).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 import argparse  # noqa: E402
 import json  # noqa: E402
