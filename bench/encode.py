@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.artifacts import save_model_file  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.encoder import MODEL_FORMAT, MoCoViT, represent  # noqa: E402
+from pipeline.encoder import MODEL_FORMAT, MoCoViT  # noqa: E402
 from pipeline.runtime import configure, device_for  # noqa: E402
 
 

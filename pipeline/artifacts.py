@@ -14,9 +14,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from pipeline.errors import RcgError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's light paths never load it
+    import torch
 
 MODEL_FILE_VERSION = 1
 
@@ -118,3 +121,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Atomic, stable (sorted, indented) JSON for metrics and run records."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, values): equal weights, equal hash, whatever
+    file or container they came in."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -6,15 +6,18 @@ the same bytes whether the run was resumed, split across ranks, or done in one g
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.artifacts import file_sha256
 from pipeline.distributed import Dist
 from pipeline.progress import progress
-from pipeline.shards import ShardSet
+from pipeline.shards import INDEX_FILE, ShardSet
 from pipeline.stores import StoreWriter
 from pipeline.views import ViewRecipe, all_views
 
@@ -70,3 +73,31 @@ def fill_store(writer: StoreWriter, dataset: ViewsDataset, fn: Callable[[torch.T
         bar.update(len(batch_rows))
     bar.close()
     return done_images
+
+
+def build_view_store(path: Path, array: str, shards_dir: Path, recipe: ViewRecipe, model_identity: dict,
+                     item_shape: tuple[int, ...], dtype: str, fn: Callable[[torch.Tensor], np.ndarray],
+                     cfg, device: torch.device, d: Dist, desc: str) -> tuple[StoreWriter, dict]:
+    """Fill this rank's part of ``<path>.partial`` with ``fn`` over every view of the train split.
+
+    ``array`` [N, V, *item_shape]. The identity is the model's (``model_identity``) plus what every view store
+    shares: the view recipe, the shard index, and the compute settings that decide the bytes (so a partial
+    written otherwise is redone, and the store stays bit-identical). ``cfg`` is the stage's section
+    (batch_size, chunk_size, workers, bf16). Returns the writer (rank 0 finalises it) and timing stats.
+    """
+    shards = ShardSet(shards_dir, "train")
+    n = len(shards)
+    identity = {
+        **model_identity,
+        "views": recipe.describe(),
+        "index": {"sha256": file_sha256(Path(shards_dir) / INDEX_FILE), "split": "train", "rows": n},
+        "compute": {"device": device.type, "precision": "bf16" if cfg.bf16 and device.type == "cuda" else "fp32",
+                    "batch_size": cfg.batch_size},
+    }
+    writer = StoreWriter(path, array, (n, recipe.count, *item_shape), dtype, cfg.chunk_size, identity,
+                         np.asarray(shards.labels, dtype=np.int64), d.rank, d.barrier)
+    start = time.perf_counter()
+    done = fill_store(writer, ViewsDataset(shards, recipe), fn, cfg.batch_size, cfg.workers, d, desc)
+    seconds = time.perf_counter() - start
+    return writer, {"images": done, "seconds": round(seconds, 2),
+                    "images_per_s": round(done / seconds, 1) if done else None}

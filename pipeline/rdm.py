@@ -7,7 +7,6 @@ Module names follow the official code so ``SimpleMLP.state_dict()`` keys equal t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -242,17 +241,6 @@ def official_rdm_encoder(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     with MoCoViT key names; empty if the file does not carry it."""
     prefix = IGNORED_PREFIXES[0]
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes, values): equal weights, equal hash, whatever
-    file or container they came in."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------

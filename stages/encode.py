@@ -8,7 +8,6 @@ of the train split: it measures the store itself, at no extra encoding cost for 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable
 
 import numpy as np
@@ -16,16 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import distributed
-from pipeline.artifacts import file_sha256, write_json
+from pipeline.artifacts import file_sha256, weights_sha256, write_json
 from pipeline.config import Params
 from pipeline.distributed import Dist
 from pipeline.encoder import MoCoViT, load_encoder_file, represent
 from pipeline.errors import RcgError
-from pipeline.fill import ViewsDataset, fill_store
+from pipeline.fill import ViewsDataset, build_view_store
 from pipeline.metrics import knn_accuracy
 from pipeline.progress import log, progress
 from pipeline.runtime import device_for
-from pipeline.shards import INDEX_FILE, ShardSet
+from pipeline.shards import ShardSet
 from pipeline.stores import StoreWriter, open_store
 from pipeline.views import ViewRecipe
 
@@ -63,30 +62,18 @@ def load_model(params: Params, device: torch.device) -> tuple[MoCoViT, dict]:
 
 def encode_part(params: Params, d: Dist) -> tuple[StoreWriter, dict]:
     """Encode this rank's pending chunks into ``reps.zarr.partial`` (rank 0 creates or vets the partial)."""
-    e = params.encode
     device = device_for(params.runtime, d.local_rank)
     model, payload = load_model(params, device)
-    shards = ShardSet(params.paths.shards, "train")
     recipe = ViewRecipe(**params.views.model_dump())
-    n, dim = len(shards), payload["config"]["model"]["proj_dim"]
+    dim = payload["config"]["model"]["proj_dim"]
     identity = {
-        "encoder": {"sha256": file_sha256(params.paths.models / "encoder.pt"), "config": payload["config"]},
-        "views": recipe.describe(),
-        "index": {"sha256": file_sha256(params.paths.shards / INDEX_FILE), "split": "train", "rows": n},
+        "encoder": {"sha256": file_sha256(params.paths.models / "encoder.pt"), "config": payload["config"],
+                    "weights_sha256": weights_sha256(model.state_dict())},
         "normalization": {**NORMALIZATION, "input_size": model.patch_embed.img_size[0]},
         "dim": dim,
-        # What else decides the bytes: a partial written otherwise is redone, so the store stays bit-identical.
-        "compute": {"device": device.type, "precision": "bf16" if e.bf16 and device.type == "cuda" else "fp32",
-                    "batch_size": e.batch_size},
     }
-    writer = StoreWriter(params.paths.reps, "reps", (n, recipe.count, dim), "float32", e.chunk_size, identity,
-                         np.asarray(shards.labels, dtype=np.int64), d.rank, d.barrier)
-    start = time.perf_counter()
-    done = fill_store(writer, ViewsDataset(shards, recipe), encoder_fn(model, device, e.bf16), e.batch_size,
-                      e.workers, d, "encode")
-    seconds = time.perf_counter() - start
-    return writer, {"images": done, "seconds": round(seconds, 2),
-                    "images_per_s": round(done / seconds, 1) if done else None}
+    return build_view_store(params.paths.reps, "reps", params.paths.shards, recipe, identity, (dim,), "float32",
+                            encoder_fn(model, device, params.encode.bf16), params.encode, device, d, "encode")
 
 
 def knn_probe(params: Params, device: torch.device) -> dict:

@@ -7,7 +7,6 @@ consumer verify that two stores were built from the same views and index.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
@@ -18,9 +17,8 @@ from pipeline.artifacts import file_sha256
 from pipeline.config import Params
 from pipeline.distributed import Dist
 from pipeline.errors import RcgError
-from pipeline.fill import ViewsDataset, fill_store
+from pipeline.fill import build_view_store
 from pipeline.runtime import device_for
-from pipeline.shards import INDEX_FILE, ShardSet
 from pipeline.stores import StoreWriter, open_store
 from pipeline.views import ViewRecipe
 from pipeline.vqgan import VQGAN, load_tokenizer
@@ -52,33 +50,21 @@ def load_model(params: Params, device: torch.device) -> tuple[VQGAN, dict]:
 
 def tokenize_part(params: Params, d: Dist) -> tuple[StoreWriter, dict]:
     """Tokenize this rank's pending chunks into ``tokens.zarr.partial`` (rank 0 creates or vets the partial)."""
-    t = params.tokenize
     device = device_for(params.runtime, d.local_rank)
     model, payload = load_model(params, device)
-    shards = ShardSet(params.paths.shards, "train")
     recipe = ViewRecipe(**params.views.model_dump())
     f = model.downsample_factor
     if recipe.crop % f:
         raise RcgError(f"views.crop ({recipe.crop}) is not a multiple of the tokenizer's downsampling factor {f}")
-    n, grid = len(shards), [recipe.crop // f, recipe.crop // f]
+    grid = [recipe.crop // f, recipe.crop // f]
     identity = {
         "tokenizer": {"sha256": file_sha256(params.paths.models / "tokenizer.pt"), "config": payload["config"]},
-        "views": recipe.describe(),
-        "index": {"sha256": file_sha256(params.paths.shards / INDEX_FILE), "split": "train", "rows": n},
         "grid": grid,
         "codebook_size": model.quantize.n_embed,
-        # What else decides the bytes: a partial written otherwise is redone, so the store stays bit-identical.
-        "compute": {"device": device.type, "precision": "bf16" if t.bf16 and device.type == "cuda" else "fp32",
-                    "batch_size": t.batch_size},
     }
-    writer = StoreWriter(params.paths.tokens, "tokens", (n, recipe.count, *grid), "uint16", t.chunk_size, identity,
-                         np.asarray(shards.labels, dtype=np.int64), d.rank, d.barrier)
-    start = time.perf_counter()
-    done = fill_store(writer, ViewsDataset(shards, recipe), tokenizer_fn(model, device, t.bf16), t.batch_size,
-                      t.workers, d, "tokenize")
-    seconds = time.perf_counter() - start
-    return writer, {"images": done, "seconds": round(seconds, 2),
-                    "images_per_s": round(done / seconds, 1) if done else None}
+    return build_view_store(params.paths.tokens, "tokens", params.paths.shards, recipe, identity, tuple(grid),
+                            "uint16", tokenizer_fn(model, device, params.tokenize.bf16), params.tokenize, device,
+                            d, "tokenize")
 
 
 def run(params: Params) -> dict:

@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import distributed
-from pipeline.artifacts import file_sha256, save_model_file, write_json
+from pipeline.artifacts import file_sha256, save_model_file, weights_sha256, write_json
 from pipeline.config import Diffusion, Params
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.ema import EMA
@@ -26,8 +26,7 @@ from pipeline.encoder import import_mocov3_state_dict, infer_vit_config
 from pipeline.errors import RcgError
 from pipeline.metrics import frechet_distance, knn_accuracy
 from pipeline.progress import log, progress
-from pipeline.rdm import (RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm,
-                          weights_sha256)
+from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm
 from pipeline.runtime import device_for
 from pipeline.stores import open_store
 from pipeline.training import CurveLog, TrainState, check_finite, cosine_lr, set_lr

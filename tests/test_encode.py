@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import zarr
 
 from conftest import micro_params
-from pipeline.artifacts import file_sha256, save_model_file
+from pipeline.artifacts import file_sha256, save_model_file, weights_sha256
 from pipeline.distributed import Dist
 from pipeline.encoder import MODEL_FORMAT, MoCoViT, represent
 from pipeline.errors import RcgError
@@ -72,6 +72,8 @@ def test_store_layout_identity_and_metrics(workspace):
     ident = group.attrs["identity"]
     assert ident["encoder"]["sha256"] == file_sha256(params.paths.models / "encoder.pt")
     assert ident["encoder"]["config"] == {"model": params.encoder.model.model_dump()}
+    # what train_rdm compares an official RDM's embedded encoder against
+    assert ident["encoder"]["weights_sha256"] == weights_sha256(model.state_dict())
     assert ident["views"] == ViewRecipe(**params.views.model_dump()).describe()
     assert ident["index"]["rows"] == 48 and ident["index"]["split"] == "train"
     assert ident["dim"] == 16 and ident["normalization"]["input_size"] == 16

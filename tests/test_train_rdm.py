@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import load_checkpoint, load_model_file
+from pipeline.artifacts import load_checkpoint, load_model_file, weights_sha256
 from pipeline.config import EncoderModel
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.distributed import Dist
 from pipeline.encoder import MoCoViT
 from pipeline.errors import RcgError
-from pipeline.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs, weights_sha256
+from pipeline.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs
 from pipeline.stores import StoreWriter
 from stages import train_rdm
 from conftest import MICRO, micro_params
