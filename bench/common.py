@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 
@@ -15,3 +17,24 @@ def cifar10(root: Path = Path("/tmp/cifar10")) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             subprocess.run(["tar", "-xf", str(SHARED / f"{split}.tar"), "-C", str(root)], check=True)
     return root
+
+
+def builtin_shards(root: Path, images: int, overrides: list[str]) -> list[str]:
+    """Shard ``images`` built-in train images (no val) under ``root``; returns the params overrides that
+    point a stage at them (``overrides`` appended)."""
+    from pipeline.config import load_params
+    from stages import shard
+
+    overrides = [f"paths.data={root}/data", f"paths.metrics={root}/metrics", f"data.builtin.num_train={images}",
+                 "data.builtin.num_val=0", *overrides]
+    shard.run(load_params(None, overrides))
+    return overrides
+
+
+def images_per_s(fn: Callable[[Any], Any], views: Any, batches: int) -> float:
+    """Rate of ``fn`` on one ready batch of ``views`` (uint8 [B, V, H, W, 3]), after one warm-up call."""
+    fn(views)
+    start = time.perf_counter()
+    for _ in range(batches):
+        fn(views)
+    return batches * len(views) / (time.perf_counter() - start)

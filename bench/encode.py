@@ -18,10 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import builtin_shards, images_per_s  # noqa: E402
 from pipeline.artifacts import save_model_file  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.encoder import MODEL_FORMAT, MoCoViT  # noqa: E402
@@ -32,11 +32,8 @@ def make_inputs(root: Path, size: int, overrides: list[str]) -> list[str]:
     """Built-in shards of ``size`` images and a random-init encoder file; returns the params overrides."""
     import torch
 
-    from stages import shard
-    overrides = [f"paths.data={root}/data", f"paths.metrics={root}/metrics", f"data.builtin.num_train={size}",
-                 "data.builtin.num_val=0", *overrides]
+    overrides = builtin_shards(root, size, overrides)
     params = load_params(None, overrides)
-    shard.run(params)
     config = params.encoder.model.model_dump()
     torch.manual_seed(0)
     save_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT, {"model": config},
@@ -58,12 +55,7 @@ def child(overrides: list[str]) -> dict:
     b, v, crop = params.encode.batch_size, params.views.count, params.views.crop
     fn = encode.encoder_fn(model, device, params.encode.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)
-    batches = max(3, summary["images"] // b // 2)
-    fn(views)  # warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        fn(views)  # includes the host -> device copy, as in the stage
-    forward = batches * b / (time.perf_counter() - start)
+    forward = images_per_s(fn, views, max(3, summary["images"] // b // 2))  # incl. the host -> device copy
     return {"size": summary["images"], "encode_img_s": summary["images_per_s"], "forward_img_s": round(forward, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "peak_worker_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),

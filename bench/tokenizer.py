@@ -25,8 +25,8 @@ import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
+from bench.common import builtin_shards, images_per_s  # noqa: E402
 from pipeline.artifacts import save_model_file  # noqa: E402
 from pipeline.config import load_params, preset  # noqa: E402
 from pipeline.runtime import configure, device_for  # noqa: E402
@@ -45,12 +45,9 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
     import torch
 
     from pipeline.vqgan import VQGAN
-    from stages import shard
     from stages.train_tokenizer import FORMAT, model_kwargs
-    overrides = [f"paths.data={root}/data", f"paths.metrics={root}/metrics", f"data.builtin.num_train={images}",
-                 "data.builtin.num_val=0", *overrides]
+    overrides = builtin_shards(root, images, overrides)
     params = load_params(None, overrides)
-    shard.run(params)
     kwargs = model_kwargs(params.tokenizer.model)
     torch.manual_seed(0)
     save_model_file(params.paths.models / "tokenizer.pt", FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
@@ -71,12 +68,7 @@ def child(overrides: list[str]) -> dict:
     b, v, crop = params.tokenize.batch_size, params.views.count, params.views.crop
     fn = tokenize.tokenizer_fn(model, device, params.tokenize.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)
-    batches = max(2, summary["images"] // b // 2)
-    fn(views)  # warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        fn(views)
-    forward = batches * b / (time.perf_counter() - start)
+    forward = images_per_s(fn, views, max(2, summary["images"] // b // 2))
     return {"images": summary["images"], "tokenize_img_s": summary["images_per_s"], "forward_img_s": round(forward, 2),
             "device": device.type, "batch": b, "views": v, "crop": crop, "workers": params.tokenize.workers,
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "threads": torch.get_num_threads()}

@@ -7,10 +7,38 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import Params, apply_override, deep_merge, validate
+from pipeline.stores import StoreWriter
 
 os.environ.setdefault("RCG_PROGRESS", "0")
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other.
+    Session-wide, so that module-scoped fixtures (a model trained once per module) compute exactly as the
+    tests that compare against them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kill_after(monkeypatch, chunks: int) -> None:
+    """Make the store chunk write after ``chunks`` completed ones die before it lands, like a kill mid-run."""
+    real, count = StoreWriter.write, [0]
+
+    def write(self, chunk, values):
+        if count[0] == chunks:
+            raise KeyboardInterrupt("simulated kill")
+        count[0] += 1
+        real(self, chunk, values)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+
 
 # Every stage at toy size: enough to exercise the real code paths in seconds on 2 CPU cores.
 MICRO = {

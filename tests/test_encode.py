@@ -8,24 +8,16 @@ import torch
 import torch.multiprocessing as mp
 import zarr
 
-from conftest import micro_params
+from conftest import kill_after, micro_params
 from pipeline.artifacts import file_sha256, save_model_file, weights_sha256
 from pipeline.distributed import Dist
 from pipeline.encoder import MODEL_FORMAT, MoCoViT, represent
 from pipeline.errors import RcgError
 from pipeline.shards import ShardSet
-from pipeline.stores import StoreWriter, open_store, partial_path
+from pipeline.stores import open_store, partial_path
 from pipeline.views import ViewRecipe, all_views
 from stages import encode
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_encoder(params, seed: int = 0) -> MoCoViT:
@@ -45,18 +37,6 @@ def write_encoder(params, seed: int = 0) -> MoCoViT:
 def reps(params) -> np.ndarray:
     return open_store(params.paths.reps, "reps")["reps"][:]
 
-
-def kill_after(monkeypatch, chunks: int) -> None:
-    """Make the chunk write after ``chunks`` completed ones die before it lands, like a kill mid-run."""
-    real, count = StoreWriter.write, [0]
-
-    def write(self, chunk, values):
-        if count[0] == chunks:
-            raise KeyboardInterrupt("simulated kill")
-        count[0] += 1
-        real(self, chunk, values)
-
-    monkeypatch.setattr(StoreWriter, "write", write)
 
 
 def test_store_layout_identity_and_metrics(workspace):

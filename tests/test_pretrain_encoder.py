@@ -13,14 +13,6 @@ from pipeline.training import TrainState
 from stages import pretrain_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def official_file(path, model: MoCoViT) -> None:
     """``model`` in the layout of MoCo v3's vit-b-300ep.pth.tar (a DDP-wrapped MoCo_ViT)."""

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import zarr
 
-from conftest import micro_params
+from conftest import kill_after, micro_params
 from pipeline.alignment import check_aligned
 from pipeline.artifacts import file_sha256, load_model_file, save_model_file
 from pipeline.distributed import Dist
@@ -19,19 +19,11 @@ from pipeline.encoder import MODEL_FORMAT, MoCoViT
 from pipeline.errors import RcgError
 from pipeline.images import decode_rgb
 from pipeline.shards import ShardSet
-from pipeline.stores import StoreWriter, open_store, partial_path
+from pipeline.stores import open_store, partial_path
 from pipeline.views import ViewRecipe, make_view
 from pipeline.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
 from stages import encode, eval_tokenizer, tokenize, train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from intra-op threads, and on a busy machine they only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def params_for(root: Path, *overrides: str):
@@ -236,17 +228,6 @@ def test_tokenize_rerun_is_bit_identical(tok_workspace):
     tokenize.run(params)
     assert first.tobytes() == tokens(params).tobytes()
 
-
-def kill_after(monkeypatch, chunks: int) -> None:
-    real, count = StoreWriter.write, [0]
-
-    def write(self, chunk, values):
-        if count[0] == chunks:
-            raise KeyboardInterrupt("simulated kill")
-        count[0] += 1
-        real(self, chunk, values)
-
-    monkeypatch.setattr(StoreWriter, "write", write)
 
 
 def test_killed_tokenize_resumes(tok_workspace, monkeypatch):

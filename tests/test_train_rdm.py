@@ -23,14 +23,6 @@ N, V, D, CLASSES = 48, 2, 16, 10
 ENCODER = MoCoViT(**MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops: a second intra-op thread only adds sync cost (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def identity(weights: bool = True) -> dict:
     encoder = {"sha256": "0" * 64, "config": {"model": EncoderModel(**MICRO["encoder"]["model"]).model_dump()}}

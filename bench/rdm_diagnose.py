@@ -1,0 +1,89 @@
+"""Where a trained RDM's Fréchet distance comes from, in a run folder that has reps.zarr and models/rdm.pt.
+
+    python -m bench.rdm_diagnose RUN_DIR [--samples 2000] [--sampler 250:1 500:1 250:0] [--set key=value ...]
+
+Prints (1) the store's covariance spectrum, (2) the model's x0 error (EMA weights) per timestep next to the error of
+just returning x_t / sqrt(abar_t) (a floor above that at small t means the net has not learned the
+near-identity there), (3) for each DDIM setting (steps:eta), the FD to the store and its split by eigen-subspace
+of the store's covariance, next to the same for M real reps (the lower bound), and the generated variance along
+a few eigen-directions. bench/RESULTS.md quotes its output for the default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.config import load_params  # noqa: E402
+from pipeline.metrics import frechet_distance  # noqa: E402
+from pipeline.rdm import load_rdm  # noqa: E402
+from stages.train_rdm import load_store, sample_stats, seeded, store_stats  # noqa: E402
+
+SUBSPACES = (5, 10, 20, 40, 80, 256)
+DIRECTIONS = (0, 5, 10, 20, 40, 80, 160, 240)
+
+
+def projected_fd(stats: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], basis: np.ndarray) -> float:
+    (mu, sigma), (mu_r, sigma_r) = stats, ref
+    return frechet_distance(basis.T @ mu, basis.T @ sigma @ basis, basis.T @ mu_r, basis.T @ sigma_r @ basis)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--sampler", nargs="+", default=["250:1"], help="DDIM steps:eta settings to compare")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    os.chdir(args.run_dir)
+    params = load_params(Path("params.yaml"), args.overrides)
+    device = torch.device("cpu")
+    store = load_store(params, device)
+    model, diffusion, config = load_rdm(params.paths.models / "rdm.pt")  # EMA weights, as RCG samples
+    n, v, dim = store.shape
+    m = args.samples
+
+    ref = store_stats(store.reps)
+    eigval, eigvec = np.linalg.eigh(ref[1])
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    frac = np.cumsum(eigval) / eigval.sum()
+    print(f"store [{n}, {v}, {dim}]: top eigenvalues {np.round(eigval[:5], 2).tolist()}; "
+          f"variance in the top 10 / 20 directions {frac[9]:.3f} / {frac[19]:.3f}")
+    print("  eigenvalue at " + ", ".join(f"{i}: {eigval[i]:.4f}" for i in DIRECTIONS if i < dim))
+
+    gen = seeded(device, params.seed, 3)
+    rows = torch.randperm(n, generator=gen)[:m]
+    real = store.reps[rows, torch.randint(v, (m,), generator=gen)]
+    labels = store.labels[rows] if config["model"]["class_cond"] else torch.zeros(m, dtype=torch.long)
+    with torch.no_grad():
+        print("x0 MSE per dimension by timestep (model / x_t returned as is):")
+        for t in (1, 5, 20, 50, 100, 200, 400, 600, 800, 999):
+            tt = torch.full((m,), t)
+            x_t = diffusion.q_sample(real, tt, torch.randn(real.shape, generator=gen))
+            err = (model(x_t, tt, labels) - real).pow(2).mean().item()
+            abar = diffusion.alphas_cumprod[t].item()
+            print(f"  t {t:4d}: {err:.5f} / {(1 - abar) / abar:.5f}")
+
+        real_stats = sample_stats(real)
+        print("FD to the store, total and within the top-k eigen-directions (k = " + ", ".join(map(str, SUBSPACES)) + "):")
+        print(f"  real {m:>6}: " + "  ".join(f"{projected_fd(real_stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES))
+        for setting in args.sampler:
+            steps, eta = setting.split(":")
+            fake = diffusion.ddim_sample(model, (m, dim), labels, steps=int(steps), eta=float(eta),
+                                         generator=seeded(device, params.seed, 4))
+            stats = sample_stats(fake)
+            spread = np.einsum("ij,jk,ki->i", eigvec.T, stats[1], eigvec)
+            print(f"  DDIM {setting:>6}: " + "  ".join(f"{projected_fd(stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES)
+                  + f"   mean term {float(((stats[0] - ref[0]) ** 2).sum()):.4f}")
+            print("    generated / store variance along eigen-direction "
+                  + ", ".join(f"{i}: {spread[i] / max(eigval[i], 1e-12):.2f}" for i in DIRECTIONS if i < dim))
+
+
+if __name__ == "__main__":
+    main()
