@@ -15,11 +15,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.artifacts import file_sha256
+from pipeline.config import Encode, Tokenize
 from pipeline.distributed import Dist
 from pipeline.progress import progress
 from pipeline.shards import INDEX_FILE, ShardSet
 from pipeline.stores import StoreWriter
 from pipeline.views import ViewRecipe, all_views
+
+
+def views_to_float(views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 views [B, V, H, W, 3] -> float [B * V, 3, H, W] in [0, 1] on ``device``, converted there (a quarter
+    of the bytes to copy): what every model that fills a view store takes."""
+    b, v, h, w, c = views.shape
+    return views.to(device, non_blocking=True).reshape(b * v, h, w, c).permute(0, 3, 1, 2).float().div(255).contiguous()
 
 
 class ViewsDataset(Dataset):
@@ -77,13 +85,12 @@ def fill_store(writer: StoreWriter, dataset: ViewsDataset, fn: Callable[[torch.T
 
 def build_view_store(path: Path, array: str, shards_dir: Path, recipe: ViewRecipe, model_identity: dict,
                      item_shape: tuple[int, ...], dtype: str, fn: Callable[[torch.Tensor], np.ndarray],
-                     cfg, device: torch.device, d: Dist, desc: str) -> tuple[StoreWriter, dict]:
+                     cfg: Encode | Tokenize, device: torch.device, d: Dist, desc: str) -> tuple[StoreWriter, dict]:
     """Fill this rank's part of ``<path>.partial`` with ``fn`` over every view of the train split.
 
     ``array`` [N, V, *item_shape]. The identity is the model's (``model_identity``) plus what every view store
     shares: the view recipe, the shard index, and the compute settings that decide the bytes (so a partial
-    written otherwise is redone, and the store stays bit-identical). ``cfg`` is the stage's section
-    (batch_size, chunk_size, workers, bf16). Returns the writer (rank 0 finalises it) and timing stats.
+    written otherwise is redone, and the store stays bit-identical). ``cfg`` is the stage's section. Returns the writer (rank 0 finalises it) and timing stats.
     """
     shards = ShardSet(shards_dir, "train")
     n = len(shards)

@@ -20,7 +20,7 @@ from pipeline.config import Params
 from pipeline.distributed import Dist
 from pipeline.encoder import MoCoViT, load_encoder_file, represent
 from pipeline.errors import RcgError
-from pipeline.fill import ViewsDataset, build_view_store
+from pipeline.fill import ViewsDataset, build_view_store, views_to_float
 from pipeline.metrics import knn_accuracy
 from pipeline.progress import log, progress
 from pipeline.runtime import device_for
@@ -42,11 +42,8 @@ def encoder_fn(model: MoCoViT, device: torch.device, bf16: bool) -> Callable[[to
     size = model.patch_embed.img_size[0]
 
     def fn(views: torch.Tensor) -> np.ndarray:
-        b, v, h, w, c = views.shape
-        # Converted on the device: a quarter of the bytes to copy.
-        x = views.to(device, non_blocking=True).reshape(b * v, h, w, c).permute(0, 3, 1, 2).float().div(255)
-        r = represent(model, x.contiguous(), input_size=size, autocast_dtype=autocast)
-        return r.reshape(b, v, -1).cpu().numpy()
+        r = represent(model, views_to_float(views, device), input_size=size, autocast_dtype=autocast)
+        return r.reshape(*views.shape[:2], -1).cpu().numpy()
 
     return fn
 

@@ -17,7 +17,7 @@ from pipeline.artifacts import file_sha256
 from pipeline.config import Params
 from pipeline.distributed import Dist
 from pipeline.errors import RcgError
-from pipeline.fill import build_view_store
+from pipeline.fill import build_view_store, views_to_float
 from pipeline.runtime import device_for
 from pipeline.stores import StoreWriter, open_store
 from pipeline.views import ViewRecipe
@@ -30,11 +30,9 @@ def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[to
 
     @torch.inference_mode()
     def fn(views: torch.Tensor) -> np.ndarray:
-        b, v, h, w, c = views.shape
-        x = views.to(device, non_blocking=True).reshape(b * v, h, w, c).permute(0, 3, 1, 2).float().div(255)
         with autocast:
-            idx = model.encode_to_indices(x.contiguous())
-        return idx.reshape(b, v, *idx.shape[1:]).to(torch.int32).cpu().numpy().astype(np.uint16)
+            idx = model.encode_to_indices(views_to_float(views, device))
+        return idx.reshape(*views.shape[:2], *idx.shape[1:]).to(torch.int32).cpu().numpy().astype(np.uint16)
 
     return fn
 
