@@ -203,6 +203,7 @@ class RdmSample(Section):
 
 class RdmEval(Section):
     num_samples: PositiveInt = 2000  # M generated vs M real reps, each against the whole store (FD)
+    lower_bound_draws: PositiveInt = 10  # the real-reps FD (lower bound) is averaged over this many draws
     batch_size: PositiveInt = 500
     knn_k: PositiveInt = 20          # class-cond: k-NN class agreement of samples with their requested class
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from pipeline.artifacts import load_checkpoint, load_model_file, weights_sha256
 from pipeline.config import EncoderModel
@@ -32,17 +33,17 @@ def identity(weights: bool = True) -> dict:
 
 
 def make_store(root: Path, labels: np.ndarray | None = None, nan_at: tuple[int, int] | None = None,
-               ident: dict | None = None) -> Path:
+               ident: dict | None = None, n: int = N) -> Path:
     """A small reps.zarr like real ones: a class mixture, standardised per sample."""
     rng = np.random.default_rng(0)
-    y = np.arange(N) % CLASSES if labels is None else labels
+    y = np.arange(n) % CLASSES if labels is None else labels
     means = rng.normal(size=(CLASSES, D)) * 2
-    x = means[np.clip(y, 0, None) % CLASSES][:, None] + rng.normal(size=(N, V, D))
+    x = means[np.clip(y, 0, None) % CLASSES][:, None] + rng.normal(size=(n, V, D))
     x = (x - x.mean(-1, keepdims=True)) / x.std(-1, ddof=1, keepdims=True)
     if nan_at is not None:
         x[nan_at] = np.nan
     path = root / "data" / "reps.zarr"
-    writer = StoreWriter(path, "reps", (N, V, D), "float32", 16, ident or identity(), y)
+    writer = StoreWriter(path, "reps", (n, V, D), "float32", 16, ident or identity(), y)
     for c in writer.pending():
         r = writer.rows(c)
         writer.write(c, x[r.start:r.stop].astype(np.float32))
@@ -86,6 +87,28 @@ def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
     assert all(np.isfinite(float(r["loss"])) for r in curve)
     blr = micro_params(tmp_path).rdm.train.blr
     assert float(curve[0]["lr"]) == pytest.approx(blr * 16)  # blr * batch * world, constant
+
+
+def test_a_perfect_sampler_scores_the_lower_bound(tmp_path, monkeypatch):
+    """The lower bound is what a sampler that draws the store's own reps i.i.d. scores, so such a sampler's ratio is
+    ~1. M distinct images out of N (a finite-population sample) would give a bound that shrinks towards 0 as M
+    approaches N: at M = N/2 it is ~40% lower, a ratio of ~1.6 for the perfect sampler."""
+    store = make_store(tmp_path, n=1000)
+    reps = torch.from_numpy(np.asarray(zarr.open_group(store, mode="r")["reps"][:])).reshape(-1, D)
+
+    def perfect(self, model_fn, shape, y, generator=None, **kwargs):
+        return reps[torch.randint(len(reps), (shape[0],), generator=generator)]
+
+    monkeypatch.setattr(GaussianDiffusion, "ddim_sample", perfect)
+    ratios, spreads = [], []
+    for seed in range(4):
+        params = micro_params(tmp_path, [f"seed={seed}", "rdm.train.steps=1", "rdm.eval.num_samples=500"])
+        train_rdm.run(params)
+        metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
+        ratios.append(metrics["ratio"])
+        spreads.append(metrics["fd_lower_bound_std"] / metrics["fd_lower_bound"])
+    assert 0.85 < np.mean(ratios) < 1.15, ratios
+    assert 0 < np.mean(spreads) < 0.5
 
 
 def test_warmup_and_cosine_schedule(tmp_path):
