@@ -50,13 +50,13 @@ def setting(name: str) -> tuple[Params, int, int]:
 def cached_rate(params: Params, store: train_rdm.RepStore, device: torch.device, steps: int) -> float:
     """Samples/s of the stage's own loop, differential (an S-step run minus a 1-step run), so start-up and
     the first step's allocations count for neither side."""
-    seconds = []
+    seconds, stats = [], train_rdm.store_stats(store.reps)
     for n in (1, steps):
         with tempfile.TemporaryDirectory() as tmp:
             tree = params.model_dump(mode="json")
             tree["paths"] = {"data": tmp + "/data", "metrics": tmp + "/metrics"}
             tree["rdm"]["train"].update(steps=n, log_every=max(1, steps // 4), checkpoint_every=10 ** 9)
-            seconds.append(train_rdm.train(validate(tree, check_paths=False), store, device, Dist())[3]["train_seconds"])
+            seconds.append(train_rdm.train(validate(tree, check_paths=False), store, stats, device, Dist())[3]["train_seconds"])
     return (steps - 1) * params.rdm.train.batch_size / (seconds[1] - seconds[0])
 
 

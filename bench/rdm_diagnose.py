@@ -2,9 +2,9 @@
 
     python -m bench.rdm_diagnose RUN_DIR [--samples 2000] [--sampler 250:1 500:1 250:0] [--set key=value ...]
 
-Prints (1) the store's covariance spectrum, (2) the model's x0 error (EMA weights) per timestep next to the error of
-just returning x_t / sqrt(abar_t) (a floor above that at small t means the net has not learned the
-near-identity there), (3) for each DDIM setting (steps:eta), the FD to the store and its split by eigen-subspace
+Prints (1) the store's covariance spectrum, (2) the model's x0 error (EMA weights, in the store's space) per
+timestep next to the error of just returning x_t / sqrt(abar_t) (a floor above that at small t means the net has
+not learned the near-identity there), (3) for each DDIM setting (steps:eta), the FD to the store and its split by eigen-subspace
 of the store's covariance, next to the same for M real reps (the lower bound), and the generated variance along
 a few eigen-directions. bench/RESULTS.md quotes its output for the default run.
 """
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics import frechet_distance  # noqa: E402
-from pipeline.rdm import load_rdm  # noqa: E402
+from pipeline.rdm import load_rdm, sample_reps  # noqa: E402
 from stages.train_rdm import load_store, sample_stats, seeded, store_stats  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)
@@ -61,22 +61,25 @@ def main() -> None:
     rows = torch.randperm(n, generator=gen)[:m]
     real = store.reps[rows, torch.randint(v, (m,), generator=gen)]
     labels = store.labels[rows] if config["model"]["class_cond"] else torch.zeros(m, dtype=torch.long)
+    white = model.whitening
     with torch.no_grad():
-        print("x0 MSE per dimension by timestep (model / x_t returned as is):")
+        print("x0 MSE per dimension by timestep, in the store's space (model / x_t returned as is):")
+        z0 = white.encode(real)  # the model works in its whitened space
         for t in (1, 5, 20, 50, 100, 200, 400, 600, 800, 999):
             tt = torch.full((m,), t)
-            x_t = diffusion.q_sample(real, tt, torch.randn(real.shape, generator=gen))
-            err = (model(x_t, tt, labels) - real).pow(2).mean().item()
+            z_t = diffusion.q_sample(z0, tt, torch.randn(z0.shape, generator=gen))
+            err = (white.decode(model(z_t, tt, labels)) - real).pow(2).mean().item()
             abar = diffusion.alphas_cumprod[t].item()
-            print(f"  t {t:4d}: {err:.5f} / {(1 - abar) / abar:.5f}")
+            ident = (white.decode(z_t / abar ** 0.5) - real).pow(2).mean().item()
+            print(f"  t {t:4d}: {err:.5f} / {ident:.5f}")
 
         real_stats = sample_stats(real)
         print("FD to the store, total and within the top-k eigen-directions (k = " + ", ".join(map(str, SUBSPACES)) + "):")
         print(f"  real {m:>6}: " + "  ".join(f"{projected_fd(real_stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES))
         for setting in args.sampler:
             steps, eta = setting.split(":")
-            fake = diffusion.ddim_sample(model, (m, dim), labels, steps=int(steps), eta=float(eta),
-                                         generator=seeded(device, params.seed, 4))
+            fake = sample_reps(model, diffusion, labels, steps=int(steps), eta=float(eta),
+                               generator=seeded(device, params.seed, 4))
             stats = sample_stats(fake)
             spread = np.einsum("ij,jk,ki->i", eigvec.T, stats[1], eigvec)
             print(f"  DDIM {setting:>6}: " + "  ".join(f"{projected_fd(stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES)

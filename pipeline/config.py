@@ -167,6 +167,10 @@ class Encode(Section):
 # ---------------------------------------------------------------------------------------------- rdm
 class RdmModel(Section):
     in_channels: PositiveInt = 256
+    # Reps enter the diffusion as S^-p (x - mu), S the store's covariance (eigenvalues floored at whiten_eps x
+    # their mean, the map rescaled to unit mean variance): 0 = the official raw reps, 0.5 = full whitening.
+    whiten_power: float = Field(0.15, ge=0, le=0.5)
+    whiten_eps: PositiveFloat = 1e-3
     time_embed_dim: PositiveInt = 256
     model_channels: PositiveInt = 512
     num_res_blocks: PositiveInt = 4
@@ -183,13 +187,14 @@ class Diffusion(Section):
 
 
 class RdmTrain(Section):
-    steps: PositiveInt = 3000
+    steps: PositiveInt = 6000
     batch_size: PositiveInt = 256    # per rank
     blr: PositiveFloat = 8e-6        # lr = blr * batch * world (official rule, no /256; official blr 1e-6)
     warmup_steps: NonNegativeInt = 0  # linear warm-up from 0 (official: none)
     cosine: bool = False             # half-cycle cosine decay to 0 after the warm-up (official --cosine_lr; off)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.9999, gt=0, lt=1)
+    min_snr_gamma: PositiveFloat | None = 5.0  # x0 loss weighted by min(SNR(t), gamma) (Min-SNR); None = official
     bf16: bool = False               # autocast on GPU only (official: fp32); the CPU path is exact fp32
     checkpoint_every: PositiveInt = 1000
     log_every: PositiveInt = 50
@@ -206,6 +211,7 @@ class RdmEval(Section):
     lower_bound_draws: PositiveInt = 10  # the real-reps FD (lower bound) is averaged over this many draws
     batch_size: PositiveInt = 500
     knn_k: PositiveInt = 20          # class-cond: k-NN class agreement of samples with their requested class
+    prc_k: PositiveInt = 3           # k of the k-NN precision/recall of samples (Kynkäänniemi et al.)
 
 
 class Rdm(Section):

@@ -51,13 +51,27 @@ class GaussianDiffusion(nn.Module):
         return (_extract(self.sqrt_alphas_cumprod, t, x0) * x0
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) of timesteps t."""
+        abar = self.alphas_cumprod[t]
+        return abar / (1.0 - abar)
+
     def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, y: torch.Tensor | None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Plain MSE between the predicted and the true x0 (no VLB, no per-t weighting), t ~ U{0..T-1}."""
+                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
+        """MSE between the predicted and the true x0, t ~ U{0..T-1}.
+
+        Official: plain MSE (no VLB, no per-t weighting). With ``min_snr_gamma`` each sample's error is weighted
+        by min(SNR(t), gamma) (Min-SNR, Hang et al. 2023, the x0-prediction form): the large-t terms, whose
+        irreducible error dominates the plain loss and its gradient noise, stop drowning out the small-t ones
+        that decide how faithful the final samples are.
+        """
         t = torch.randint(0, self.num_timesteps, (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x0_hat = model_fn(self.q_sample(x0, t, noise), t, y)
-        return F.mse_loss(x0_hat.float(), x0.float())
+        if min_snr_gamma is None:
+            return F.mse_loss(x0_hat.float(), x0.float())
+        error = (x0_hat.float() - x0.float()).pow(2).flatten(1).mean(1)
+        return (error * self.snr(t).clamp(max=min_snr_gamma)).mean()
 
     def ddim_schedule(self, steps: int, eta: float) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Official DDIM timesteps tau = {0, c, 2c, ...} + 1 (c = T // steps) and per-step a_prev, sigma.

@@ -99,8 +99,47 @@ class ClassEmbedder(nn.Module):
         return self.embedding(y)
 
 
+class RepWhitening(nn.Module):
+    """The affine map between the store's representation space and the space the diffusion runs in:
+    z = A (x - mean), x = A^-1 z + mean. The identity (official RDMs run on the raw reps) until ``fit``.
+
+    Why: small, briefly trained encoders give reps whose covariance spans four orders of magnitude (the top 10
+    of 256 directions hold >90% of the variance). The x0 loss then barely sees the weak directions, an
+    under-trained RDM predicts their mean, and its samples come out with their variance wrong. A partial
+    whitening S^-p evens the spectrum out without making the top directions as weak as the tail.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("forward_map", torch.eye(dim))
+        self.register_buffer("inverse_map", torch.eye(dim))
+
+    @torch.no_grad()
+    def fit(self, mean: torch.Tensor, cov: torch.Tensor, power: float, eps: float) -> None:
+        """A = c S^-power, S = ``cov`` with its eigenvalues floored at ``eps`` x their mean, c chosen so that the
+        mapped reps have unit mean variance (the scale the noise schedule is made for). ``power`` 0 keeps the
+        identity: no centring either, exactly the official input."""
+        if power == 0:
+            return
+        lam, vecs = torch.linalg.eigh(cov.double().cpu())
+        lam = lam.clamp_min(0)
+        scale = lam.clamp_min(eps * lam.mean()) ** power
+        scale = scale * (lam / scale ** 2).mean().sqrt()
+        self.mean.copy_(mean.double().cpu().to(self.mean))
+        self.forward_map.copy_((vecs / scale).T.to(self.forward_map))
+        self.inverse_map.copy_((vecs * scale).to(self.inverse_map))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.forward_map.T
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.inverse_map.T + self.mean
+
+
 class RDM(nn.Module):
-    """SimpleMLP (``net``) + ClassEmbedder (``cond_stage_model``); ``forward(x_t, t, y) -> x0_hat``.
+    """SimpleMLP (``net``) + ClassEmbedder (``cond_stage_model``) + the map into the diffusion's space
+    (``whitening``); ``forward(z_t, t, y) -> z0_hat`` runs in that space, :func:`sample_reps` maps back.
 
     Unconditional (``class_cond=False``): as in the official code the embedder has a single row (label 0)
     that the MLP never reads, so ``y`` is ignored and ``n_classes`` is unused.
@@ -114,10 +153,20 @@ class RDM(nn.Module):
         self.net = SimpleMLP(in_channels, time_embed_dim, model_channels, bottleneck_channels, out_channels,
                              num_res_blocks, dropout, use_context=class_cond, context_channels=embed_dim)
         self.cond_stage_model = ClassEmbedder(n_classes if class_cond else 1, embed_dim)
+        self.whitening = RepWhitening(in_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         context = self.cond_stage_model(y) if self.class_cond else None
         return self.net(x, t, context)
+
+
+@torch.no_grad()
+def sample_reps(model: RDM, diffusion: GaussianDiffusion, labels: torch.Tensor, steps: int = 250, eta: float = 1.0,
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[len(labels), D] representations in the store's space: DDIM in the RDM's space, mapped back."""
+    z = diffusion.ddim_sample(model, (len(labels), model.whitening.mean.numel()), labels, steps=steps, eta=eta,
+                              temperature=temperature, generator=generator)
+    return model.whitening.decode(z)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,6 +311,8 @@ def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, GaussianDiffu
     payload = load_model_file(path, "rcg-rdm")
     config = payload["config"]
     model = RDM(**config["model"])
+    if not any(k.startswith("whitening.") for k in payload["state_dict"]):
+        raise RcgError(f"{path} predates RDM files that carry their whitening map; rerun train_rdm")
     model.load_state_dict(payload["state_dict"])
     if use_ema and "ema_state_dict" in payload:
         model.net.load_state_dict({k: v for k, v in payload["ema_state_dict"].items() if k != "num_updates"})

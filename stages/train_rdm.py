@@ -2,7 +2,8 @@
 
 The official recipe runs the frozen encoder on a fresh random crop of every image at every step; here every
 view was encoded once, so a training step is an index into an in-memory [N, V, D] tensor (a random image,
-a random one of its V views) and the step costs what the MLP costs. With ``rdm.checkpoint`` set, an
+a random one of its V views) and the step costs what the MLP costs. The reps are mapped into the RDM's
+(optionally whitened) space on the way in, and samples back on the way out. With ``rdm.checkpoint`` set, an
 official RDM is imported instead of trained, and evaluated the same way.
 """
 
@@ -24,9 +25,9 @@ from pipeline.diffusion import GaussianDiffusion
 from pipeline.ema import EMA
 from pipeline.encoder import import_mocov3_state_dict, infer_vit_config
 from pipeline.errors import RcgError
-from pipeline.metrics import frechet_distance, knn_accuracy
+from pipeline.metrics import frechet_distance, knn_accuracy, knn_precision_recall
 from pipeline.progress import log, progress
-from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm
+from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm, sample_reps
 from pipeline.runtime import device_for
 from pipeline.stores import open_store
 from pipeline.training import CurveLog, TrainState, check_finite, cosine_lr, set_lr
@@ -130,12 +131,16 @@ def train_config(params: Params, store: RepStore, world: int) -> dict:
             "store": store.identity, "store_shape": list(store.shape), "world": world}
 
 
-def train(params: Params, store: RepStore, device: torch.device, d: distributed.Dist) -> tuple[RDM, EMA, dict, dict]:
-    """Train (or resume) the RDM; returns the bare model, its EMA, its RDM kwargs and a summary."""
+def train(params: Params, store: RepStore, stats: tuple[np.ndarray, np.ndarray], device: torch.device,
+          d: distributed.Dist) -> tuple[RDM, EMA, dict, dict]:
+    """Train (or resume) the RDM on the store (``stats``: its mean and covariance, which fit the whitening);
+    returns the bare model, its EMA, its RDM kwargs and a summary."""
     cfg, t = params.rdm, params.rdm.train
     torch.manual_seed(params.seed)  # identical init on every rank
     kwargs = rdm_kwargs(cfg.model)
-    model = RDM(**kwargs).to(device)
+    model = RDM(**kwargs)
+    model.whitening.fit(*(torch.from_numpy(a) for a in stats), cfg.model.whiten_power, cfg.model.whiten_eps)
+    model.to(device)
     if not cfg.model.class_cond:  # the single "fake class" row is never read (official): no grad, no decay
         model.cond_stage_model.requires_grad_(False)
     ema = EMA(model.net, max_decay=t.ema_decay)  # LitEma covers the MLP, not the class embedder
@@ -168,10 +173,11 @@ def train(params: Params, store: RepStore, device: torch.device, d: distributed.
                   else lr * min(1.0, it / t.warmup_steps) if t.warmup_steps else lr)
         set_lr(optimizer, cur_lr)
         x0, rows, gen = batches(it)
+        x0 = model.whitening.encode(x0)
         y = store.labels[rows] if cfg.model.class_cond else torch.zeros_like(rows)  # uncond: label 0 (official)
         ema.update(model.net)  # LitEma updates inside the forward, before the optimizer step: it lags one step
         with amp:
-            loss = diffusion.training_loss(net, x0, y, generator=gen)
+            loss = diffusion.training_loss(net, x0, y, generator=gen, min_snr_gamma=t.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -237,6 +243,8 @@ def import_official(params: Params, store: RepStore, device: torch.device) -> tu
     config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
     ours = rdm_kwargs(params.rdm.model)
     diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in config if ours[k] != config[k]]
+    if params.rdm.model.whiten_power:
+        diffs.append(f"whiten_power {params.rdm.model.whiten_power} (official RDMs run on the raw reps: 0)")
     if diffs:
         raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: {', '.join(diffs)}")
     if params.rdm.diffusion != Diffusion():  # load_official_rdm checked the file's betas against this schedule
@@ -278,6 +286,15 @@ def sample_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).cpu().numpy(), torch.cov(x.T).cpu().numpy()
 
 
+def gaussian_draw(stats: tuple[np.ndarray, np.ndarray], m: int, gen: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """M samples of N(mean, cov): what a model that knows only the store's first two moments generates."""
+    lam, vecs = np.linalg.eigh(stats[1])
+    factor = torch.from_numpy(vecs * np.sqrt(lam.clip(min=0))).float().to(device)
+    z = torch.randn(m, len(lam), generator=gen, device=device)
+    return torch.from_numpy(stats[0]).float().to(device) + z @ factor.T
+
+
 def draw_reps(store: RepStore, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """M (image, view) pairs drawn i.i.d. with replacement: (reps [M, D], rows [M])."""
     n, v, _ = store.shape
@@ -286,10 +303,12 @@ def draw_reps(store: RepStore, m: int, gen: torch.Generator) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, device: torch.device) -> dict:
+def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: tuple[np.ndarray, np.ndarray],
+             device: torch.device) -> dict:
     """Fréchet distance of M generated reps to the whole store, next to the lower bound: the FD of M reps drawn
     i.i.d. from the store itself, i.e. what a perfect model of the store scores (the paper's 0.48 generated vs
-    0.38 real on ImageNet).
+    0.38 real on ImageNet). FD sees only mean and covariance, so the FD of a plain Gaussian fit and the k-NN
+    precision/recall (which see the shape of the distribution) are reported beside it.
 
     The real draws are with replacement, as a generator's samples are independent: M distinct images out of N
     would be a finite-population sample whose FD shrinks as M approaches N (at M = N/2 by ~40%), a bound no
@@ -311,24 +330,34 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, devic
     with scope:
         for i in range(0, m, ev.batch_size):
             y = labels[i:i + ev.batch_size]
-            samples.append(diffusion.ddim_sample(model, (len(y), dim), y, steps=cfg.sample.steps, eta=cfg.sample.eta,
-                                                 temperature=cfg.sample.temperature, generator=gen))
+            samples.append(sample_reps(model, diffusion, y, steps=cfg.sample.steps, eta=cfg.sample.eta,
+                                       temperature=cfg.sample.temperature, generator=gen))
             bar.update(len(y))
     bar.close()
     fake = torch.cat(samples)
     if not torch.isfinite(fake).all():
         raise RcgError("rdm samples hold NaN/Inf: the model file is broken (check the training curve)")
 
-    ref = store_stats(store.reps)
     fd_gen = frechet_distance(*sample_stats(fake), *ref)
     lows = [frechet_distance(*sample_stats(draw), *ref)
             for draw in [real] + [draw_reps(store, m, gen)[0] for _ in range(ev.lower_bound_draws - 1)]]
     fd_low = float(np.mean(lows))
+    gaussian = [frechet_distance(*sample_stats(gaussian_draw(ref, m, gen, device)), *ref)
+                for _ in range(ev.lower_bound_draws)]
+    others, _ = draw_reps(store, m, gen)  # P/R reference: a third, independent draw
+    precision, recall = knn_precision_recall(others, fake, k=ev.prc_k)
+    precision_real, recall_real = knn_precision_recall(others, real, k=ev.prc_k)
     out = {"fd_generated": fd_gen, "fd_lower_bound": fd_low, "fd_lower_bound_std": float(np.std(lows)),
-           "ratio": fd_gen / fd_low, "num_samples": m,
+           "ratio": fd_gen / fd_low, "fd_gaussian_fit": float(np.mean(gaussian)),
+           "precision": precision, "recall": recall, "precision_real": precision_real, "recall_real": recall_real,
+           "num_samples": m, "prc_k": ev.prc_k,
            "reference": f"Gaussian fit to all {n} x {v} store reps",
            "lower_bound": f"mean over {len(lows)} draws of {m} store reps drawn i.i.d. (with replacement), "
                           "vs the reference",
+           "gaussian_fit": f"the same for {m} samples of the reference Gaussian itself (a model of mean and "
+                           "covariance only), mean over as many draws",
+           "precision_recall": f"k-NN (k={ev.prc_k}) precision/recall of the generated reps (_real: of the lower "
+                               f"bound's first draw) against another {m} store reps",
            "weights": "ema" if ema is not None else "raw",
            "sample": params.section("rdm")["sample"], "generated_std": fake.std(dim=1).mean().item()}
     if cfg.model.class_cond:  # bank: view 0 of the images not drawn above; queries: samples / the real draws
@@ -351,26 +380,32 @@ def run(params: Params) -> dict:
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()
     store = load_store(params, device)
+    stats = store_stats(store.reps)
     if params.rdm.checkpoint is not None:
         if d.world > 1:
             raise RcgError("importing rdm.checkpoint needs no torchrun: run it on one process")
         model, ema, kwargs, summary = import_official(params, store, device)
     else:
-        model, ema, kwargs, summary = train(params, store, device, d)
+        model, ema, kwargs, summary = train(params, store, stats, device, d)
     if not d.is_main:
         return {"rank": d.rank, **summary}
 
     tic = time.perf_counter()
-    metrics = evaluate(params, model, ema, store, device)  # before writing: both outputs appear together
+    metrics = evaluate(params, model, ema, store, stats, device)  # before writing: both outputs appear together
     summary["eval_seconds"] = round(time.perf_counter() - tic, 2)
     rdm = params.section("rdm")
-    config = {"model": kwargs, "diffusion": rdm["diffusion"], "sample": rdm["sample"], "store": store.identity}
+    config = {"model": kwargs, "diffusion": rdm["diffusion"], "sample": rdm["sample"], "store": store.identity,
+              "whitening": {k: rdm["model"][k] for k in ("whiten_power", "whiten_eps")},
+              "min_snr_gamma": None if summary["source"] == "official" else rdm["train"]["min_snr_gamma"]}
     out_path, metrics_path = params.paths.models / "rdm.pt", params.paths.metrics / "rdm.json"
     save_model_file(out_path, FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None,
                     summary)
     write_json(metrics_path, {**metrics, **{k: summary[k] for k in ("source", "encoder_check") if k in summary}})
     log(f"train_rdm: FD generated {metrics['fd_generated']:.4f} vs lower bound {metrics['fd_lower_bound']:.4f} "
-        f"(ratio {metrics['ratio']:.3f})")
+        f"(ratio {metrics['ratio']:.3f}; Gaussian fit {metrics['fd_gaussian_fit']:.4f}), precision "
+        f"{metrics['precision']:.3f} recall {metrics['recall']:.3f} (real reps: {metrics['precision_real']:.3f} / "
+        f"{metrics['recall_real']:.3f})")
     return {"output": str(out_path), "metrics": str(metrics_path), **summary,
-            **{k: metrics[k] for k in ("fd_generated", "fd_lower_bound", "ratio", "class_agreement") if k in metrics},
+            **{k: metrics[k] for k in ("fd_generated", "fd_lower_bound", "ratio", "precision", "recall",
+                                       "class_agreement") if k in metrics},
             "seconds": round(time.perf_counter() - started, 2)}

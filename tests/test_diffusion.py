@@ -71,6 +71,25 @@ def test_training_loss_is_x0_mse():
     assert torch.allclose(seen["x_t"], d.q_sample(x0, t, noise))
 
 
+def test_min_snr_weighting():
+    """Each sample's x0 error is weighted by min(SNR(t), gamma); gamma None is the official plain MSE."""
+    d = GaussianDiffusion()
+    x0 = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    stub = lambda x_t, t, y: 0.5 * x_t  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    error = ((0.5 * x_t - x0) ** 2).mean(1)
+    abar = d.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    assert torch.allclose(d.snr(t), snr)
+    assert snr.max() > 5 > snr.min()  # both sides of the clamp are exercised
+    loss = d.training_loss(stub, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    assert loss.item() == pytest.approx((error * snr.clamp(max=5.0)).mean().item(), rel=1e-5)
+    plain = d.training_loss(stub, x0, None, generator=torch.Generator().manual_seed(3))
+    assert plain.item() == pytest.approx(error.mean().item(), rel=1e-5)
+
+
 def test_ddim_oracle_lands_on_point():
     d = GaussianDiffusion()
     p = torch.tensor([1.5, -2.0, 0.3])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import frechet_distance, frechet_distance_between, gaussian_stats, knn_accuracy
+from pipeline.metrics import frechet_distance, frechet_distance_between, gaussian_stats, knn_accuracy, knn_precision_recall
 
 
 def test_gaussian_stats_float64_unbiased():
@@ -75,3 +75,20 @@ def test_knn_leave_one_out_excludes_self():
     # with the same points as explicit queries, self is the nearest neighbour and wins
     assert knn_accuracy(x, np.arange(30), k=5, queries=x, query_labels=np.arange(30)) == 1.0
     assert knn_accuracy(x, np.arange(30), k=100) == 0.0  # k larger than the reference set
+
+
+def test_knn_precision_recall():
+    g = torch.Generator().manual_seed(0)
+    angle = torch.rand(1200, generator=g) * 2 * torch.pi
+    ring = torch.zeros(1200, 8)
+    ring[:, 0], ring[:, 1] = 4 * angle.cos(), 4 * angle.sin()  # data on a circle in 8-d
+    real, same = ring[:600], ring[600:]
+    p, r = knn_precision_recall(real, same, k=3, batch=128)  # blocks smaller than the sets
+    assert p > 0.9 and r > 0.9
+    gaussian = torch.randn(600, 8, generator=g) * real.std(0)  # the moment-matched Gaussian: off the circle
+    p_g, _ = knn_precision_recall(real, gaussian, k=3)
+    assert p_g < 0.5
+    collapsed = real[:20].repeat(30, 1) + 0.01 * torch.randn(600, 8, generator=g)  # faithful, covering little
+    p_c, r_c = knn_precision_recall(real, collapsed, k=3)
+    assert p_c > 0.9 and r_c < 0.2
+    assert knn_precision_recall(real, real + 100.0, k=3) == (0.0, 0.0)

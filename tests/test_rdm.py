@@ -9,7 +9,8 @@ import torch
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.ema import EMA
 from pipeline.errors import RcgError
-from pipeline.rdm import RDM, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm, timestep_embedding
+from pipeline.rdm import (RDM, RepWhitening, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm,
+                          sample_reps, timestep_embedding)
 
 MANIFEST = Path("/work/shared/reference/manifests/rdm_vitb_l12_w1536.json")
 TINY = dict(in_channels=8, time_embed_dim=6, model_channels=12, bottleneck_channels=10, out_channels=8,
@@ -82,6 +83,39 @@ def test_rdm_conditioning():
     # the embedding does reach the net: the same context through the net directly matches
     y = torch.tensor([2, 4, 1])
     assert torch.allclose(cond(x, t, y), cond.net(x, t, cond.cond_stage_model(y)))
+
+
+def test_whitening_evens_out_the_spectrum_and_inverts():
+    g = torch.Generator().manual_seed(0)
+    eig = torch.tensor([50.0, 5.0, 0.5, 0.05, 0.005, 0.0])  # a collapsed spectrum with an exactly flat direction
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    x = (torch.randn(20000, 6, generator=g, dtype=torch.float64) * eig.double().sqrt()) @ basis.T + 3.0
+    mean, cov = x.mean(0), torch.cov(x.T)
+    w = RepWhitening(6)
+    w.fit(mean, cov, power=0.0, eps=1e-3)  # the official raw reps: not even centred
+    assert torch.equal(w.encode(x.float()), x.float())
+    w.fit(mean, cov, power=0.25, eps=1e-3)
+    z = w.encode(x.float()).double()
+    var = torch.linalg.eigvalsh(torch.cov(z.T)).flip(0)
+    assert var.mean().item() == pytest.approx(1.0, rel=1e-3)  # unit mean variance
+    lam = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
+    floored = lam.clamp_min(1e-3 * lam.mean())
+    expected = lam / floored ** 0.5  # S^-p maps variance lam to lam x floored^(-2p): 10^4 apart -> 10^2
+    assert torch.allclose(var / var[0], expected / expected[0], atol=1e-5)
+    assert torch.allclose(w.decode(w.encode(x.float())), x.float(), atol=1e-4)
+    assert z.mean(0).abs().max() < 1e-4
+
+
+def test_sample_reps_maps_back_to_the_store_space():
+    torch.manual_seed(0)
+    model = RDM(**TINY)
+    model.whitening.fit(torch.full((8,), 2.0), torch.diag(torch.logspace(1, -3, 8)), power=0.25, eps=1e-3)
+    d = GaussianDiffusion()
+    y = torch.zeros(5, dtype=torch.long)
+    reps = sample_reps(model, d, y, steps=10, generator=torch.Generator().manual_seed(4))
+    z = d.ddim_sample(model, (5, 8), y, steps=10, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(reps, z @ model.whitening.inverse_map.T + 2.0)
+    assert {"whitening.mean", "whitening.forward_map", "whitening.inverse_map"} <= set(model.state_dict())
 
 
 def _randomize(model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.artifacts import load_checkpoint, load_model_file, weights_sha256
+from pipeline.artifacts import load_checkpoint, load_model_file, save_model_file, weights_sha256
 from pipeline.config import EncoderModel
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.distributed import Dist
@@ -21,6 +21,7 @@ from stages import train_rdm
 from conftest import MICRO, micro_params
 
 N, V, D, CLASSES = 48, 2, 16, 10
+OFFICIAL = ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"]  # how official RDM files are trained
 ENCODER = MoCoViT(**MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
 
 
@@ -96,8 +97,8 @@ def test_a_perfect_sampler_scores_the_lower_bound(tmp_path, monkeypatch):
     store = make_store(tmp_path, n=1000)
     reps = torch.from_numpy(np.asarray(zarr.open_group(store, mode="r")["reps"][:])).reshape(-1, D)
 
-    def perfect(self, model_fn, shape, y, generator=None, **kwargs):
-        return reps[torch.randint(len(reps), (shape[0],), generator=generator)]
+    def perfect(self, model, shape, y, generator=None, **kwargs):  # in the RDM's space, as the sampler works
+        return model.whitening.encode(reps[torch.randint(len(reps), (shape[0],), generator=generator)])
 
     monkeypatch.setattr(GaussianDiffusion, "ddim_sample", perfect)
     ratios, spreads = [], []
@@ -107,8 +108,35 @@ def test_a_perfect_sampler_scores_the_lower_bound(tmp_path, monkeypatch):
         metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
         ratios.append(metrics["ratio"])
         spreads.append(metrics["fd_lower_bound_std"] / metrics["fd_lower_bound"])
+        assert abs(metrics["precision"] - metrics["precision_real"]) < 0.1  # real reps by both measures
+        assert abs(metrics["recall"] - metrics["recall_real"]) < 0.1
     assert 0.85 < np.mean(ratios) < 1.15, ratios
     assert 0 < np.mean(spreads) < 0.5
+
+
+def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
+    make_store(tmp_path)
+    params = micro_params(tmp_path, ["rdm.model.whiten_power=0.25", "rdm.train.min_snr_gamma=5"])
+    train_rdm.run(params)
+    model, _, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    assert config["whitening"] == {"whiten_power": 0.25, "whiten_eps": 1e-3} and config["min_snr_gamma"] == 5
+    store = train_rdm.load_store(params, torch.device("cpu"))
+    mean, _ = train_rdm.store_stats(store.reps)
+    assert torch.allclose(model.whitening.mean, torch.from_numpy(mean).float())
+    z = model.whitening.encode(store.reps.reshape(-1, D)).double()
+    assert torch.cov(z.T).diagonal().mean().item() == pytest.approx(1.0, rel=1e-3)  # the space it trained in
+    assert json.loads((tmp_path / "metrics" / "rdm.json").read_text())["fd_generated"] > 0
+
+
+def test_a_model_file_without_its_whitening_is_refused(tmp_path):
+    make_store(tmp_path)
+    train_rdm.run(micro_params(tmp_path, ["rdm.eval.num_samples=8"]))
+    path = tmp_path / "data" / "models" / "rdm.pt"
+    payload = load_model_file(path, "rcg-rdm")
+    old = {k: v for k, v in payload["state_dict"].items() if not k.startswith("whitening.")}
+    save_model_file(path, "rcg-rdm", payload["config"], old, payload["ema_state_dict"], payload["summary"])
+    with pytest.raises(RcgError, match="predates RDM files that carry their whitening map; rerun train_rdm"):
+        load_rdm(path)
 
 
 def test_warmup_and_cosine_schedule(tmp_path):
@@ -253,7 +281,7 @@ def test_imports_an_official_checkpoint(tmp_path):
     params = micro_params(tmp_path)
     ckpt = tmp_path / "checkpoint-last.pth"
     src = official_file(ckpt, rdm_kwargs(params.rdm.model), ENCODER)
-    summary = train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+    summary = train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}"]))
     assert summary["source"] == "official" and summary["encoder_check"] == "weights"
     assert not (tmp_path / "data" / "state" / "train_rdm.pt").exists()  # nothing trained
 
@@ -273,21 +301,23 @@ def test_official_checkpoint_must_fit_the_store_and_params(tmp_path):
     official_file(ckpt, config, other_weights)
     make_store(tmp_path)
     with pytest.raises(RcgError, match="trained with another encoder.*same architecture, different weights"):
-        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+        train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}"]))
 
     wider = MoCoViT(**{**MICRO["encoder"]["model"], "embed_dim": 48}).state_dict()
     official_file(ckpt, config, wider)
     with pytest.raises(RcgError, match="trained with another encoder.*embed_dim 48 \\(store's encoder: 32\\)"):
-        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}"]))
+        train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}"]))
 
     official_file(ckpt, config, ENCODER)
     with pytest.raises(RcgError, match=r"does not match rdm.model: num_res_blocks 3 \(file: 2\)"):
-        train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}", "rdm.model.num_res_blocks=3"]))
+        train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}", "rdm.model.num_res_blocks=3"]))
+    with pytest.raises(RcgError, match=r"whiten_power 0.15 \(official RDMs run on the raw reps: 0\)"):
+        train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}", "rdm.model.whiten_power=0.15"]))
 
 
 def test_store_without_a_weights_hash_checks_the_architecture(tmp_path):
     make_store(tmp_path, ident=identity(weights=False))
     ckpt = tmp_path / "checkpoint-last.pth"
     official_file(ckpt, rdm_kwargs(micro_params(tmp_path).rdm.model), ENCODER)
-    summary = train_rdm.run(micro_params(tmp_path, [f"rdm.checkpoint={ckpt}", "rdm.eval.num_samples=16"]))
+    summary = train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}", "rdm.eval.num_samples=16"]))
     assert summary["encoder_check"] == "architecture"
