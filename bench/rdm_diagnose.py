@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics import frechet_distance  # noqa: E402
 from pipeline.rdm import load_rdm, sample_reps  # noqa: E402
-from stages.train_rdm import load_store, sample_stats, seeded, store_stats  # noqa: E402
+from stages.train_rdm import draw_reps, load_store, sample_stats, seeded, store_stats  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)
 DIRECTIONS = (0, 5, 10, 20, 40, 80, 160, 240)
@@ -58,12 +58,11 @@ def main() -> None:
     print("  eigenvalue at " + ", ".join(f"{i}: {eigval[i]:.4f}" for i in DIRECTIONS if i < dim))
 
     gen = seeded(device, params.seed, 3)
-    rows = torch.randperm(n, generator=gen)[:m]
-    real = store.reps[rows, torch.randint(v, (m,), generator=gen)]
+    real, rows = draw_reps(store, m, gen)  # i.i.d., like the stage's lower bound
     labels = store.labels[rows] if config["model"]["class_cond"] else torch.zeros(m, dtype=torch.long)
     white = model.whitening
     with torch.no_grad():
-        print("x0 MSE per dimension by timestep, in the store's space (model / x_t returned as is):")
+        print("x0 MSE per dimension by timestep, in the store's space (model / x_t / sqrt(abar_t) mapped back):")
         z0 = white.encode(real)  # the model works in its whitened space
         for t in (1, 5, 20, 50, 100, 200, 400, 600, 800, 999):
             tt = torch.full((m,), t)

@@ -6,12 +6,13 @@ RUN_DIR holds params.yaml and the reps.zarr it names (a `dvc repro` / `rcg encod
 from scratch with the stage's own loop (``stages.train_rdm.train``) under RUN_DIR's params plus the variant's
 overrides plus ``--set``, in a scratch folder (no resume state or curves land in RUN_DIR), then the stage's own
 evaluation runs ``--evals`` times with different sampling seeds: the FD of M generated reps, the i.i.d. lower
-bound (mean of 10 draws) and their ratio, for each M in ``--num-samples`` (default: the params' M). One draw
-of M generated reps is as noisy as one draw of real ones (the bound's spread), hence several.
+bound (mean of ``rdm.eval.lower_bound_draws`` draws), their ratio, the Gaussian fit's FD and precision/recall,
+for each M in ``--num-samples`` (default: the params' M). One draw of M generated reps is as noisy as one draw of
+real ones (the bound's spread), hence several.
 
 Variants:
 - official: raw reps, plain x0 loss (RCG's formulation; the ImageNet presets)
-- default:  the default run's RDM: partial whitening S^-0.15 of the reps and the Min-SNR-5 x0 loss
+- default:  the default run's RDM: the reps whitened with power 0.15 and the Min-SNR-5 x0 loss
 - others: any ``name:key=value,key=value`` on top of RUN_DIR's params, e.g. ``ms_only:rdm.model.whiten_power=0``
 """
 
@@ -40,6 +41,8 @@ VARIANTS = {
 
 def variant(spec: str) -> tuple[str, list[str]]:
     name, _, sets = spec.partition(":")
+    if not sets and name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: use one of {', '.join(VARIANTS)} or name:key=value,...")
     return name, VARIANTS[name] if not sets else [s for s in sets.split(",") if s]
 
 

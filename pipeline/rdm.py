@@ -101,26 +101,36 @@ class ClassEmbedder(nn.Module):
 
 class RepWhitening(nn.Module):
     """The affine map between the store's representation space and the space the diffusion runs in:
-    z = A (x - mean), x = A^-1 z + mean. The identity (official RDMs run on the raw reps) until ``fit``.
+    z = c L^-p V^T (x - mean), the reps in the PCA basis of their covariance V L V^T with principal direction i
+    scaled by lambda_i^-p, and back x = V L^p z / c + mean. Off (the reps pass untouched, as official RDMs take
+    them) until ``fit`` with p > 0.
 
     Why: small, briefly trained encoders give reps whose covariance spans four orders of magnitude (the top 10
     of 256 directions hold >90% of the variance). The x0 loss then barely sees the weak directions, an
     under-trained RDM predicts their mean, and its samples come out with their variance wrong. A partial
-    whitening S^-p evens the spectrum out without making the top directions as weak as the tail.
+    whitening evens the spectrum out without making the top directions as weak as the tail.
     """
 
     def __init__(self, dim: int):
         super().__init__()
+        self.register_buffer("active", torch.tensor(False))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("forward_map", torch.eye(dim))
         self.register_buffer("inverse_map", torch.eye(dim))
+        self.is_active = False  # a host copy of ``active``: no device sync per step
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "is_active", bool(module.active)))
 
     @torch.no_grad()
     def fit(self, mean: torch.Tensor, cov: torch.Tensor, power: float, eps: float) -> None:
-        """A = c S^-power, S = ``cov`` with its eigenvalues floored at ``eps`` x their mean, c chosen so that the
-        mapped reps have unit mean variance (the scale the noise schedule is made for). ``power`` 0 keeps the
-        identity: no centring either, exactly the official input."""
-        if power == 0:
+        """Fit to the reps' ``mean`` and ``cov``: L's eigenvalues floored at ``eps`` x their mean, c chosen so that
+        the mapped reps have unit mean variance (the scale the noise schedule is made for). ``power`` 0 turns
+        the map off: no centring either, exactly the official input."""
+        self.is_active = power > 0
+        self.active.fill_(self.is_active)
+        if not self.is_active:
+            self.mean.zero_()
+            self.forward_map.copy_(torch.eye(len(self.mean)))
+            self.inverse_map.copy_(torch.eye(len(self.mean)))
             return
         lam, vecs = torch.linalg.eigh(cov.double().cpu())
         lam = lam.clamp_min(0)
@@ -131,10 +141,10 @@ class RepWhitening(nn.Module):
         self.inverse_map.copy_((vecs * scale).to(self.inverse_map))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) @ self.forward_map.T
+        return (x - self.mean) @ self.forward_map.T if self.is_active else x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.inverse_map.T + self.mean
+        return z @ self.inverse_map.T + self.mean if self.is_active else z
 
 
 class RDM(nn.Module):

@@ -124,10 +124,18 @@ class RepBatches:
 
 # -------------------------------------------------------------------------------------------- training
 def train_config(params: Params, store: RepStore, world: int) -> dict:
-    """What the training result depends on: a resume state written under anything else is not reused."""
+    """What the training result depends on: a resume state written under anything else is not reused.
+
+    The whitening and Min-SNR keys count only when switched on, so a state saved by an official-formulation run
+    before they existed still resumes."""
     rdm = params.section("rdm")
-    return {"seed": params.seed, "model": rdm["model"], "diffusion": rdm["diffusion"],
-            "train": {k: v for k, v in rdm["train"].items() if k not in ("checkpoint_every", "log_every")},
+    model = dict(rdm["model"])
+    if not model["whiten_power"]:
+        del model["whiten_power"], model["whiten_eps"]
+    train = {k: v for k, v in rdm["train"].items() if k not in ("checkpoint_every", "log_every")}
+    if train["min_snr_gamma"] is None:
+        del train["min_snr_gamma"]
+    return {"seed": params.seed, "model": model, "diffusion": rdm["diffusion"], "train": train,
             "store": store.identity, "store_shape": list(store.shape), "world": world}
 
 
@@ -286,13 +294,13 @@ def sample_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0).cpu().numpy(), torch.cov(x.T).cpu().numpy()
 
 
-def gaussian_draw(stats: tuple[np.ndarray, np.ndarray], m: int, gen: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
-    """M samples of N(mean, cov): what a model that knows only the store's first two moments generates."""
+def gaussian_draws(stats: tuple[np.ndarray, np.ndarray], m: int, draws: int, gen: torch.Generator,
+                   device: torch.device) -> list[torch.Tensor]:
+    """``draws`` x M samples of N(mean, cov): what a model that knows only the store's first two moments makes."""
     lam, vecs = np.linalg.eigh(stats[1])
     factor = torch.from_numpy(vecs * np.sqrt(lam.clip(min=0))).float().to(device)
-    z = torch.randn(m, len(lam), generator=gen, device=device)
-    return torch.from_numpy(stats[0]).float().to(device) + z @ factor.T
+    mean = torch.from_numpy(stats[0]).float().to(device)
+    return [mean + torch.randn(m, len(lam), generator=gen, device=device) @ factor.T for _ in range(draws)]
 
 
 def draw_reps(store: RepStore, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +326,18 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: 
     cfg, ev = params.rdm, params.rdm.eval
     n, v, dim = store.shape
     m = ev.num_samples
+    if m <= ev.prc_k:
+        raise RcgError(f"rdm.eval.num_samples ({m}) must exceed rdm.eval.prc_k ({ev.prc_k})")
     gen = seeded(device, params.seed, 3)
     real, rows = draw_reps(store, m, gen)  # its labels are what the generated reps are conditioned on
+    bank = None
+    if cfg.model.class_cond:  # k-NN bank: view 0 of the images not drawn; checked before the costly sampling
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        keep[rows] = False
+        if keep.sum() < ev.knn_k:
+            raise RcgError(f"rdm.eval.num_samples ({m}) leaves fewer than rdm.eval.knn_k ({ev.knn_k}) of the "
+                           f"store's {n} images undrawn for the k-NN class-agreement bank; lower it")
+        bank = (store.reps[keep, 0], store.labels[keep])
     labels = store.labels[rows] if cfg.model.class_cond else torch.zeros_like(rows)
 
     diffusion = GaussianDiffusion(**cfg.diffusion.model_dump()).to(device)
@@ -342,8 +360,8 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: 
     lows = [frechet_distance(*sample_stats(draw), *ref)
             for draw in [real] + [draw_reps(store, m, gen)[0] for _ in range(ev.lower_bound_draws - 1)]]
     fd_low = float(np.mean(lows))
-    gaussian = [frechet_distance(*sample_stats(gaussian_draw(ref, m, gen, device)), *ref)
-                for _ in range(ev.lower_bound_draws)]
+    gaussian = [frechet_distance(*sample_stats(draw), *ref)
+                for draw in gaussian_draws(ref, m, ev.lower_bound_draws, gen, device)]
     others, _ = draw_reps(store, m, gen)  # P/R reference: a third, independent draw
     precision, recall = knn_precision_recall(others, fake, k=ev.prc_k)
     precision_real, recall_real = knn_precision_recall(others, real, k=ev.prc_k)
@@ -357,16 +375,12 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: 
            "gaussian_fit": f"the same for {m} samples of the reference Gaussian itself (a model of mean and "
                            "covariance only), mean over as many draws",
            "precision_recall": f"k-NN (k={ev.prc_k}) precision/recall of the generated reps (_real: of the lower "
-                               f"bound's first draw) against another {m} store reps",
+                               f"bound's first draw) against another i.i.d. draw of {m} store reps; two draws "
+                               "from one store share some reps, which lifts _real a little",
            "weights": "ema" if ema is not None else "raw",
            "sample": params.section("rdm")["sample"], "generated_std": fake.std(dim=1).mean().item()}
-    if cfg.model.class_cond:  # bank: view 0 of the images not drawn above; queries: samples / the real draws
-        keep = torch.ones(n, dtype=torch.bool, device=device)
-        keep[rows] = False
-        if keep.sum() < ev.knn_k:
-            raise RcgError(f"rdm.eval.num_samples ({m}) leaves fewer than rdm.eval.knn_k ({ev.knn_k}) of the "
-                           f"store's {n} images undrawn for the k-NN class-agreement bank; lower it")
-        bank, bank_labels = store.reps[keep, 0], store.labels[keep]
+    if bank is not None:  # queries: the samples / the real draws, each with its requested (true) class
+        bank, bank_labels = bank
         out["class_agreement"] = knn_accuracy(bank, bank_labels, k=ev.knn_k, queries=fake, query_labels=labels)
         out["class_agreement_real"] = knn_accuracy(bank, bank_labels, k=ev.knn_k, queries=real, query_labels=labels)
         out["knn_k"] = ev.knn_k

@@ -128,6 +128,41 @@ def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
     assert json.loads((tmp_path / "metrics" / "rdm.json").read_text())["fd_generated"] > 0
 
 
+def test_training_sees_whitened_reps_and_the_min_snr_weight(tmp_path, monkeypatch):
+    make_store(tmp_path)
+    store = torch.from_numpy(np.asarray(zarr.open_group(tmp_path / "data" / "reps.zarr", mode="r")["reps"][:]))
+    seen, original = [], GaussianDiffusion.training_loss
+
+    def spy(self, model_fn, x0, y, generator=None, min_snr_gamma=None):
+        seen.append((x0.detach().clone(), min_snr_gamma))
+        return original(self, model_fn, x0, y, generator=generator, min_snr_gamma=min_snr_gamma)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", spy)
+    train_rdm.run(micro_params(tmp_path, ["rdm.model.whiten_power=0.25", "rdm.train.min_snr_gamma=5",
+                                          "rdm.eval.num_samples=8"]))
+    x0 = torch.cat([x for x, _ in seen])
+    assert {g for _, g in seen} == {5.0}
+    assert x0.mean(0).abs().max() < 0.25 and x0.var(0).mean().item() == pytest.approx(1.0, rel=0.15)
+    assert not any(torch.equal(x0[0], r) for r in store.reshape(-1, D))
+
+    make_store(tmp_path / "official")
+    seen.clear()
+    train_rdm.run(micro_params(tmp_path / "official", OFFICIAL + ["rdm.eval.num_samples=8"]))
+    assert {g for _, g in seen} == {None}
+    rows = store.reshape(-1, D)
+    assert all(any(torch.equal(x, r) for r in rows) for x in torch.cat([x for x, _ in seen])[:32])  # raw reps
+
+
+def test_resume_identity_counts_the_new_options_only_when_on(tmp_path):
+    """A state saved by an official-formulation run before whitening/Min-SNR existed keeps resuming."""
+    make_store(tmp_path)
+    store = train_rdm.load_store(micro_params(tmp_path), torch.device("cpu"))
+    off = train_rdm.train_config(micro_params(tmp_path, OFFICIAL), store, 1)
+    assert not {"whiten_power", "whiten_eps"} & set(off["model"]) and "min_snr_gamma" not in off["train"]
+    on = train_rdm.train_config(micro_params(tmp_path), store, 1)
+    assert on["model"]["whiten_power"] == 0.15 and on["train"]["min_snr_gamma"] == 5
+
+
 def test_a_model_file_without_its_whitening_is_refused(tmp_path):
     make_store(tmp_path)
     train_rdm.run(micro_params(tmp_path, ["rdm.eval.num_samples=8"]))
