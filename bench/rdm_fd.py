@@ -80,7 +80,8 @@ def main() -> None:
                               "ratios": [round(e["ratio"], 3) for e in evals],
                               "fd_gaussian_fit": round(float(np.mean([e["fd_gaussian_fit"] for e in evals])), 4),
                               **{key: [round(e[key], 3) for e in evals]
-                                 for key in ("precision", "recall", "precision_real", "recall_real")},
+                                 for key in ("precision", "recall", "precision_real", "recall_real",
+                                             "precision_gaussian_fit", "recall_gaussian_fit")},
                               **({"class_agreement": [round(e["class_agreement"], 3) for e in evals],
                                   "class_agreement_real": [round(e["class_agreement_real"], 3) for e in evals]}
                                  if "class_agreement" in evals[0] else {})}), flush=True)

@@ -360,23 +360,26 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: 
     lows = [frechet_distance(*sample_stats(draw), *ref)
             for draw in [real] + [draw_reps(store, m, gen)[0] for _ in range(ev.lower_bound_draws - 1)]]
     fd_low = float(np.mean(lows))
-    gaussian = [frechet_distance(*sample_stats(draw), *ref)
-                for draw in gaussian_draws(ref, m, ev.lower_bound_draws, gen, device)]
+    gaussians = gaussian_draws(ref, m, ev.lower_bound_draws, gen, device)
+    gaussian = [frechet_distance(*sample_stats(draw), *ref) for draw in gaussians]
     others, _ = draw_reps(store, m, gen)  # P/R reference: a third, independent draw
     precision, recall = knn_precision_recall(others, fake, k=ev.prc_k)
     precision_real, recall_real = knn_precision_recall(others, real, k=ev.prc_k)
+    precision_gaussian, recall_gaussian = knn_precision_recall(others, gaussians[0], k=ev.prc_k)
     out = {"fd_generated": fd_gen, "fd_lower_bound": fd_low, "fd_lower_bound_std": float(np.std(lows)),
            "ratio": fd_gen / fd_low, "fd_gaussian_fit": float(np.mean(gaussian)),
            "precision": precision, "recall": recall, "precision_real": precision_real, "recall_real": recall_real,
+           "precision_gaussian_fit": precision_gaussian, "recall_gaussian_fit": recall_gaussian,
            "num_samples": m, "prc_k": ev.prc_k,
            "reference": f"Gaussian fit to all {n} x {v} store reps",
            "lower_bound": f"mean over {len(lows)} draws of {m} store reps drawn i.i.d. (with replacement), "
                           "vs the reference",
            "gaussian_fit": f"the same for {m} samples of the reference Gaussian itself (a model of mean and "
                            "covariance only), mean over as many draws",
-           "precision_recall": f"k-NN (k={ev.prc_k}) precision/recall of the generated reps (_real: of the lower "
-                               f"bound's first draw) against another i.i.d. draw of {m} store reps; two draws "
-                               "from one store share some reps, which lifts _real a little",
+           "precision_recall": f"k-NN (k={ev.prc_k}) precision/recall of the generated reps (_real: the lower "
+                               "bound's first draw; _gaussian_fit: the Gaussian's first draw) against another "
+                               f"i.i.d. draw of {m} store reps; two draws from one store share some reps, which "
+                               "lifts _real a little",
            "weights": "ema" if ema is not None else "raw",
            "sample": params.section("rdm")["sample"], "generated_std": fake.std(dim=1).mean().item()}
     if bank is not None:  # queries: the samples / the real draws, each with its requested (true) class

@@ -110,6 +110,7 @@ def test_a_perfect_sampler_scores_the_lower_bound(tmp_path, monkeypatch):
         spreads.append(metrics["fd_lower_bound_std"] / metrics["fd_lower_bound"])
         assert abs(metrics["precision"] - metrics["precision_real"]) < 0.1  # real reps by both measures
         assert abs(metrics["recall"] - metrics["recall_real"]) < 0.1
+        assert 0 <= metrics["precision_gaussian_fit"] <= 1 and 0 <= metrics["recall_gaussian_fit"] <= 1
     assert 0.85 < np.mean(ratios) < 1.15, ratios
     assert 0 < np.mean(spreads) < 0.5
 
