@@ -2,11 +2,12 @@
 
     python -m bench.rdm_diagnose RUN_DIR [--samples 2000] [--sampler 250:1 500:1 250:0] [--set key=value ...]
 
-Prints (1) the store's covariance spectrum, (2) the model's x0 error (EMA weights, in the store's space) per
-timestep next to the error of just returning x_t / sqrt(abar_t) (a floor above that at small t means the net has
-not learned the near-identity there), (3) for each DDIM setting (steps:eta), the FD to the store and its split by eigen-subspace
-of the store's covariance, next to the same for M real reps (the lower bound), and the generated variance along
-a few eigen-directions. bench/RESULTS.md quotes its output for the default run.
+Prints (1) the store's covariance spectrum and the sampler's own floor (the FD an exact Gaussian model gets under
+each DDIM setting, in closed form, in the model's whitened space), (2) the model's x0 error (EMA weights, in the
+store's space) per timestep next to the error of just returning x_t / sqrt(abar_t) (a floor above that at small
+t means the net has not learned the near-identity there), (3) for each DDIM setting (steps:eta), the FD to the
+store and its split by eigen-subspace of the store's covariance, next to the same for M real reps (the lower
+bound), and the generated variance along a few eigen-directions. bench/RESULTS.md quotes its output.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ def projected_fd(stats: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np
     return frechet_distance(basis.T @ mu, basis.T @ sigma @ basis, basis.T @ mu_r, basis.T @ sigma_r @ basis)
 
 
+def sampler_floor(diffusion, eigval: np.ndarray, scale: np.ndarray, steps: int, eta: float) -> float:
+    """Population FD of an *exact* Gaussian model under DDIM(steps, eta) as the stage samples (the noisy x at
+    abar_0 returned), in closed form: per eigen-direction (variance eigval / scale^2 in the RDM's space) every
+    step is linear, so the variance recursion V <- k^2 V + sigma^2 from V_T = 1 gives the sampled variance."""
+    tau, a_prev, sigma = diffusion.ddim_schedule(steps, eta)
+    abar = diffusion.alphas_cumprod.double().numpy()
+    lam = np.clip(eigval, 0, None) / scale ** 2
+    var = np.ones_like(lam)
+    for i in reversed(range(len(tau))):
+        a_t, a_p, s = abar[tau[i]], float(a_prev[i]), float(sigma[i])
+        gain = np.sqrt(a_t) * lam / (a_t * lam + 1 - a_t)  # the Gaussian's x0_hat = gain * x_t
+        eps = (1 / np.sqrt(a_t) - gain) / np.sqrt(1 / a_t - 1)  # and eps_hat = eps * x_t
+        var = (np.sqrt(a_p) * gain + np.sqrt(max(1 - a_p - s ** 2, 0.0)) * eps) ** 2 * var + s ** 2
+    return float(np.sum(scale ** 2 * (np.sqrt(var) - np.sqrt(lam)) ** 2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -56,6 +73,14 @@ def main() -> None:
     print(f"store [{n}, {v}, {dim}]: top eigenvalues {np.round(eigval[:5], 2).tolist()}; "
           f"variance in the top 10 / 20 directions {frac[9]:.3f} / {frac[19]:.3f}")
     print("  eigenvalue at " + ", ".join(f"{i}: {eigval[i]:.4f}" for i in DIRECTIONS if i < dim))
+    # the model's whitening scales eigen-direction i by 1/scale_i (its PCA basis is the store's)
+    white = model.whitening
+    scale = 1 / np.linalg.norm((white.forward_map.double() @ torch.from_numpy(eigvec.copy())).numpy(), axis=0)
+    floors = []
+    for setting in args.sampler:
+        steps, eta = setting.split(":")
+        floors.append(f"DDIM {setting}: {sampler_floor(diffusion, eigval, scale, int(steps), float(eta)):.4f}")
+    print("sampler floor (FD of an exact Gaussian model, closed form): " + ", ".join(floors))
 
     gen = seeded(device, params.seed, 3)
     real, rows = draw_reps(store, m, gen)  # i.i.d., like the stage's lower bound
