@@ -85,7 +85,6 @@ def main() -> None:
     gen = seeded(device, params.seed, 3)
     real, rows = draw_reps(store, m, gen)  # i.i.d., like the stage's lower bound
     labels = store.labels[rows] if config["model"]["class_cond"] else torch.zeros(m, dtype=torch.long)
-    white = model.whitening
     with torch.no_grad():
         print("x0 MSE per dimension by timestep, in the store's space (model / x_t / sqrt(abar_t) mapped back):")
         z0 = white.encode(real)  # the model works in its whitened space

@@ -66,7 +66,7 @@ def main() -> None:
             params = load_params(Path("params.yaml"), [*args.overrides, *sets, *scratch])
             model, ema, _, summary = train_rdm.train(params, store, stats, device, Dist())
         for m in args.num_samples or [params.rdm.eval.num_samples]:
-            evals = [train_rdm.evaluate(load_params(Path("params.yaml"), [*args.overrides, *sets, *scratch,
+            evals = [train_rdm.evaluate(load_params(Path("params.yaml"), [*args.overrides, *sets,
                                                                           f"rdm.eval.num_samples={m}",
                                                                           f"seed={params.seed + 1000 * i}"]),
                                         model, ema, store, stats, device) for i in range(args.evals)]
