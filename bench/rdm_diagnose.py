@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
-from pipeline.metrics import frechet_distance  # noqa: E402
+from pipeline.metrics import frechet_distance, gaussian_stats  # noqa: E402
 from pipeline.rdm import load_rdm, sample_reps  # noqa: E402
-from stages.train_rdm import draw_reps, load_store, sample_stats, seeded, store_stats  # noqa: E402
+from stages.train_rdm import draw_reps, load_store, seeded, store_stats  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)
 DIRECTIONS = (0, 5, 10, 20, 40, 80, 160, 240)
@@ -96,14 +96,14 @@ def main() -> None:
             ident = (white.decode(z_t / abar ** 0.5) - real).pow(2).mean().item()
             print(f"  t {t:4d}: {err:.5f} / {ident:.5f}")
 
-        real_stats = sample_stats(real)
+        real_stats = gaussian_stats(real.cpu().numpy())
         print("FD to the store, total and within the top-k eigen-directions (k = " + ", ".join(map(str, SUBSPACES)) + "):")
         print(f"  real {m:>6}: " + "  ".join(f"{projected_fd(real_stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES))
         for setting in args.sampler:
             steps, eta = setting.split(":")
             fake = sample_reps(model, diffusion, labels, steps=int(steps), eta=float(eta),
                                generator=seeded(device, params.seed, 4))
-            stats = sample_stats(fake)
+            stats = gaussian_stats(fake.cpu().numpy())
             spread = np.einsum("ij,jk,ki->i", eigvec.T, stats[1], eigvec)
             print(f"  DDIM {setting:>6}: " + "  ".join(f"{projected_fd(stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES)
                   + f"   mean term {float(((stats[0] - ref[0]) ** 2).sum()):.4f}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import torch
@@ -82,9 +83,11 @@ def run(params: Params) -> dict:
     out = params.paths.metrics / "tokenizer.json"
     summary = {}
     if d.is_main:
+        started = time.perf_counter()
         metrics = evaluate(params)
         write_json(out, metrics)
         summary = {"metrics": str(out), **{k: metrics[k] for k in ("psnr", "usage", "perplexity", "fd_rep",
-                                                                     "fd_rep_halves")}}
+                                                                     "fd_rep_halves")},
+                   "seconds": round(time.perf_counter() - started, 2)}
     d.barrier()
     return summary

@@ -25,7 +25,7 @@ from pipeline.diffusion import GaussianDiffusion
 from pipeline.ema import EMA
 from pipeline.encoder import import_mocov3_state_dict, infer_vit_config
 from pipeline.errors import RcgError
-from pipeline.metrics import frechet_distance, knn_accuracy, knn_precision_recall
+from pipeline.metrics import frechet_distance, gaussian_stats, knn_accuracy, knn_precision_recall
 from pipeline.progress import log, progress
 from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm, sample_reps
 from pipeline.runtime import device_for
@@ -289,11 +289,6 @@ def store_stats(reps: torch.Tensor, block: int = 65536) -> tuple[np.ndarray, np.
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def sample_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    x = x.double()
-    return x.mean(0).cpu().numpy(), torch.cov(x.T).cpu().numpy()
-
-
 def gaussian_draws(stats: tuple[np.ndarray, np.ndarray], m: int, draws: int, gen: torch.Generator,
                    device: torch.device) -> list[torch.Tensor]:
     """``draws`` x M samples of N(mean, cov): what a model that knows only the store's first two moments makes."""
@@ -356,12 +351,12 @@ def evaluate(params: Params, model: RDM, ema: EMA | None, store: RepStore, ref: 
     if not torch.isfinite(fake).all():
         raise RcgError("rdm samples hold NaN/Inf: the model file is broken (check the training curve)")
 
-    fd_gen = frechet_distance(*sample_stats(fake), *ref)
-    lows = [frechet_distance(*sample_stats(draw), *ref)
+    fd_gen = frechet_distance(*gaussian_stats(fake.cpu().numpy()), *ref)
+    lows = [frechet_distance(*gaussian_stats(draw.cpu().numpy()), *ref)
             for draw in [real] + [draw_reps(store, m, gen)[0] for _ in range(ev.lower_bound_draws - 1)]]
     fd_low = float(np.mean(lows))
     gaussians = gaussian_draws(ref, m, ev.lower_bound_draws, gen, device)
-    gaussian = [frechet_distance(*sample_stats(draw), *ref) for draw in gaussians]
+    gaussian = [frechet_distance(*gaussian_stats(draw.cpu().numpy()), *ref) for draw in gaussians]
     others, _ = draw_reps(store, m, gen)  # P/R reference: a third, independent draw
     precision, recall = knn_precision_recall(others, fake, k=ev.prc_k)
     precision_real, recall_real = knn_precision_recall(others, real, k=ev.prc_k)
