@@ -1,6 +1,6 @@
 """RDM training throughput: the stage's loop on cached reps vs bare compute, and vs the official way.
 
-    python -m bench.rdm [--sizes default imagenet] [--steps N] [--rounds R] [--threads T]
+    python -m bench.rdm [--sizes default cifar10 imagenet] [--steps N] [--rounds R] [--threads T]
 
 (1) cached / bare: samples/s of ``stages.train_rdm.train`` (batch gather from the in-memory store, random
     views, noising, AdamW, EMA, loss checks, curves) over the bare forward + backward of the same RDM on fixed
@@ -40,9 +40,10 @@ def setting(name: str) -> tuple[Params, int, int]:
     """(params, views, image size fed to the encoder) of a named size."""
     if name == "default":
         return Params(), Params().views.count, Params().views.crop
-    p = preset("imagenet256_vitb")
+    p = preset("imagenet256_vitb" if name == "imagenet" else name)
     tree = p.model_dump(mode="json")
-    tree["rdm"]["train"]["batch_size"] = 128  # per GPU, as the official 4 x 128
+    if name == "imagenet":
+        tree["rdm"]["train"]["batch_size"] = 128  # per GPU, as the official 4 x 128
     tree["runtime"]["device"] = "auto"
     return validate(tree, check_paths=False), p.views.count, p.views.crop
 
@@ -119,8 +120,8 @@ def synthetic_store(params: Params, views: int, device: torch.device) -> train_r
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["default", "imagenet"], choices=["default", "imagenet"])
-    ap.add_argument("--steps", type=int, default=0, help="steps per measurement (0: 40 default, 4 imagenet on CPU)")
+    ap.add_argument("--sizes", nargs="+", default=["default", "imagenet"], choices=["default", "cifar10", "imagenet"])
+    ap.add_argument("--steps", type=int, default=0, help="steps per measurement (0: 4 imagenet, else 40 on CPU)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
     for name in args.sizes:
         params, views, image_size = setting(name)
         m, b = params.rdm.model, params.rdm.train.batch_size
-        steps = args.steps or (200 if device.type == "cuda" else 40 if name == "default" else 4)
+        steps = args.steps or (200 if device.type == "cuda" else 4 if name == "imagenet" else 40)
         store = synthetic_store(params, views, device)
         best = {"fwd_bwd": 0.0, "step": 0.0, "step_ema": 0.0, "cached": 0.0}
         for _ in range(args.rounds):  # interleaved; the best (least disturbed) of each is kept
