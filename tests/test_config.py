@@ -22,6 +22,21 @@ def test_presets_validate(name):
     assert isinstance(p, Params)
 
 
+PINNED = {"encoder": {"model": ["img_size", "patch_size", "embed_dim", "depth", "num_heads", "proj_hidden_dim"]},
+          "rdm": {"model": ["model_channels", "num_res_blocks", "whiten_power"], "train": ["min_snr_gamma"]},
+          "tokenizer": {"model": ["ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"]}}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet256_vitb", "imagenet256_vitl", "imagenet256_vitb_mage"])
+def test_presets_name_their_architectures(name):
+    """A preset inherits every key it leaves out from the CPU defaults, so an unnamed model size silently changes
+    when those do (the cifar10 encoder once became the default run's patch 8 / width 64 that way)."""
+    tree = yaml.safe_load((ROOT / "pipeline" / "presets" / f"{name}.yaml").read_text())
+    missing = [f"{section}.{group}.{key}" for section, groups in PINNED.items() for group, keys in groups.items()
+               for key in keys if key not in (tree.get(section) or {}).get(group, {})]
+    assert not missing, f"preset {name} leaves {missing} to the defaults"
+
+
 def test_imagenet_preset_has_official_sizes():
     p = preset("imagenet256_vitb")
     assert (p.encoder.model.embed_dim, p.encoder.model.depth, p.encoder.model.img_size) == (768, 12, 224)
