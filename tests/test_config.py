@@ -27,7 +27,8 @@ PINNED = {"encoder": {"model": ["img_size", "patch_size", "embed_dim", "depth", 
           "tokenizer": {"model": ["ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"]}}
 
 
-@pytest.mark.parametrize("name", ["cifar10", "imagenet256_vitb", "imagenet256_vitl", "imagenet256_vitb_mage"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "pipeline" / "presets").glob("*.yaml")
+                                         if p.stem != "default"))
 def test_presets_name_their_architectures(name):
     """A preset inherits every key it leaves out from the CPU defaults, so an unnamed model size silently changes
     when those do (the cifar10 encoder once became the default run's patch 8 / width 64 that way)."""
