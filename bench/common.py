@@ -22,7 +22,7 @@ def cifar10(root: Path = Path("/tmp/cifar10")) -> Path:
 def builtin_shards(root: Path, images: int, overrides: list[str]) -> list[str]:
     """Shard ``images`` built-in train images (no val) under ``root``; returns the params overrides that
     point a stage at them (``overrides`` appended)."""
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
     from stages import shard
 
     overrides = [f"paths.data={root}/data", f"paths.metrics={root}/metrics", f"data.builtin.num_train={images}",

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import builtin_shards, images_per_s  # noqa: E402
-from pipeline.artifacts import save_model_file  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.encoder import MODEL_FORMAT, MoCoViT  # noqa: E402
-from pipeline.runtime import configure, device_for  # noqa: E402
+from pipeline.core.artifacts import save_model_file  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT  # noqa: E402
+from pipeline.core.runtime import configure, device_for  # noqa: E402
 
 
 def make_inputs(root: Path, size: int, overrides: list[str]) -> list[str]:

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import Params, preset, validate  # noqa: E402
-from pipeline.distributed import Dist  # noqa: E402
-from pipeline.ema import EMA  # noqa: E402
-from pipeline.encoder import MoCoViT, represent  # noqa: E402
-from pipeline.rdm import RDM, rdm_kwargs  # noqa: E402
-from pipeline.training import TrainState  # noqa: E402
+from pipeline.core.config import Params, preset, validate  # noqa: E402
+from pipeline.core.distributed import Dist  # noqa: E402
+from pipeline.train.ema import EMA  # noqa: E402
+from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
+from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
+from pipeline.train.state import TrainState  # noqa: E402
 from stages import train_rdm  # noqa: E402
 
 

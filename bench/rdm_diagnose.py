@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import load_params  # noqa: E402
-from pipeline.metrics import frechet_distance, gaussian_stats  # noqa: E402
-from pipeline.rdm import load_rdm, sample_reps  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.eval.metrics import frechet_distance, gaussian_stats  # noqa: E402
+from pipeline.models.rdm import load_rdm, sample_reps  # noqa: E402
 from stages.train_rdm import draw_reps, load_store, seeded, store_stats  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)

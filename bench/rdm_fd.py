@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import load_params  # noqa: E402
-from pipeline.distributed import Dist  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.core.distributed import Dist  # noqa: E402
 from stages import train_rdm  # noqa: E402
 
 VARIANTS = {

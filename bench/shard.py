@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cifar10  # noqa: E402
-from pipeline.config import validate  # noqa: E402
-from pipeline.shards import scan_folder  # noqa: E402
+from pipeline.core.config import validate  # noqa: E402
+from pipeline.data.shards import scan_folder  # noqa: E402
 from stages import shard  # noqa: E402
 
 

@@ -27,9 +27,9 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench.common import builtin_shards, images_per_s  # noqa: E402
-from pipeline.artifacts import save_model_file  # noqa: E402
-from pipeline.config import load_params, preset  # noqa: E402
-from pipeline.runtime import configure, device_for  # noqa: E402
+from pipeline.core.artifacts import save_model_file  # noqa: E402
+from pipeline.core.config import load_params, preset  # noqa: E402
+from pipeline.core.runtime import configure, device_for  # noqa: E402
 
 SIZES = {
     "default": (2048, []),
@@ -44,7 +44,7 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
     """Built-in shards and a random-init tokenizer file; returns the params overrides."""
     import torch
 
-    from pipeline.vqgan import VQGAN
+    from pipeline.models.vqgan import VQGAN
     from stages.train_tokenizer import FORMAT, model_kwargs
     overrides = builtin_shards(root, images, overrides)
     params = load_params(None, overrides)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.errors import RcgError
+from pipeline.core.errors import RcgError
 
 app = typer.Typer(help="RCG pipeline: run any stage alone (dvc repro runs them all).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -41,15 +41,21 @@ def _guarded(command: str, debug: bool, fn):
         _fail(command, f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
 
 
-def run_stage(name: str, params_file: Path, overrides: list[str] | None, debug: bool) -> None:
-    from pipeline.config import load_params
-    from pipeline.runtime import configure
+# A stage's module is named after the stage, except where that name would shadow the standard library.
+STAGE_MODULES = {"tokenize": "tokenize_views"}
+
+
+def run_stage(name: str, params_file: Path, overrides: list[str] | None, debug: bool, item: str | None = None) -> None:
+    """Run ``stages.<name>.run(params)``, or ``run(params, item)`` for a stage with one instance per item
+    (``train_pixel@rep`` in dvc.yaml is ``rcg train-pixel rep``)."""
+    from pipeline.core.config import load_params
+    from pipeline.core.runtime import configure
 
     def go():
         params = load_params(params_file, overrides or [])
         configure(params.runtime)
-        module = importlib.import_module(f"stages.{name}")
-        return module.run(params)
+        module = importlib.import_module(f"stages.{STAGE_MODULES.get(name, name)}")
+        return module.run(params) if item is None else module.run(params, item)
 
     summary = _guarded(name.replace("_", "-"), debug, go)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -58,6 +64,15 @@ def run_stage(name: str, params_file: Path, overrides: list[str] | None, debug: 
 def _stage_command(name: str, help_text: str) -> None:
     def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
         run_stage(name, params, set_, debug)
+    command.__doc__ = help_text
+    app.command(name.replace("_", "-"))(command)
+
+
+def _item_stage_command(name: str, item_help: str, help_text: str) -> None:
+    """A stage with one instance per item (a conditioning, a sample setting): the item is a positional argument."""
+    def command(item: Annotated[str, typer.Argument(help=item_help)], params: ParamsOpt = Path("params.yaml"),
+                set_: SetOpt = None, debug: DebugOpt = False) -> None:
+        run_stage(name, params, set_, debug, item)
     command.__doc__ = help_text
     app.command(name.replace("_", "-"))(command)
 
@@ -77,7 +92,7 @@ for _name, _help in [
 @app.command()
 def info(path: Path, debug: DebugOpt = False) -> None:
     """Summarise an artifact: a shard folder, a .zarr store, a model file or a checkpoint."""
-    from pipeline.inspect import describe
+    from pipeline.core.describe import describe
     typer.echo(json.dumps(_guarded("info", debug, lambda: describe(path)), indent=2, default=str))
 
 
@@ -85,9 +100,9 @@ def info(path: Path, debug: DebugOpt = False) -> None:
 def preset(name: str, out: Annotated[Path, typer.Option(help="Where to write the full params file.")] = Path("params.yaml"),
            debug: DebugOpt = False) -> None:
     """Write a complete params file from a named preset (default, cifar10, imagenet256_vitb, ...)."""
-    from pipeline.artifacts import atomic_file
-    from pipeline.config import dump_yaml
-    from pipeline.config import preset as load_preset
+    from pipeline.core.artifacts import atomic_file
+    from pipeline.core.config import dump_yaml
+    from pipeline.core.config import preset as load_preset
 
     def go():
         text = f"# written by `rcg preset {name}`\n" + dump_yaml(load_preset(name))
@@ -101,7 +116,7 @@ def preset(name: str, out: Annotated[Path, typer.Option(help="Where to write the
 @app.command("make-builtin")
 def make_builtin(out: Path, count: int = 100, size: int = 32, seed: int = 0, split: str = "train") -> None:
     """Write built-in images to a folder (ImageNet layout) to look at them or shard them like any folder."""
-    from pipeline.synthetic import write_builtin
+    from pipeline.data.synthetic import write_builtin
     typer.echo(f"wrote {write_builtin(out, split, count, size, seed)}")
 
 

@@ -14,22 +14,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import distributed
-from pipeline.artifacts import file_sha256, weights_sha256, write_json
-from pipeline.config import Params
-from pipeline.distributed import Dist
-from pipeline.encoder import MoCoViT, load_encoder_file, represent
-from pipeline.errors import RcgError
-from pipeline.fill import ViewsDataset, build_view_store, views_to_float
-from pipeline.metrics import knn_accuracy
-from pipeline.progress import log, progress
-from pipeline.runtime import device_for
-from pipeline.shards import ShardSet
-from pipeline.stores import StoreWriter, open_store
-from pipeline.views import ViewRecipe
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256, weights_sha256, write_json
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.models.encoder import MoCoViT, load_encoder_file, represent
+from pipeline.core.errors import RcgError
+from pipeline.data.view_store import ViewsDataset, build_view_store, views_to_float
+from pipeline.eval.metrics import knn_accuracy
+from pipeline.core.progress import log, progress
+from pipeline.core.runtime import device_for
+from pipeline.data.shards import ShardSet
+from pipeline.data.stores import StoreWriter, open_store
+from pipeline.data.views import ViewRecipe
 
 NORMALIZATION = {
-    "function": "pipeline.encoder.represent/v1",
+    "function": "pipeline.models.encoder.represent/v1",
     "input": "uint8 view / 255, ImageNet mean/std, then bicubic resize (align_corners=False, no antialias) "
              "to input_size when the crop differs",
     "output": "projector output, standardised per sample (mean 0, unbiased std 1)",

@@ -16,18 +16,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pipeline import distributed
-from pipeline.artifacts import write_json
-from pipeline.config import Params
-from pipeline.encoder import load_encoder_file, represent
-from pipeline.errors import RcgError
-from pipeline.fill import ViewsDataset
-from pipeline.metrics import frechet_distance_between
-from pipeline.progress import progress
-from pipeline.runtime import device_for
-from pipeline.shards import META_FILE, ShardSet
-from pipeline.views import ViewRecipe
-from pipeline.vqgan import code_usage, codebook_stats, load_tokenizer
+from pipeline.core import distributed
+from pipeline.core.artifacts import write_json
+from pipeline.core.config import Params
+from pipeline.models.encoder import load_encoder_file, represent
+from pipeline.core.errors import RcgError
+from pipeline.data.view_store import ViewsDataset
+from pipeline.eval.metrics import frechet_distance_between
+from pipeline.core.progress import progress
+from pipeline.core.runtime import device_for
+from pipeline.data.shards import META_FILE, ShardSet
+from pipeline.data.views import ViewRecipe
+from pipeline.models.vqgan import code_usage, codebook_stats, load_tokenizer
 
 
 def held_out(params: Params) -> tuple[ShardSet, np.ndarray]:

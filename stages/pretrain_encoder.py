@@ -16,18 +16,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pipeline import distributed
-from pipeline.artifacts import file_sha256, save_model_file
-from pipeline.config import Params
-from pipeline.distributed import Dist
-from pipeline.encoder import MODEL_FORMAT, MoCoViT, load_encoder_as
-from pipeline.errors import RcgError
-from pipeline.images import decode_rgb
-from pipeline.moco import MoCoV3, TwoCropAugment, momentum_at
-from pipeline.progress import log, progress
-from pipeline.runtime import device_for
-from pipeline.shards import INDEX_FILE, ShardSet
-from pipeline.training import CurveLog, TrainState, check_finite, cosine_lr, seed_everything, set_lr
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256, save_model_file
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_as
+from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb
+from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
+from pipeline.core.progress import log, progress
+from pipeline.core.runtime import device_for
+from pipeline.data.shards import INDEX_FILE, ShardSet
+from pipeline.train.state import CurveLog, TrainState, check_finite, cosine_lr, seed_everything, set_lr
 
 
 class TwoCropDataset(Dataset):

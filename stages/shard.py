@@ -9,14 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import images
-from pipeline.artifacts import atomic_dir, write_json
-from pipeline.config import Params
-from pipeline.errors import RcgError
-from pipeline.progress import log, progress
-from pipeline.shards import (INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, Candidate,
+from pipeline.data import images
+from pipeline.core.artifacts import atomic_dir, write_json
+from pipeline.core.config import Params
+from pipeline.core.errors import RcgError
+from pipeline.core.progress import log, progress
+from pipeline.data.shards import (INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, Candidate,
                              ShardWriter, display_path, key_for, scan_folder, write_table)
-from pipeline.synthetic import CLASSES, write_builtin
+from pipeline.data.synthetic import CLASSES, write_builtin
 
 FORMAT = "rcg-shards"
 _policy: images.ImagePolicy | None = None

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import distributed
-from pipeline.artifacts import file_sha256, save_model_file, weights_sha256, write_json
-from pipeline.config import Diffusion, Params
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.ema import EMA
-from pipeline.encoder import import_mocov3_state_dict, infer_vit_config
-from pipeline.errors import RcgError
-from pipeline.metrics import frechet_distance, gaussian_stats, knn_accuracy, knn_precision_recall
-from pipeline.progress import log, progress
-from pipeline.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm, sample_reps
-from pipeline.runtime import device_for
-from pipeline.stores import open_store
-from pipeline.training import CurveLog, TrainState, check_finite, cosine_lr, set_lr
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256, save_model_file, weights_sha256, write_json
+from pipeline.core.config import Diffusion, Params
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.train.ema import EMA
+from pipeline.models.encoder import import_mocov3_state_dict, infer_vit_config
+from pipeline.core.errors import RcgError
+from pipeline.eval.metrics import frechet_distance, gaussian_stats, knn_accuracy, knn_precision_recall
+from pipeline.core.progress import log, progress
+from pipeline.models.rdm import RDM, load_official_rdm, official_rdm_encoder, rdm_kwargs, read_official_rdm, sample_reps
+from pipeline.core.runtime import device_for
+from pipeline.data.stores import open_store
+from pipeline.train.state import CurveLog, TrainState, check_finite, cosine_lr, set_lr
 
 FORMAT = "rcg-rdm"
 STAGE = "train_rdm"

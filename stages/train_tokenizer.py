@@ -3,7 +3,7 @@
 Training follows taming-transformers minus LPIPS (no VGG weights here): pixel L1/L2 + commitment loss, a hinge
 PatchGAN switched on at ``disc_start`` with its own optimiser, both Adam(0.5, 0.9). The quantiser stays the official
 plain nearest-L2 one, so the file loads into the same class and tokenizes the same way; only how the codebook
-learns differs: by EMA k-means (pipeline.vqgan.CodebookEMA) instead of a codebook loss, and codes unused over the
+learns differs: by EMA k-means (pipeline.models.vqgan.CodebookEMA) instead of a codebook loss, and codes unused over the
 last ``restart_every`` steps are restarted onto current encoder outputs (after step 0 too: a data-based init).
 """
 
@@ -20,18 +20,18 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline import distributed
-from pipeline.artifacts import file_sha256, save_model_file
-from pipeline.config import Params, TokenizerModel
-from pipeline.errors import RcgError
-from pipeline.images import decode_rgb, resize_short_side
-from pipeline.progress import log, progress
-from pipeline.runtime import device_for
-from pipeline.shards import ShardSet
-from pipeline.training import CurveLog, TrainState, check_finite, seed_everything, unwrap
-from pipeline.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256, save_model_file
+from pipeline.core.config import Params, TokenizerModel
+from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb, resize_short_side
+from pipeline.core.progress import log, progress
+from pipeline.core.runtime import device_for
+from pipeline.data.shards import ShardSet
+from pipeline.train.state import CurveLog, TrainState, check_finite, seed_everything, unwrap
+from pipeline.models.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
                             load_official_vqgan)
-from pipeline.vqgan_loss import VQGANLoss
+from pipeline.models.vqgan_loss import VQGANLoss
 
 FORMAT = "rcg-tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]

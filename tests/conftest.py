@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import Params, apply_override, deep_merge, validate
-from pipeline.stores import StoreWriter
+from pipeline.core.config import Params, apply_override, deep_merge, validate
+from pipeline.data.stores import StoreWriter
 
 os.environ.setdefault("RCG_PROGRESS", "0")
 

@@ -4,7 +4,7 @@ import hashlib
 
 import numpy as np
 
-from pipeline.synthetic import CLASSES, render, write_builtin
+from pipeline.data.synthetic import CLASSES, render, write_builtin
 
 
 def _digest(folder):

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from conftest import micro_params
-from pipeline.config import dump_yaml
+from pipeline.core.config import dump_yaml
 
 RCG = [sys.executable, "-m", "stages.cli"]
 ENV = {**os.environ, "RCG_PROGRESS": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -58,7 +58,7 @@ def test_shard_then_info(tmp_path):
 
 def test_info_on_model_files_and_foreign_checkpoints(tmp_path):
     import torch
-    from pipeline.artifacts import save_model_file
+    from pipeline.core.artifacts import save_model_file
     save_model_file(tmp_path / "m.pt", "rcg-test", {"model": {"width": 2}}, {"w": torch.zeros(2, 3)})
     info = json.loads(rcg("info", str(tmp_path / "m.pt")).stdout)
     assert (info["format"], info["parameters"], info["config"]) == ("rcg-test", 6, {"model": {"width": 2}})

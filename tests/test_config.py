@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Params, load_params, preset, validate
-from pipeline.errors import RcgError
+from pipeline.core.config import Params, load_params, preset, validate
+from pipeline.core.errors import RcgError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.errors import RcgError
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.core.errors import RcgError
 
 
 def test_schedule_values():

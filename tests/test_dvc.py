@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from conftest import micro_params
-from pipeline.config import dump_yaml
+from pipeline.core.config import dump_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

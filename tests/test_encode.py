@@ -9,13 +9,13 @@ import torch.multiprocessing as mp
 import zarr
 
 from conftest import kill_after, micro_params
-from pipeline.artifacts import file_sha256, save_model_file, weights_sha256
-from pipeline.distributed import Dist
-from pipeline.encoder import MODEL_FORMAT, MoCoViT, represent
-from pipeline.errors import RcgError
-from pipeline.shards import ShardSet
-from pipeline.stores import open_store, partial_path
-from pipeline.views import ViewRecipe, all_views
+from pipeline.core.artifacts import file_sha256, save_model_file, weights_sha256
+from pipeline.core.distributed import Dist
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
+from pipeline.core.errors import RcgError
+from pipeline.data.shards import ShardSet
+from pipeline.data.stores import open_store, partial_path
+from pipeline.data.views import ViewRecipe, all_views
 from stages import encode
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.encoder as enc
-from pipeline.encoder import (VIT_SIZES, MoCoViT, import_mocov3_state_dict, infer_vit_config, load_encoder,
+import pipeline.models.encoder as enc
+from pipeline.models.encoder import (VIT_SIZES, MoCoViT, import_mocov3_state_dict, infer_vit_config, load_encoder,
                               load_encoder_checkpoint, normalize_for_encoder, represent, standardize)
-from pipeline.artifacts import load_checkpoint
-from pipeline.errors import RcgError
+from pipeline.core.artifacts import load_checkpoint
+from pipeline.core.errors import RcgError
 
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, proj_hidden_dim=64, proj_dim=16)

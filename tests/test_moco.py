@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.encoder import VIT_SIZES, MoCoViT
-from pipeline.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
+from pipeline.models.encoder import VIT_SIZES, MoCoViT
+from pipeline.models.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
 
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import micro_params
-from pipeline.artifacts import file_sha256, load_model_file
-from pipeline.encoder import MODEL_FORMAT, MoCoViT, load_encoder_file, represent
-from pipeline.errors import RcgError
-from pipeline.moco import MoCoV3
-from pipeline.training import TrainState
+from pipeline.core.artifacts import file_sha256, load_model_file
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_file, represent
+from pipeline.core.errors import RcgError
+from pipeline.models.moco import MoCoV3
+from pipeline.train.state import TrainState
 from stages import pretrain_encoder
 
 

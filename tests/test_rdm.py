@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.ema import EMA
-from pipeline.errors import RcgError
-from pipeline.rdm import (RDM, RepWhitening, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm,
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.train.ema import EMA
+from pipeline.core.errors import RcgError
+from pipeline.models.rdm import (RDM, RepWhitening, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm,
                           sample_reps, timestep_embedding)
 
 MANIFEST = Path("/work/shared/reference/manifests/rdm_vitb_l12_w1536.json")

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import micro_params
-from pipeline.errors import RcgError
-from pipeline.images import decode_rgb
-from pipeline.shards import ShardSet
+from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb
+from pipeline.data.shards import ShardSet
 from stages import shard
 
 

@@ -12,17 +12,18 @@ import torch.multiprocessing as mp
 import zarr
 
 from conftest import kill_after, micro_params
-from pipeline.alignment import check_aligned
-from pipeline.artifacts import file_sha256, load_model_file, save_model_file
-from pipeline.distributed import Dist
-from pipeline.encoder import MODEL_FORMAT, MoCoViT
-from pipeline.errors import RcgError
-from pipeline.images import decode_rgb
-from pipeline.shards import ShardSet
-from pipeline.stores import open_store, partial_path
-from pipeline.views import ViewRecipe, make_view
-from pipeline.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
-from stages import encode, eval_tokenizer, tokenize, train_tokenizer
+from pipeline.data.alignment import check_aligned
+from pipeline.core.artifacts import file_sha256, load_model_file, save_model_file
+from pipeline.core.distributed import Dist
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
+from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb
+from pipeline.data.shards import ShardSet
+from pipeline.data.stores import open_store, partial_path
+from pipeline.data.views import ViewRecipe, make_view
+from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
+from stages import encode, eval_tokenizer, train_tokenizer
+from stages import tokenize_views as tokenize
 
 
 

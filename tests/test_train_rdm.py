@@ -9,14 +9,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline.artifacts import load_checkpoint, load_model_file, save_model_file, weights_sha256
-from pipeline.config import EncoderModel
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.distributed import Dist
-from pipeline.encoder import MoCoViT
-from pipeline.errors import RcgError
-from pipeline.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs
-from pipeline.stores import StoreWriter
+from pipeline.core.artifacts import load_checkpoint, load_model_file, save_model_file, weights_sha256
+from pipeline.core.config import EncoderModel
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.core.distributed import Dist
+from pipeline.models.encoder import MoCoViT
+from pipeline.core.errors import RcgError
+from pipeline.models.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs
+from pipeline.data.stores import StoreWriter
 from stages import train_rdm
 from conftest import MICRO, micro_params
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import RcgError
-from pipeline.vqgan import VQGAN, code_usage, codebook_stats, infer_vqgan_config, load_official_vqgan
-from pipeline.vqgan_loss import VQGANLoss, hinge_d_loss
+from pipeline.core.errors import RcgError
+from pipeline.models.vqgan import VQGAN, code_usage, codebook_stats, infer_vqgan_config, load_official_vqgan
+from pipeline.models.vqgan_loss import VQGANLoss, hinge_d_loss
 
 MANIFEST = Path("/work/shared/reference/manifests/vqgan_jax_strongaug.json")
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, embed_dim=16, n_embed=32)

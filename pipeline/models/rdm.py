@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from pipeline.artifacts import load_checkpoint, load_model_file
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.errors import RcgError
+from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.core.errors import RcgError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:

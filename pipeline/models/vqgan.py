@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.artifacts import load_checkpoint, load_model_file
-from pipeline.errors import RcgError
+from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.errors import RcgError
 
 
 def Normalize(channels: int) -> nn.GroupNorm:

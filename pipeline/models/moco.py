@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from pipeline.encoder import MoCoViT, build_mlp, normalize_for_encoder
+from pipeline.models.encoder import MoCoViT, build_mlp, normalize_for_encoder
 
 
 def momentum_at(progress: float, base_m: float = 0.99) -> float:

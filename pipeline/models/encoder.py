@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.artifacts import load_checkpoint, load_model_file
-from pipeline.errors import RcgError
+from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.errors import RcgError
 
 MODEL_FORMAT = "rcg-encoder"  # data/models/encoder.pt, whether pretrained here or imported
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.artifacts import atomic_file, load_checkpoint
-from pipeline.errors import RcgError
-from pipeline.progress import log
+from pipeline.core.artifacts import atomic_file, load_checkpoint
+from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
 
 
 def seed_everything(seed: int) -> None:

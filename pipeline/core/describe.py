@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import RcgError
-from pipeline.shards import INDEX_FILE, META_FILE, REJECTS_FILE
+from pipeline.core.errors import RcgError
+from pipeline.data.shards import INDEX_FILE, META_FILE, REJECTS_FILE
 
 
 def _shards(path: Path) -> dict:
@@ -40,7 +40,7 @@ def _store(path: Path) -> dict:
 def _model(path: Path) -> dict:
     import argparse
 
-    from pipeline.artifacts import load_checkpoint
+    from pipeline.core.artifacts import load_checkpoint
     payload = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if isinstance(payload, dict) and "format" in payload and "state_dict" in payload:
         sd = payload["state_dict"]

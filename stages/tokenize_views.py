@@ -1,7 +1,7 @@
 """Stage ``tokenize``: every view of every training image through the frozen VQGAN, once -> ``data/tokens.zarr``.
 
-The views come from the same :func:`pipeline.views.make_view` as ``encode``'s (through ``fill_store``), so
-``tokens[i, v]`` and ``reps[i, v]`` describe the same pixels; :func:`pipeline.alignment.check_aligned` lets a
+The views come from the same :func:`pipeline.data.views.make_view` as ``encode``'s (through ``fill_store``), so
+``tokens[i, v]`` and ``reps[i, v]`` describe the same pixels; :func:`pipeline.data.alignment.check_aligned` lets a
 consumer verify that two stores were built from the same views and index.
 """
 
@@ -12,16 +12,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.artifacts import file_sha256
-from pipeline.config import Params
-from pipeline.distributed import Dist
-from pipeline.errors import RcgError
-from pipeline.fill import build_view_store, views_to_float
-from pipeline.runtime import device_for
-from pipeline.stores import StoreWriter, open_store
-from pipeline.views import ViewRecipe
-from pipeline.vqgan import VQGAN, load_tokenizer
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import RcgError
+from pipeline.data.view_store import build_view_store, views_to_float
+from pipeline.core.runtime import device_for
+from pipeline.data.stores import StoreWriter, open_store
+from pipeline.data.views import ViewRecipe
+from pipeline.models.vqgan import VQGAN, load_tokenizer
 
 
 def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from pipeline.errors import RcgError
+from pipeline.core.errors import RcgError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's light paths never load it
     import torch

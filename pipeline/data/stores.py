@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.artifacts import replace_dir
-from pipeline.errors import RcgError
-from pipeline.progress import log
+from pipeline.core.artifacts import replace_dir
+from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
 
 FORMAT_VERSION = 1
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import RcgError
+from pipeline.core.errors import RcgError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 INDEX_FILE, REJECTS_FILE, META_FILE = "index.parquet", "rejects.parquet", "meta.json"

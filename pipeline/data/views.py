@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.images import decode_rgb, resize_short_side
+from pipeline.data.images import decode_rgb, resize_short_side
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ViewRecipe:
 
     def describe(self) -> dict:
         """What a store records so it is never reused with other views."""
-        return {"function": "pipeline.views.make_view/v1", **asdict(self)}
+        return {"function": "pipeline.data.views.make_view/v1", **asdict(self)}
 
 
 def _draws(key: str, v: int, seed: int) -> tuple[float, float, bool]:

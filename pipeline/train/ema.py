@@ -12,7 +12,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from pipeline.errors import RcgError
+from pipeline.core.errors import RcgError
 
 
 class EMA:

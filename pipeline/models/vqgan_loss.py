@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.vqgan import Normalize
+from pipeline.models.vqgan import Normalize
 
 
 class NLayerDiscriminator(nn.Module):

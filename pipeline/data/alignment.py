@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import file_sha256
-from pipeline.errors import RcgError
-from pipeline.stores import open_store
+from pipeline.core.artifacts import file_sha256
+from pipeline.core.errors import RcgError
+from pipeline.data.stores import open_store
 
 
 def check_aligned(tokens_path: str | Path, reps_path: str | Path,

@@ -15,9 +15,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, ValidationInfo, model_validator)
 
-from pipeline.errors import RcgError
+from pipeline.core.errors import RcgError
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS_DIR = Path(__file__).parents[1] / "presets"
 
 
 class Section(BaseModel):
@@ -95,7 +95,7 @@ class Shard(Section):
 
 
 class Views(Section):
-    """The deterministic views every store is computed on (pipeline.views)."""
+    """The deterministic views every store is computed on (pipeline.data.views)."""
     count: PositiveInt = 2   # V: view 0 = centre crop, 1 = its flip (if flip), more = seeded random crops
     resize: PositiveInt = 32  # short side before cropping (256 RDM-style, 292 MAGE-style on ImageNet)
     crop: PositiveInt = 32
@@ -169,7 +169,7 @@ class RdmModel(Section):
     in_channels: PositiveInt = 256
     # Reps enter the diffusion in the PCA basis of the store's covariance, principal direction i scaled by
     # lambda_i^-p (lambda floored at whiten_eps x their mean; unit mean variance overall): p = whiten_power,
-    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.rdm.sample_reps maps back.
+    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.models.rdm.sample_reps maps back.
     whiten_power: float = Field(0.15, ge=0, le=0.5)
     whiten_eps: PositiveFloat = 1e-3
     time_embed_dim: PositiveInt = 256
@@ -233,7 +233,7 @@ class Rdm(Section):
 
 # ---------------------------------------------------------------------------------------- tokenizer
 class TokenizerModel(Section):
-    """VQGAN architecture (pipeline.vqgan). Default: a tiny f=4 model (8x8 tokens on 32 px) that trains on 2 CPU
+    """VQGAN architecture (pipeline.models.vqgan). Default: a tiny f=4 model (8x8 tokens on 32 px) that trains on 2 CPU
     cores in minutes; the official one is ch 128, ch_mult [1,1,2,2,4], 2 blocks, 256-d codes, n_embed 1024."""
     ch: PositiveInt = 16
     ch_mult: list[PositiveInt] = [1, 2, 2]   # downsampling factor 2**(len-1): 4 -> 8x8 tokens on 32x32

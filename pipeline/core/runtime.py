@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import Runtime
-from pipeline.errors import RcgError
+from pipeline.core.config import Runtime
+from pipeline.core.errors import RcgError
 
 
 def configure(runtime: Runtime) -> None:

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.artifacts import file_sha256
-from pipeline.config import Encode, Tokenize
-from pipeline.distributed import Dist
-from pipeline.progress import progress
-from pipeline.shards import INDEX_FILE, ShardSet
-from pipeline.stores import StoreWriter
-from pipeline.views import ViewRecipe, all_views
+from pipeline.core.artifacts import file_sha256
+from pipeline.core.config import Encode, Tokenize
+from pipeline.core.distributed import Dist
+from pipeline.core.progress import progress
+from pipeline.data.shards import INDEX_FILE, ShardSet
+from pipeline.data.stores import StoreWriter
+from pipeline.data.views import ViewRecipe, all_views
 
 
 def views_to_float(views: torch.Tensor, device: torch.device) -> torch.Tensor:
