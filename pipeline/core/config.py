@@ -295,6 +295,63 @@ class Tokenize(Section):
     bf16: bool = False  # autocast on GPU only; nearest-code ties then differ: ~2% of tokens change vs fp32
 
 
+# ------------------------------------------------------------------------------------------- sample
+class SampleSetting(Section):
+    """One generation setting of the sample stage (data/samples/<name>.zarr): which pixel generator
+    (data/models/pixel-<generator>.pt), what it is conditioned on, and how the tokens are decoded."""
+    generator: Literal["rep", "none", "class", "cluster"]
+    reps: Literal["rdm", "stored"] | None = None  # rep generator only: RDM samples, or stored reps of real images (oracle)
+    classes: list[NonNegativeInt] | None = None  # class-cond RDM / class generator: ids cycled in order; None = all
+    guidance: float = Field(0.0, ge=0)        # classifier-free guidance scale s (grows as s (k+1)/T over the steps)
+    iterations: PositiveInt = 20              # masked-decoding steps T (<= the token count, checked at sampling)
+    temperature: float = Field(6.0, ge=0)     # token-choice (Gumbel) temperature tau, annealed as tau (1 - r)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleSetting":
+        if (self.generator == "rep") != (self.reps is not None):
+            raise ValueError("reps ('rdm' or 'stored') is set for the 'rep' generator and only for it")
+        if self.classes is not None and not (self.generator == "class" or self.reps == "rdm"):
+            raise ValueError("classes needs the 'class' generator or RDM reps (a class-conditional RDM)")
+        if self.classes == []:
+            raise ValueError("classes: give at least one class id, or null for all")
+        return self
+
+
+def _default_settings() -> dict[str, SampleSetting]:
+    return {"rcg": SampleSetting(generator="rep", reps="rdm"),
+            "rcg_cfg": SampleSetting(generator="rep", reps="rdm", guidance=1.0),
+            "baseline": SampleSetting(generator="none"),
+            "oracle": SampleSetting(generator="rep", reps="stored"),
+            "class": SampleSetting(generator="class"),
+            "cluster": SampleSetting(generator="cluster")}
+
+
+class SampleFigures(Section):
+    """PNG figures of every setting (metrics/figures/<setting>/), cells upscaled (nearest) to ``cell`` px."""
+    grid: PositiveInt = 64        # samples in the grid
+    columns: PositiveInt = 8
+    real_images: NonNegativeInt = 4  # Figure 6: real images whose rep is decoded into ``columns`` images each
+    pairs: NonNegativeInt = 2        # Figure 7: pairs of real images interpolated in ``columns`` steps
+    class_rows: PositiveInt = 10     # class-conditional settings: one row per class, at most this many
+    cell: PositiveInt = 64
+
+
+class Sample(Section):
+    settings: dict[str, SampleSetting] = Field(default_factory=_default_settings)
+    num_samples: PositiveInt = 1000
+    batch_size: PositiveInt = 100  # also the store chunk: the unit of seeding, resume and rank splits
+    seed: int = 0                  # chunk c draws from seed (seed, c): every setting sees the same streams
+    rdm: RdmSample = RdmSample()   # the RDM's DDIM sampler for generation (RCG: 250 steps, eta 1)
+    figures: SampleFigures = SampleFigures()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Sample":
+        bad = [name for name in self.settings if not name.replace("_", "").isalnum() or name != name.lower()]
+        if bad:
+            raise ValueError(f"sample.settings: names must be lower-case letters, digits and '_': {bad}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- params
 class Runtime(Section):
     """How to run, not what to compute: not a DVC dependency, so changing it never invalidates outputs."""
@@ -315,6 +372,7 @@ class Params(Section):
     rdm: Rdm = Rdm()
     tokenizer: Tokenizer = Tokenizer()
     tokenize: Tokenize = Tokenize()
+    sample: Sample = Sample()
     runtime: Runtime = Runtime()
 
     def section(self, name: str) -> dict:
