@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params, preset, validate  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
+from pipeline.data.rep_store import RepStore, store_stats  # noqa: E402
 from pipeline.train.ema import EMA  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
@@ -48,10 +49,10 @@ def setting(name: str) -> tuple[Params, int, int]:
     return validate(tree, check_paths=False), p.views.count, p.views.crop
 
 
-def cached_rate(params: Params, store: train_rdm.RepStore, device: torch.device, steps: int) -> float:
+def cached_rate(params: Params, store: RepStore, device: torch.device, steps: int) -> float:
     """Samples/s of the stage's own loop, differential (an S-step run minus a 1-step run), so start-up and
     the first step's allocations count for neither side."""
-    seconds, stats = [], train_rdm.store_stats(store.reps)
+    seconds, stats = [], store_stats(store.reps)
     for n in (1, steps):
         with tempfile.TemporaryDirectory() as tmp:
             tree = params.model_dump(mode="json")
@@ -110,11 +111,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_store(params: Params, views: int, device: torch.device) -> train_rdm.RepStore:
+def synthetic_store(params: Params, views: int, device: torch.device) -> RepStore:
     n, dim = max(8192, 8 * params.rdm.train.batch_size), params.rdm.model.in_channels
     reps = torch.randn(n, views, dim)
     reps = (reps - reps.mean(-1, keepdim=True)) / reps.std(-1, keepdim=True)
-    return train_rdm.RepStore(Path("<memory>"), reps.to(device), torch.zeros(n, dtype=torch.long, device=device),
+    return RepStore(Path("<memory>"), reps.to(device), torch.zeros(n, dtype=torch.long, device=device),
                               {"bench": True})
 
 

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.eval.metrics import frechet_distance, gaussian_stats  # noqa: E402
 from pipeline.models.rdm import load_rdm, sample_reps  # noqa: E402
-from stages.train_rdm import draw_reps, load_store, seeded, store_stats  # noqa: E402
+from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
+from pipeline.eval.rdm_eval import draw_reps  # noqa: E402
+from pipeline.train.rng import seeded_generator  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)
 DIRECTIONS = (0, 5, 10, 20, 40, 80, 160, 240)
@@ -61,7 +63,7 @@ def main() -> None:
     os.chdir(args.run_dir)
     params = load_params(Path("params.yaml"), args.overrides)
     device = torch.device("cpu")
-    store = load_store(params, device)
+    store = load_store(params.paths.reps, params.rdm.model, device)
     model, diffusion, config = load_rdm(params.paths.models / "rdm.pt")  # EMA weights, as RCG samples
     n, v, dim = store.shape
     m = args.samples
@@ -82,7 +84,7 @@ def main() -> None:
         floors.append(f"DDIM {setting}: {sampler_floor(diffusion, eigval, scale, int(steps), float(eta)):.4f}")
     print("sampler floor (FD of an exact Gaussian model, closed form): " + ", ".join(floors))
 
-    gen = seeded(device, params.seed, 3)
+    gen = seeded_generator(device, params.seed, 3)
     real, rows = draw_reps(store, m, gen)  # i.i.d., like the stage's lower bound
     labels = store.labels[rows] if config["model"]["class_cond"] else torch.zeros(m, dtype=torch.long)
     with torch.no_grad():
@@ -102,7 +104,7 @@ def main() -> None:
         for setting in args.sampler:
             steps, eta = setting.split(":")
             fake = sample_reps(model, diffusion, labels, steps=int(steps), eta=float(eta),
-                               generator=seeded(device, params.seed, 4))
+                               generator=seeded_generator(device, params.seed, 4))
             stats = gaussian_stats(fake.cpu().numpy())
             spread = np.einsum("ij,jk,ki->i", eigvec.T, stats[1], eigvec)
             print(f"  DDIM {setting:>6}: " + "  ".join(f"{projected_fd(stats, ref, eigvec[:, :k]):.4f}" for k in SUBSPACES)

@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
+from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
+from pipeline.eval.rdm_eval import evaluate  # noqa: E402
 from stages import train_rdm  # noqa: E402
 
 VARIANTS = {
@@ -57,8 +59,8 @@ def main() -> None:
     os.chdir(args.run_dir)
     device = torch.device("cpu")
     base = load_params(Path("params.yaml"), args.overrides)
-    store = train_rdm.load_store(base, device)
-    stats = train_rdm.store_stats(store.reps)
+    store = load_store(base.paths.reps, base.rdm.model, device)
+    stats = store_stats(store.reps)
     for spec in args.variants:
         name, sets = variant(spec)
         with tempfile.TemporaryDirectory() as tmp:
@@ -66,10 +68,9 @@ def main() -> None:
             params = load_params(Path("params.yaml"), [*args.overrides, *sets, *scratch])
             model, ema, _, summary = train_rdm.train(params, store, stats, device, Dist())
         for m in args.num_samples or [params.rdm.eval.num_samples]:
-            evals = [train_rdm.evaluate(load_params(Path("params.yaml"), [*args.overrides, *sets,
-                                                                          f"rdm.eval.num_samples={m}",
-                                                                          f"seed={params.seed + 1000 * i}"]),
-                                        model, ema, store, stats, device) for i in range(args.evals)]
+            at_m = load_params(Path("params.yaml"), [*args.overrides, *sets, f"rdm.eval.num_samples={m}"])
+            evals = [evaluate(at_m.rdm, params.seed + 1000 * i, model, ema, store, stats, device)
+                     for i in range(args.evals)]
             fd = [e["fd_generated"] for e in evals]
             low = [e["fd_lower_bound"] for e in evals]
             print(json.dumps({"variant": name, "sets": sets, "steps": params.rdm.train.steps,

@@ -44,13 +44,12 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
     """Built-in shards and a random-init tokenizer file; returns the params overrides."""
     import torch
 
-    from pipeline.models.vqgan import VQGAN
-    from stages.train_tokenizer import FORMAT, model_kwargs
+    from pipeline.models.vqgan import MODEL_FORMAT, VQGAN, model_kwargs
     overrides = builtin_shards(root, images, overrides)
     params = load_params(None, overrides)
     kwargs = model_kwargs(params.tokenizer.model)
     torch.manual_seed(0)
-    save_model_file(params.paths.models / "tokenizer.pt", FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
+    save_model_file(params.paths.models / "tokenizer.pt", MODEL_FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
                     summary={"source": "bench"})
     return overrides
 

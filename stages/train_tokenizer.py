@@ -22,26 +22,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file
-from pipeline.core.config import Params, TokenizerModel
+from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.data.images import decode_rgb, resize_short_side
 from pipeline.core.progress import log, progress
 from pipeline.core.runtime import device_for
 from pipeline.data.shards import ShardSet
 from pipeline.train.state import CurveLog, TrainState, check_finite, seed_everything, unwrap
+from pipeline.models.vqgan import ARCH, MODEL_FORMAT as FORMAT, model_kwargs
 from pipeline.models.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
                             load_official_vqgan)
 from pipeline.models.vqgan_loss import VQGANLoss
 
-FORMAT = "rcg-tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
-ARCH = ["ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"]
-
-
-def model_kwargs(m: TokenizerModel) -> dict:
-    """VQGAN constructor arguments (JSON-able) from ``tokenizer.model``."""
-    return {**{k: getattr(m, k) for k in ARCH}, "ch_mult": list(m.ch_mult), "in_channels": 3, "out_ch": 3,
-            "beta": m.beta}
 
 
 def _seed(*parts: int) -> int:

@@ -15,6 +15,7 @@ from pipeline.gen.diffusion import GaussianDiffusion
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MoCoViT
 from pipeline.core.errors import RcgError
+from pipeline.data.rep_store import RepBatches, load_store, store_stats
 from pipeline.models.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs
 from pipeline.data.stores import StoreWriter
 from stages import train_rdm
@@ -24,6 +25,10 @@ N, V, D, CLASSES = 48, 2, 16, 10
 OFFICIAL = ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"]  # how official RDM files are trained
 ENCODER = MoCoViT(**MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
 
+
+
+def load(params):
+    return load_store(params.paths.reps, params.rdm.model, torch.device("cpu"))
 
 
 def identity(weights: bool = True) -> dict:
@@ -121,8 +126,8 @@ def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
     train_rdm.run(params)
     model, _, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
     assert config["whitening"] == {"whiten_power": 0.25, "whiten_eps": 1e-3} and config["min_snr_gamma"] == 5
-    store = train_rdm.load_store(params, torch.device("cpu"))
-    mean, _ = train_rdm.store_stats(store.reps)
+    store = load(params)
+    mean, _ = store_stats(store.reps)
     assert torch.allclose(model.whitening.mean, torch.from_numpy(mean).float())
     z = model.whitening.encode(store.reps.reshape(-1, D)).double()
     assert torch.cov(z.T).diagonal().mean().item() == pytest.approx(1.0, rel=1e-3)  # the space it trained in
@@ -157,7 +162,7 @@ def test_training_sees_whitened_reps_and_the_min_snr_weight(tmp_path, monkeypatc
 def test_resume_identity_counts_the_new_options_only_when_on(tmp_path):
     """A state saved by an official-formulation run before whitening/Min-SNR existed keeps resuming."""
     make_store(tmp_path)
-    store = train_rdm.load_store(micro_params(tmp_path), torch.device("cpu"))
+    store = load(micro_params(tmp_path))
     off = train_rdm.train_config(micro_params(tmp_path, OFFICIAL), store, 1)
     assert not {"whiten_power", "whiten_eps"} & set(off["model"]) and "min_snr_gamma" not in off["train"]
     on = train_rdm.train_config(micro_params(tmp_path), store, 1)
@@ -188,8 +193,8 @@ def test_warmup_and_cosine_schedule(tmp_path):
 
 def test_batches_are_a_function_of_the_step(tmp_path):
     make_store(tmp_path)
-    store = train_rdm.load_store(micro_params(tmp_path), torch.device("cpu"))
-    a, b = train_rdm.RepBatches(store, 8, 0, Dist()), train_rdm.RepBatches(store, 8, 0, Dist())
+    store = load(micro_params(tmp_path))
+    a, b = RepBatches(store, 8, 0, Dist()), RepBatches(store, 8, 0, Dist())
     for step in (4, 0, 11):
         xa, ra, ga = a(step)
         xb, rb, gb = b(step)
@@ -201,7 +206,7 @@ def test_batches_are_a_function_of_the_step(tmp_path):
     x0, rows, _ = a(1)
     assert all(any(torch.equal(x, store.reps[r, v]) for v in range(V)) for x, r in zip(x0, rows))
     # two ranks split a step's images without overlap
-    r0, r1 = (train_rdm.RepBatches(store, 8, 0, Dist(rank, 2, 0))(3)[1] for rank in (0, 1))
+    r0, r1 = (RepBatches(store, 8, 0, Dist(rank, 2, 0))(3)[1] for rank in (0, 1))
     assert not set(r0.tolist()) & set(r1.tolist())
 
 
@@ -211,19 +216,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     make_store(killed)
     train_rdm.run(micro_params(whole))
 
-    original = train_rdm.RepBatches.__call__
+    original = RepBatches.__call__
 
     def die_at_13(self, step):
         if step == 12:  # the 13th step: after the checkpoint at 10
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(train_rdm.RepBatches, "__call__", die_at_13)
+    monkeypatch.setattr(RepBatches, "__call__", die_at_13)
     with pytest.raises(KeyboardInterrupt):
         train_rdm.run(micro_params(killed))
     assert load_checkpoint(killed / "data" / "state" / "train_rdm.pt")["step"] == 10
     assert not (killed / "data" / "models" / "rdm.pt").exists()
-    monkeypatch.setattr(train_rdm.RepBatches, "__call__", original)
+    monkeypatch.setattr(RepBatches, "__call__", original)
     summary = train_rdm.run(micro_params(killed))
     assert summary["resumed_from"] == 10
 

@@ -15,9 +15,15 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from pipeline.core.artifacts import load_checkpoint, load_model_file
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model_file, weights_sha256
+from pipeline.core.config import Diffusion, RdmModel
 from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.models.encoder import import_mocov3_state_dict, infer_vit_config
+from pipeline.train.ema import EMA
+
+MODEL_FORMAT = "rcg-rdm"  # data/models/rdm.pt, trained here or imported
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -302,10 +308,72 @@ def official_rdm_encoder(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Our model files ("rcg-rdm", written by stages/train_rdm.py)
+def check_official_encoder(embedded: dict, store_identity: dict, store_name: str, path: Path) -> str:
+    """Refuse an official RDM trained on another encoder than the one a store's reps came from.
 
-def rdm_kwargs(model_params: Any) -> dict:
+    The file carries the MoCo v3 weights it was trained with (``pretrained_encoder.*``); the store records
+    its encoder's config (and, when the encode stage wrote it, ``weights_sha256``) in ``store_identity``, so
+    the check reads nothing beyond the store. Returns what was compared: "weights" or "architecture".
+    """
+    if not embedded:
+        raise RcgError(f"{path} carries no pretrained_encoder.* weights: nothing shows which encoder it was "
+                       "trained with")
+    enc = store_identity.get("encoder") or {}
+    have = (enc.get("config") or {}).get("model")
+    if not isinstance(have, dict):
+        raise RcgError(f"{store_name} does not record its encoder's config (identity.encoder.config.model)")
+    try:
+        trained = infer_vit_config(embedded, have.get("num_heads"))
+    except RcgError as exc:
+        raise RcgError(f"{path}: pretrained_encoder.*: {exc}") from None
+    diffs = [f"{k} {trained[k]} (store's encoder: {have[k]})" for k in trained if k in have and trained[k] != have[k]]
+    if diffs:
+        raise RcgError(f"this RDM was trained with another encoder than the one {store_name} was encoded with: "
+                       + ", ".join(diffs))
+    if "weights_sha256" not in enc:
+        log(f"warning: {store_name} records no encoder weights hash; checked the encoder architecture only")
+        return "architecture"
+    if weights_sha256(import_mocov3_state_dict(embedded)) != enc["weights_sha256"]:
+        raise RcgError(f"this RDM was trained with another encoder than the one {store_name} was encoded with "
+                       "(same architecture, different weights)")
+    return "weights"
+
+
+def load_official_rdm_model(path: Path, model_cfg: RdmModel, diffusion_cfg: Diffusion, store_identity: dict,
+                            store_name: str, device: torch.device) -> tuple[RDM, EMA | None, dict, dict]:
+    """An official RCG RDM file as a ready model: (RDM on ``device``, its EMA or None, ``RDM(**config)``'s
+    config, a summary naming the file and the encoder check), after checking that it fits ``rdm.model``,
+    the official schedule in ``rdm.diffusion`` and the encoder the store (``store_identity``) was made with."""
+    sd = read_official_rdm(path)
+    config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
+    ours = rdm_kwargs(model_cfg)
+    diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in config if ours[k] != config[k]]
+    if model_cfg.whiten_power:
+        diffs.append(f"whiten_power {model_cfg.whiten_power} (official RDMs run on the raw reps: 0)")
+    if diffs:
+        raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: {', '.join(diffs)}")
+    if diffusion_cfg != Diffusion():  # load_official_rdm checked the file's betas against this schedule
+        raise RcgError(f"rdm.checkpoint {path} uses the official schedule (T=1000, 0.0015..0.0195); "
+                       "rdm.diffusion must keep its defaults")
+    encoder_check = check_official_encoder(official_rdm_encoder(sd), store_identity, store_name, path)
+    model = RDM(**config)
+    model.net.load_state_dict(net_sd)
+    model.cond_stage_model.load_state_dict(cond_sd)
+    model.to(device)
+    ema = None
+    if ema_sd is not None:
+        ema = EMA(model.net)  # evaluated, never updated: the decay does not matter
+        ema.load_state_dict(ema_sd)
+    else:
+        log(f"warning: {path} has no EMA weights; evaluating its raw weights")
+    return model, ema, config, {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path),
+                                "encoder_check": encoder_check}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our model files (MODEL_FORMAT, written by stages/train_rdm.py)
+
+def rdm_kwargs(model_params: RdmModel) -> dict:
     """``RDM(**kwargs)`` from the ``rdm.model`` params section; the official bottleneck equals the width,
     and an unconditional RDM keeps one (unread) class row."""
     m = model_params
@@ -318,7 +386,7 @@ def rdm_kwargs(model_params: Any) -> dict:
 def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, GaussianDiffusion, dict]:
     """(RDM in eval mode, its diffusion, the file's config) from an "rcg-rdm" model file; the MLP carries
     the EMA weights (what RCG samples with) unless ``use_ema`` is False or the file has none."""
-    payload = load_model_file(path, "rcg-rdm")
+    payload = load_model_file(path, MODEL_FORMAT)
     config = payload["config"]
     model = RDM(**config["model"])
     if not any(k.startswith("whitening.") for k in payload["state_dict"]):

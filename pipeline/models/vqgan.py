@@ -16,7 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.config import TokenizerModel
 from pipeline.core.errors import RcgError
+
+MODEL_FORMAT = "rcg-tokenizer"  # data/models/tokenizer.pt, trained here or imported
+ARCH = ["ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "n_embed"]  # what an official file fixes
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -292,9 +296,15 @@ def load_official_vqgan(path: str | Path, model: VQGAN | None = None) -> VQGAN:
     return model
 
 
+def model_kwargs(m: TokenizerModel) -> dict:
+    """``VQGAN(**kwargs)`` (JSON-able) from the ``tokenizer.model`` params section."""
+    return {**{k: getattr(m, k) for k in ARCH}, "ch_mult": list(m.ch_mult), "in_channels": 3, "out_ch": 3,
+            "beta": m.beta}
+
+
 def load_tokenizer(path: str | Path) -> tuple[VQGAN, dict]:
-    """The VQGAN of an ``rcg-tokenizer`` model file (trained or imported) and the file's payload."""
-    payload = load_model_file(path, "rcg-tokenizer")
+    """The VQGAN of a MODEL_FORMAT model file (trained or imported) and the file's payload."""
+    payload = load_model_file(path, MODEL_FORMAT)
     model = VQGAN(**payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
     return model, payload
