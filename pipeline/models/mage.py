@@ -1,0 +1,382 @@
+"""MAGE pixel generator as RCG modifies it: a ViT encoder-decoder over VQGAN token ids, conditioned through
+sequence position 0 (RCG_REFERENCE.md 3), its masked-token training loss, and the official-checkpoint import.
+
+Module names follow the official code, so ``MAGE.state_dict()`` keys are the official ``model`` keys minus the
+parameters the official forward never reads (:data:`OFFICIAL_UNUSED`) and the frozen encoder / VQGAN it embeds.
+Iterative decoding lives beside this file, in :mod:`pipeline.gen.masked_decoding`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.errors import RcgError
+
+FORMAT = "rcg-pixel"
+CONDITIONINGS = ("rep", "none", "class", "cluster")
+Conditioning = Literal["rep", "none", "class", "cluster"]
+OFFICIAL_EXTRA_IDS = 1000  # the official vocabulary: codebook, 1000 unused "class" ids, [MASK] last
+
+# Encoder width/depth/heads and decoder width/depth/heads (official MAGE-B/L; the small ones are ours, for the CPU).
+MAGE_SIZES = {
+    "mage_base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=768, decoder_depth=8,
+                      decoder_num_heads=16),
+    "mage_large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=1024, decoder_depth=8,
+                       decoder_num_heads=16),
+    "mage_small": dict(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128, decoder_depth=2,
+                       decoder_num_heads=4),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA. As in the official code, q k^T (here the whole attention) runs in
+    fp32 with autocast off, so bf16/fp16 training does not overflow the logits."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.attn_drop = num_heads, dropout
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.to(v.dtype).transpose(1, 2).reshape(b, n, c)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (timm 0.3.2 layout: norm1, attn, norm2, mlp; no drop path)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, dropout)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class BertEmbeddings(nn.Module):
+    """Word + learned position embeddings, LayerNorm, dropout (the official ``token_emb``)."""
+
+    def __init__(self, vocab_size: int, dim: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("position_ids", torch.arange(max_positions)[None])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = self.position_embeddings(self.position_ids[:, :ids.shape[1]])
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + pos))
+
+
+class MlmLayer(nn.Module):
+    """Output head: Linear, GELU, LayerNorm, then logits against the (detached) word embeddings plus a bias."""
+
+    def __init__(self, feat_dim: int, word_dim: int, vocab_size: int):
+        super().__init__()
+        self.fc = nn.Linear(feat_dim, word_dim)
+        self.ln = nn.LayerNorm(word_dim)
+        self.bias = nn.Parameter(torch.zeros(1, 1, vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits of the first ``n`` ids only (the codebook): the official slices the full ones the same way."""
+        h = self.ln(F.gelu(self.fc(x)))
+        return h @ word_embeddings[:n].detach().T + self.bias[..., :n]
+
+
+class MAGE(nn.Module):
+    """MAGE (``mage_vit_*_patch16``) over ``seq_len`` token ids from a ``codebook_size`` codebook.
+
+    ``vocab="official"``: codebook + 1000 + 1 ids, [MASK] last, position 0 holds id codebook + 76 (1100 for the
+    VQGAN's 1024 codes); what official files need. ``"compact"``: codebook + 1 ids ([MASK] last), for ours.
+    Whatever id position 0 holds, its embedding is overwritten by the conditioning slot (``latent_prior_proj``
+    of the rep, of ``fake_latent``, or of a label embedding; see :meth:`condition`).
+    """
+
+    def __init__(self, codebook_size: int = 1024, seq_len: int = 256, rep_dim: int = 256,
+                 conditioning: Conditioning = "rep", num_labels: int = 0, vocab: Literal["official", "compact"] = "official",
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 768,
+                 decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0, dropout: float = 0.1,
+                 mask_ratio_mu: float = 0.75, mask_ratio_std: float = 0.25, mask_ratio_min: float = 0.5,
+                 mask_ratio_max: float = 1.0, rep_drop_prob: float = 0.1, label_smoothing: float = 0.1):
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise RcgError(f"MAGE conditioning {conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
+        if conditioning in ("class", "cluster") and num_labels < 1:
+            raise RcgError(f"MAGE conditioning {conditioning!r} needs num_labels >= 1")
+        if not 0 < mask_ratio_min <= mask_ratio_mu <= mask_ratio_max <= 1:
+            raise RcgError("MAGE mask ratios must satisfy 0 < min <= mu <= max <= 1")
+        self.codebook_size, self.seq_len, self.rep_dim = codebook_size, seq_len, rep_dim
+        self.conditioning, self.num_labels, self.vocab = conditioning, num_labels, vocab
+        vocab_size = codebook_size + (OFFICIAL_EXTRA_IDS + 1 if vocab == "official" else 1)
+        self.mask_id = vocab_size - 1
+        self.slot_id = codebook_size + 1100 - 1024 if vocab == "official" else self.mask_id
+        self.mask_ratio = (mask_ratio_mu, mask_ratio_std, mask_ratio_min, mask_ratio_max)
+        self.num_dropped = math.ceil(seq_len * mask_ratio_min)  # token dropping: always <= the masked count
+        self.rep_drop_prob, self.label_smoothing = rep_drop_prob, label_smoothing
+
+        self.fake_latent = nn.Parameter(torch.zeros(1, rep_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len + 1, decoder_embed_dim))
+        self.token_emb = BertEmbeddings(vocab_size, embed_dim, seq_len + 1, dropout)
+        self.latent_prior_proj = nn.Linear(rep_dim, embed_dim)
+        if conditioning in ("class", "cluster"):
+            self.label_emb = nn.Embedding(num_labels, rep_dim)  # labels live in rep space; the null is fake_latent
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, dropout)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The official init: N(0, 0.02) for embeddings and free parameters, xavier-uniform Linear, zero biases."""
+        for p in (self.fake_latent, self.decoder_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    def null_condition(self, batch: int) -> torch.Tensor:
+        """The unconditional slot vector (``fake_latent``) for ``batch`` samples: the guidance branch."""
+        return self.fake_latent.expand(batch, -1)
+
+    def condition(self, c: torch.Tensor | None = None, null: torch.Tensor | None = None,
+                  batch: int | None = None) -> torch.Tensor:
+        """Slot vectors [B, rep_dim]: the rep ``c`` [B, rep_dim] (``rep``), a label embedding of ``c`` [B]
+        (``class``/``cluster``), or ``fake_latent`` (``none``: ``c`` unused, give ``batch``); rows where the bool
+        ``null`` [B] is set get ``fake_latent`` (the 10% drop in training, the unconditional half in guidance)."""
+        if self.conditioning == "none":
+            return self.null_condition(len(c) if c is not None else batch)
+        if c is None:
+            raise RcgError(f"MAGE conditioning {self.conditioning!r} needs a {'rep' if self.conditioning == 'rep' else 'label'}")
+        if self.conditioning == "rep":
+            if c.shape[-1] != self.rep_dim:
+                raise RcgError(f"MAGE takes {self.rep_dim}-d reps, got {c.shape[-1]}-d")
+            vec = c.to(self.fake_latent.dtype)
+        else:
+            vec = self.label_emb(c)
+        return vec if null is None else torch.where(null[:, None], self.fake_latent, vec)
+
+    # ------------------------------------------------------------------------------------------- network
+    def forward(self, ids: torch.Tensor, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Codebook logits [B, L, codebook_size] for token ids [B, L] ([MASK] where unknown), slot vectors
+        ``cond`` [B, rep_dim] and, in training, the dropped positions ``drop`` [B, L] (bool, the same count per
+        row, all of them masked): the encoder never sees those; the decoder fills every masked slot with the
+        decoded position 0."""
+        b, n = ids.shape
+        x = self.token_emb(torch.cat([ids.new_full((b, 1), self.slot_id), ids], 1))
+        x = torch.cat([self.latent_prior_proj(cond)[:, None], x[:, 1:]], 1)  # after LN and dropout (official)
+        keep = None
+        if drop is not None:
+            keep = torch.cat([drop.new_zeros(b, 1), drop], 1).logical_not()
+            x = x[keep].view(b, -1, x.shape[-1])
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_embed(self.norm(x))
+        fill = x[:, :1].expand(b, n + 1, x.shape[-1])
+        if keep is not None:
+            full = fill.clone()
+            full[keep] = x.reshape(-1, x.shape[-1])
+            x = full
+        masked = torch.cat([ids.new_zeros(b, 1, dtype=torch.bool), ids == self.mask_id], 1)
+        x = torch.where(masked[..., None], fill, x) + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.mlm_layer(self.decoder_norm(x), self.token_emb.word_embeddings.weight, self.codebook_size)
+        return x[:, 1:]
+
+    # ------------------------------------------------------------------------------------------- masking
+    def sample_masks(self, batch: int, generator: torch.Generator, device: torch.device | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(masked [B, L], dropped [B, L], ratio []): one mask ratio m ~ TruncNormal(mu, std) on [min, max] for
+        the whole batch, then per sample the ceil(L m) positions of smallest uniform noise are masked and the
+        ceil(L min) smallest of those dropped. Exact counts (ranks, no ties); no host sync."""
+        mu, std, lo, hi = self.mask_ratio
+        device = device or self.fake_latent.device
+        normal = torch.distributions.Normal(0.0, 1.0)
+        a, b = (normal.cdf(torch.tensor((v - mu) / std, dtype=torch.float64)) for v in (lo, hi))
+        u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+        ratio = (mu + std * torch.special.ndtri(a.to(device) + u * (b - a).to(device))).clamp(lo, hi)
+        rank = torch.rand(batch, self.seq_len, generator=generator, device=device).argsort(1).argsort(1)
+        masked = rank < torch.ceil(self.seq_len * ratio)
+        return masked, rank < self.num_dropped, ratio.float()
+
+
+def masked_token_loss(model: MAGE, tokens: torch.Tensor, c: torch.Tensor | None, generator: torch.Generator,
+                      net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAGE's training loss on codebook ids ``tokens`` [B, L] with conditioning input ``c`` (reps, labels or None):
+    label-smoothed cross-entropy averaged over the masked positions only (dropped ones count as masked), with
+    the slot dropped to ``fake_latent`` with probability ``rep_drop_prob`` per sample. All randomness comes from
+    ``generator``. ``net`` is the module to call (a DDP / compiled wrapper of ``model``). -> (loss, accuracy of
+    the argmax on the masked positions)."""
+    b, device = len(tokens), tokens.device
+    null = torch.rand(b, generator=generator, device=device) < model.rep_drop_prob
+    cond = model.condition(c, null=null, batch=b)
+    masked, dropped, _ = model.sample_masks(b, generator, device)
+    logits = (net or model)(tokens.masked_fill(masked, model.mask_id), cond, dropped)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
+                         label_smoothing=model.label_smoothing).view(b, -1)
+    weight = masked.float()
+    count = weight.sum()
+    accuracy = ((logits.argmax(-1) == tokens) & masked).sum() / count
+    return (ce * weight).sum() / count, accuracy.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our model files ("rcg-pixel", written by stages/train_pixel.py)
+
+def mage_kwargs(model_params: Any, codebook_size: int, seq_len: int, rep_dim: int, conditioning: str,
+                num_labels: int = 0) -> dict:
+    """``MAGE(**kwargs)`` from the ``pixel.model`` params section and what the stores fix."""
+    m = model_params
+    return dict(codebook_size=codebook_size, seq_len=seq_len, rep_dim=rep_dim, conditioning=conditioning,
+                num_labels=num_labels, vocab=m.vocab, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+                mask_ratio_mu=m.mask_ratio_mu, mask_ratio_std=m.mask_ratio_std, mask_ratio_min=m.mask_ratio_min,
+                mask_ratio_max=m.mask_ratio_max, rep_drop_prob=m.rep_drop_prob, label_smoothing=m.label_smoothing)
+
+
+def load_pixel(path: str | Path, use_ema: bool = True) -> tuple[MAGE, dict]:
+    """(MAGE in eval mode, the file's payload) from an "rcg-pixel" model file, with the EMA weights when the
+    file has them and ``use_ema``. ``payload["config"]`` holds ``model`` (the kwargs), ``conditioning``,
+    ``grid`` [h, w], ``labels`` (class/cluster: ``num_labels``, ``counts``; cluster: ``centroids``) and the
+    identities of the stores it was trained on."""
+    payload = load_model_file(path, FORMAT)
+    model = MAGE(**payload["config"]["model"])
+    sd = payload["ema_state_dict"] if use_ema and "ema_state_dict" in payload else payload["state_dict"]
+    model.load_state_dict({k: v for k, v in sd.items() if k != "num_updates"})
+    return model.eval(), payload
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official checkpoint import (rep-conditioned MAGE-B/L of RCG: ``{'model': state, 'args': Namespace, ...}``)
+
+ENCODER_PREFIX, VQGAN_PREFIX = "pretrained_encoder.", "vqgan."
+
+
+def official_unused_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The parameters an official file holds that the official forward never reads, with their shapes: the MAE
+    leftovers (patch embedding, cls/mask tokens, fixed sin-cos tables, pixel head). Checked, then dropped."""
+    d, dd, n = config["embed_dim"], config["decoder_embed_dim"], config["seq_len"] + 1
+    return {"cls_token": (1, 1, d), "pos_embed": (1, n, d), "mask_token": (1, 1, dd), "decoder_pos_embed": (1, n, dd),
+            "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,),
+            "decoder_pred.weight": (16 * 16 * 3, dd), "decoder_pred.bias": (16 * 16 * 3,)}
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def infer_official_config(sd: Mapping[str, Any], num_heads: int | None = None,
+                          decoder_num_heads: int | None = None) -> dict:
+    """MAGE kwargs of an official state dict, read from its shapes; heads are not in the weights, so they come
+    from the arguments or, for MAGE-B/L widths, from MAGE_SIZES."""
+    need = ("token_emb.word_embeddings.weight", "token_emb.position_embeddings.weight", "latent_prior_proj.weight",
+            "decoder_embed.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise RcgError(f"not an official rep-conditioned MAGE state dict: missing {', '.join(missing)}")
+    vocab, dim = sd["token_emb.word_embeddings.weight"].shape
+    dec_dim = sd["decoder_embed.weight"].shape[0]
+    size = next((s for s in MAGE_SIZES.values() if (s["embed_dim"], s["decoder_embed_dim"]) == (dim, dec_dim)), {})
+    num_heads, decoder_num_heads = num_heads or size.get("num_heads"), decoder_num_heads or size.get("decoder_num_heads")
+    if num_heads is None or decoder_num_heads is None:
+        raise RcgError(f"official MAGE of width {dim} / decoder {dec_dim} is neither MAGE-B nor MAGE-L: give its heads")
+
+    def depth(prefix: str) -> int:
+        return len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+    return dict(codebook_size=vocab - OFFICIAL_EXTRA_IDS - 1, seq_len=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
+                rep_dim=sd["latent_prior_proj.weight"].shape[1], conditioning="rep", num_labels=0, vocab="official",
+                embed_dim=dim, depth=depth("blocks."), num_heads=num_heads, decoder_embed_dim=dec_dim,
+                decoder_depth=depth("decoder_blocks."), decoder_num_heads=decoder_num_heads)
+
+
+def convert_official_mage(sd: Mapping[str, Any], **heads: int) -> tuple[dict, dict, dict, dict]:
+    """Split an official rep-conditioned MAGE state dict into (MAGE kwargs, MAGE state, embedded MoCo v3
+    encoder state, embedded VQGAN state), accounting for every key: a key that is neither ours, nor one of
+    :func:`official_unused_shapes` (shape-checked), nor under ``pretrained_encoder.`` / ``vqgan.`` is an
+    error, as is any of ours missing or misshapen. Works on meta tensors. ``heads``: see infer_official_config."""
+    config = infer_official_config(sd, **heads)
+    with torch.device("meta"):
+        expected = MAGE(**config).state_dict()
+    unused = official_unused_shapes(config)
+    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    vqgan = {k[len(VQGAN_PREFIX):]: v for k, v in sd.items() if k.startswith(VQGAN_PREFIX)}
+    ours = {k: v for k, v in sd.items() if not k.startswith((ENCODER_PREFIX, VQGAN_PREFIX)) and k not in unused}
+    problems = []
+    if missing := [k for k in expected if k not in ours]:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected := [k for k in ours if k not in expected]:
+        problems.append(f"unexpected {_few(unexpected)}")
+    shapes = {**{k: tuple(v.shape) for k, v in expected.items()}, **unused}
+    if wrong := [f"{k} {list(sd[k].shape)} vs {list(s)}" for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s]:
+        problems.append(f"shape mismatch {_few(wrong, 3)}")
+    if absent := [k for k in unused if k not in sd]:
+        problems.append(f"lacks the official unused parameters {_few(absent)}")
+    if not encoder or not vqgan:
+        problems.append("does not embed its " + " and ".join(
+            p + "*" for p, part in ((ENCODER_PREFIX, encoder), (VQGAN_PREFIX, vqgan)) if not part))
+    if problems:
+        raise RcgError("official MAGE checkpoint does not fit MAGE: " + "; ".join(problems))
+    return config, ours, encoder, vqgan
+
+
+def read_official_mage(path: str | Path) -> Mapping[str, Any]:
+    """The ``model`` state dict of an official RCG MAGE file, read with weights_only=True and only
+    ``argparse.Namespace`` allow-listed."""
+    ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
+    sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, Mapping):
+        raise RcgError(f"{path} is not an official MAGE checkpoint: no 'model' state dict")
+    return sd
+
+
+def load_official_mage(path: str | Path, **heads: int) -> tuple[MAGE, dict, dict, dict]:
+    """(MAGE with the file's weights, its kwargs, embedded encoder state, embedded VQGAN state)."""
+    sd = read_official_mage(path)
+    try:
+        config, state, encoder, vqgan = convert_official_mage(sd, **heads)
+    except RcgError as exc:
+        raise RcgError(f"{path}: {exc}") from None
+    model = MAGE(**config)
+    model.load_state_dict(state, strict=True)
+    return model, config, encoder, vqgan
