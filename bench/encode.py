@@ -3,7 +3,8 @@
     python bench/encode.py [--sizes 2000 8000] [--set key=value ...]
 
 Each size runs in a fresh process: built-in shards of that size, a random-init encoder of the configured shape,
-``encode.run`` (throughput of its fill loop), then the same model's forward on random tensors of the encode
+the encode stage's store build (``pipeline.data.view_encoder.build_rep_store``: throughput of its fill loop; the
+stage's k-NN probe is not run), then the same model's forward on random tensors of the encode
 batch (B x V views) in the same process. Target: ratio >= 0.85 (the data path is not the bottleneck) and the
 larger size's peak RSS <= 1.2x the smaller's (memory stays flat as N grows).
 """
@@ -45,15 +46,17 @@ def child(overrides: list[str]) -> dict:
     """The measurement, in a fresh process so that its peak RSS is the encode stage's alone."""
     import torch
 
-    from stages import encode
+    from pipeline.core.distributed import Dist
+    from pipeline.data.view_encoder import build_rep_store, encoder_fn
     params = load_params(None, overrides)
     configure(params.runtime)
-    summary = encode.run(params)
-
     device = device_for(params.runtime)
+    writer, summary = build_rep_store(params, Dist(), device)
+    writer.finalize()
+
     model = MoCoViT(**params.encoder.model.model_dump()).to(device).eval()
     b, v, crop = params.encode.batch_size, params.views.count, params.views.crop
-    fn = encode.encoder_fn(model, device, params.encode.bf16)
+    fn = encoder_fn(model, device, params.encode.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)
     forward = images_per_s(fn, views, max(3, summary["images"] // b // 2))  # incl. the host -> device copy
     return {"size": summary["images"], "encode_img_s": summary["images_per_s"], "forward_img_s": round(forward, 1),

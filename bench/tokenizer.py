@@ -3,9 +3,9 @@
     python bench/tokenizer.py [--sizes default imagenet] [--images N] [--set key=value ...]
 
 Each size runs in a fresh process: built-in shards, a random-init tokenizer file of that size's architecture,
-``tokenize.run`` (throughput of its fill loop: shard reads, PNG decode, views, loader, Zarr writes), then
-``encode_to_indices`` of the same model on random uint8 views of the stage's batch (B x V views, incl. the
-uint8 -> float conversion) in the same process. Target: ratio >= 0.85.
+the tokenize stage's store build (``build_token_store``, throughput of its fill loop: shard reads, PNG decode,
+views, loader, Zarr writes), then ``encode_to_indices`` of the same model on random uint8 views of the stage's
+batch (B x V views, incl. the uint8 -> float conversion) in the same process. Target: ratio >= 0.85.
 
 - default: the default run (32x32 built-in images, ``tokenizer.model`` defaults), 2048 images.
 - imagenet: the official VQGAN architecture (54.5M params, f=16) on 256x256 crops, MAGE's one view
@@ -57,15 +57,17 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
 def child(overrides: list[str]) -> dict:
     import torch
 
-    from stages import tokenize
+    from pipeline.core.distributed import Dist
+    from pipeline.data.view_tokenizer import build_token_store, load_frozen_tokenizer, tokenizer_fn
     params = load_params(None, overrides)
     configure(params.runtime)
-    summary = tokenize.run(params)
-
     device = device_for(params.runtime)
-    model = tokenize.load_model(params, device)[0]
+    writer, summary = build_token_store(params, Dist(), device)
+    writer.finalize()
+
+    model = load_frozen_tokenizer(params.paths.models / "tokenizer.pt", device)[0]
     b, v, crop = params.tokenize.batch_size, params.views.count, params.views.crop
-    fn = tokenize.tokenizer_fn(model, device, params.tokenize.bf16)
+    fn = tokenizer_fn(model, device, params.tokenize.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)
     forward = images_per_s(fn, views, max(2, summary["images"] // b // 2))
     return {"images": summary["images"], "tokenize_img_s": summary["images_per_s"], "forward_img_s": round(forward, 2),

@@ -15,6 +15,7 @@ from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
 from pipeline.core.errors import RcgError
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
+from pipeline.data.view_encoder import build_rep_store
 from pipeline.data.views import ViewRecipe, all_views
 from stages import encode
 
@@ -65,7 +66,8 @@ def test_store_layout_identity_and_metrics(workspace):
         torch.testing.assert_close(torch.from_numpy(arr[i]), represent(model, x), atol=1e-5, rtol=1e-5)
     assert not np.array_equal(arr[:, 0], arr[:, 1])  # view 1 is the mirror, not a copy
     metrics = json.loads((params.paths.metrics / "encoder.json").read_text())
-    assert metrics["k"] == 5 and metrics["num_images"] == 48 and metrics["encoder"] == "test"
+    assert metrics["knn_k"] == 5 and metrics["num_images"] == 48 and metrics["encoder"] == "test"
+    assert metrics["labelled"] is True
     assert 0 <= metrics["knn_top1"] <= 1 and 0 <= metrics["knn_top1_random_init"] <= 1
 
 
@@ -114,8 +116,8 @@ def test_two_ranks_equal_one_process(workspace):
     encode.run(params)
     single = reps(params)
 
-    w0, s0 = encode.encode_part(params, Sequential(rank=0, world=2))
-    _, s1 = encode.encode_part(params, Sequential(rank=1, world=2))
+    w0, s0 = build_rep_store(params, Sequential(rank=0, world=2), torch.device("cpu"))
+    _, s1 = build_rep_store(params, Sequential(rank=1, world=2), torch.device("cpu"))
     assert (s0["images"], s1["images"]) == (32, 16)  # 3 chunks: rank 0 takes 0-1, rank 1 takes 2
     encode.finish(params, w0, s0)
     assert single.tobytes() == reps(params).tobytes()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.eval.metrics import frechet_distance, frechet_distance_between, gaussian_stats, knn_accuracy, knn_precision_recall
+from pipeline.eval.metrics import frechet_distance, frechet_distance_between, gaussian_stats, knn_precision_recall
+from pipeline.eval.probes import knn_accuracy
 
 
 def test_gaussian_stats_float64_unbiased():

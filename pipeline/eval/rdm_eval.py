@@ -12,7 +12,8 @@ from pipeline.core.config import Rdm
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
 from pipeline.data.rep_store import RepStore
-from pipeline.eval.metrics import frechet_distance, gaussian_stats, knn_accuracy, knn_precision_recall
+from pipeline.eval.metrics import frechet_distance, gaussian_stats, knn_precision_recall
+from pipeline.eval.probes import knn_accuracy
 from pipeline.gen.diffusion import GaussianDiffusion
 from pipeline.models.rdm import RDM, sample_reps
 from pipeline.train.ema import EMA

@@ -1,0 +1,66 @@
+"""Views -> representations through the frozen encoder, into ``reps.zarr`` (what the ``encode`` stage runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.core.artifacts import file_sha256, weights_sha256
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import RcgError
+from pipeline.data.stores import StoreWriter
+from pipeline.data.view_store import build_view_store, views_to_float
+from pipeline.data.views import ViewRecipe
+from pipeline.models.encoder import MoCoViT, load_encoder_file, represent
+
+NORMALIZATION = {
+    "function": "pipeline.models.encoder.represent/v1",
+    "input": "uint8 view / 255, ImageNet mean/std, then bicubic resize (align_corners=False, no antialias) "
+             "to input_size when the crop differs",
+    "output": "projector output, standardised per sample (mean 0, unbiased std 1)",
+}
+
+
+def load_frozen_encoder(path: Path, device: torch.device) -> tuple[MoCoViT, dict]:
+    """The encoder of an "rcg-encoder" file on ``device`` and the file's payload; a missing file names the stage
+    that writes it."""
+    if not path.is_file():
+        raise RcgError(f"no encoder model at {path}: run `rcg pretrain-encoder` first "
+                       "(it imports encoder.checkpoint when one is set)")
+    model, payload = load_encoder_file(path)
+    return model.to(device), payload
+
+
+def encoder_fn(model: MoCoViT, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
+    """uint8 views [B, V, H, W, 3] -> representations float32 [B, V, D] (bf16 autocast on GPU only)."""
+    autocast = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    size = model.patch_embed.img_size[0]
+
+    def fn(views: torch.Tensor) -> np.ndarray:
+        r = represent(model, views_to_float(views, device), input_size=size, autocast_dtype=autocast)
+        return r.reshape(*views.shape[:2], -1).cpu().numpy()
+
+    return fn
+
+
+def build_rep_store(params: Params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
+    """Encode this rank's pending chunks into ``reps.zarr.partial`` (rank 0 creates or vets the partial).
+
+    The store's identity names the encoder file, its config and weights hash (what train_rdm checks an official
+    RDM against) and how views become reps. Returns the writer (the main rank finalises it) and timing stats."""
+    path = params.paths.models / "encoder.pt"
+    model, payload = load_frozen_encoder(path, device)
+    dim = payload["config"]["model"]["proj_dim"]
+    identity = {
+        "encoder": {"sha256": file_sha256(path), "config": payload["config"],
+                    "weights_sha256": weights_sha256(model.state_dict())},
+        "normalization": {**NORMALIZATION, "input_size": model.patch_embed.img_size[0]},
+        "dim": dim,
+    }
+    return build_view_store(params.paths.reps, "reps", params.paths.shards, ViewRecipe(**params.views.model_dump()),
+                            identity, (dim,), "float32", encoder_fn(model, device, params.encode.bf16),
+                            params.encode, device, d, "encode")
