@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, ValidationInfo, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from pipeline.core.errors import RcgError
 
@@ -343,6 +343,16 @@ class Sample(Section):
     seed: int = 0                  # chunk c draws from seed (seed, c): every setting sees the same streams
     rdm: RdmSample = RdmSample()   # the RDM's DDIM sampler for generation (RCG: 250 steps, eta 1)
     figures: SampleFigures = SampleFigures()
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _complete_defaults(cls, value: Any) -> Any:
+        """A partly given default setting (``--set sample.settings.rcg.guidance=2``) keeps its other defaults."""
+        if not isinstance(value, dict):
+            return value
+        defaults = _default_settings()
+        return {name: ({**defaults[name].model_dump(), **entry} if name in defaults and isinstance(entry, dict)
+                       else entry) for name, entry in value.items()}
 
     @model_validator(mode="after")
     def _check(self) -> "Sample":
