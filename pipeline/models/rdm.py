@@ -308,8 +308,9 @@ def official_rdm_encoder(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def check_official_encoder(embedded: dict, store_identity: dict, store_name: str, path: Path) -> str:
-    """Refuse an official RDM trained on another encoder than the one a store's reps came from.
+def check_official_encoder(embedded: dict, store_identity: dict, store_name: str, path: Path,
+                           model_name: str = "RDM") -> str:
+    """Refuse an official RDM (or MAGE: ``model_name``) trained on another encoder than the one a store's reps came from.
 
     The file carries the MoCo v3 weights it was trained with (``pretrained_encoder.*``); the store records
     its encoder's config (and, when the encode stage wrote it, ``weights_sha256``) in ``store_identity``, so
@@ -328,13 +329,13 @@ def check_official_encoder(embedded: dict, store_identity: dict, store_name: str
         raise RcgError(f"{path}: pretrained_encoder.*: {exc}") from None
     diffs = [f"{k} {trained[k]} (store's encoder: {have[k]})" for k in trained if k in have and trained[k] != have[k]]
     if diffs:
-        raise RcgError(f"this RDM was trained with another encoder than the one {store_name} was encoded with: "
+        raise RcgError(f"this {model_name} was trained with another encoder than the one {store_name} was encoded with: "
                        + ", ".join(diffs))
     if "weights_sha256" not in enc:
         log(f"warning: {store_name} records no encoder weights hash; checked the encoder architecture only")
         return "architecture"
     if weights_sha256(import_mocov3_state_dict(embedded)) != enc["weights_sha256"]:
-        raise RcgError(f"this RDM was trained with another encoder than the one {store_name} was encoded with "
+        raise RcgError(f"this {model_name} was trained with another encoder than the one {store_name} was encoded with "
                        "(same architecture, different weights)")
     return "weights"
 
