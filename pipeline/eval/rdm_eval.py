@@ -47,14 +47,15 @@ def evaluate(rdm: Rdm, seed: int, model: RDM, ema: EMA | None, store: RepStore, 
     lower bound: the FD of M reps drawn i.i.d. from the store itself, i.e. what a perfect model of the store
     scores (the paper's 0.48 generated vs 0.38 real on ImageNet). FD sees only mean and covariance, so the FD
     of a plain Gaussian fit and the k-NN precision/recall (which see the shape of the distribution) are
-    reported beside it. ``rdm``: the params section; ``seed``: the run's seed. docs/metrics.md has the protocol.
+    reported beside it. ``rdm``: the params section; ``seed``: the run's seed. Returns flat numbers and short
+    names (metrics/rdm.json); docs/metrics.md states what each one is.
 
     The real draws are with replacement, as a generator's samples are independent: M distinct images out of N
     would be a finite-population sample whose FD shrinks as M approaches N (at M = N/2 by ~40%), a bound no
     sampler can reach.
     """
     ev = rdm.eval
-    n, v, dim = store.shape
+    n, v, _ = store.shape
     m = ev.num_samples
     if m <= ev.prc_k:
         raise RcgError(f"rdm.eval.num_samples ({m}) must exceed rdm.eval.prc_k ({ev.prc_k})")
@@ -99,18 +100,10 @@ def evaluate(rdm: Rdm, seed: int, model: RDM, ema: EMA | None, store: RepStore, 
            "ratio": fd_gen / fd_low, "fd_gaussian_fit": float(np.mean(gaussian)),
            "precision": precision, "recall": recall, "precision_real": precision_real, "recall_real": recall_real,
            "precision_gaussian_fit": precision_gaussian, "recall_gaussian_fit": recall_gaussian,
-           "num_samples": m, "prc_k": ev.prc_k,
-           "reference": f"Gaussian fit to all {n} x {v} store reps",
-           "lower_bound": f"mean over {len(lows)} draws of {m} store reps drawn i.i.d. (with replacement), "
-                          "vs the reference",
-           "gaussian_fit": f"the same for {m} samples of the reference Gaussian itself (a model of mean and "
-                           "covariance only), mean over as many draws",
-           "precision_recall": f"k-NN (k={ev.prc_k}) precision/recall of the generated reps (_real: the lower "
-                               "bound's first draw; _gaussian_fit: the Gaussian's first draw) against another "
-                               f"i.i.d. draw of {m} store reps; two draws from one store share some reps, which "
-                               "lifts _real a little",
-           "weights": "ema" if ema is not None else "raw",
-           "sample": rdm.sample.model_dump(mode="json"), "generated_std": fake.std(dim=1).mean().item()}
+           "num_samples": m, "prc_k": ev.prc_k, "lower_bound_draws": len(lows), "store_images": n,
+           "store_views": v, "weights": "ema" if ema is not None else "raw", "sample_steps": rdm.sample.steps,
+           "sample_eta": rdm.sample.eta, "sample_temperature": rdm.sample.temperature,
+           "generated_std": fake.std(dim=1).mean().item()}
     if bank is not None:  # queries: the samples / the real draws, each with its requested (true) class
         bank, bank_labels = bank
         out["class_agreement"] = knn_accuracy(bank, bank_labels, k=ev.knn_k, queries=fake, query_labels=labels)
