@@ -116,3 +116,94 @@ def test_ddim_reproducible_and_temperature():
     ticks = []
     d.ddim_sample(f, (1, 4), None, steps=10, progress=lambda i, n: ticks.append((i, n)))
     assert ticks[0] == (1, 10) and ticks[-1] == (10, 10)
+
+
+# ------------------------------------------------------------------------------ given draws (testable samplers)
+def _net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    return lambda x, t, y: net(x) + t[:, None].float() / 1000
+
+
+def test_given_draws_equal_the_generator_bit_for_bit():
+    """x_T, per-step noise and t passed in give exactly what the generator alone gives (same draw order)."""
+    d, f = GaussianDiffusion(), _net()
+    drawn = d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    x_T = torch.randn(5, 4, generator=g)
+    noise = torch.stack([torch.randn(5, 4, generator=g) for _ in range(20)])
+    assert torch.equal(d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise), drawn)
+    assert not torch.equal(d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise.flip(0)),
+                           drawn)
+
+    x0 = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    loss = d.training_loss(f, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    assert torch.equal(d.training_loss(f, x0, None, min_snr_gamma=5.0, t=t, noise=eps), loss)
+    assert not torch.equal(d.training_loss(f, x0, None, min_snr_gamma=5.0, t=t.flip(0), noise=eps), loss)
+
+
+def test_training_loss_with_given_t_and_noise_is_the_reference_x0_mse():
+    d = GaussianDiffusion()
+    x0, eps = torch.randn(3, 4), torch.randn(3, 4)
+    t = torch.tensor([0, 499, 999])
+    seen = {}
+
+    def stub(x_t, tt, y):
+        seen.update(x_t=x_t, t=tt)
+        return torch.zeros_like(x_t)
+
+    loss = d.training_loss(stub, x0, None, t=t, noise=eps)
+    abar = torch.tensor([0.9985, 0.11584, 1.4230e-4])
+    torch.testing.assert_close(seen["x_t"], abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * eps,
+                               rtol=2e-4, atol=1e-4)
+    assert torch.equal(seen["t"], t) and loss.item() == pytest.approx(x0.pow(2).mean().item(), rel=1e-6)
+
+
+def _abar64() -> torch.Tensor:
+    """The schedule written out again from section 2.2, in float64."""
+    betas = torch.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def test_one_ddim_step_is_the_reference_formula():
+    """RCG_REFERENCE.md 2.4, first step of the 250-step eta=1 sampler (t=997, a_prev=abar[993])."""
+    d, f = GaussianDiffusion(), _net()
+    tau, a_prev, sigma = d.ddim_schedule(250, eta=1.0)
+    abar = _abar64()
+    a_t, a_p = abar[997], abar[993]
+    s = ((1 - a_p) / (1 - a_t)).sqrt() * (1 - a_t / a_p).sqrt()
+    assert tau[-1] == 997 and a_prev[-1].item() == pytest.approx(a_p.item(), rel=1e-6)
+    assert sigma[-1].item() == pytest.approx(s.item(), rel=1e-5) and round(s.item(), 4) == 0.2745
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    out = d.ddim_step(f, x, 997, a_prev[-1].item(), sigma[-1].item(), None, z, temperature=0.5)
+
+    x64 = x.double()
+    x0_hat = f(x, torch.full((6,), 997), None).double()
+    eps_hat = ((1 / a_t).sqrt() * x64 - x0_hat) / (1 / a_t - 1).sqrt()
+    x0_prime = (x64 - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+    torch.testing.assert_close(x0_prime, x0_hat, rtol=1e-4, atol=1e-4)  # x0' equals x0_hat again
+    expected = a_p.sqrt() * x0_prime + (1 - a_p - s ** 2).sqrt() * eps_hat + s * 0.5 * z.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_sample_is_the_hand_written_loop():
+    """Two steps (stride 500: tau = {1, 501}), walked by hand with the given x_T and noise."""
+    d, f = GaussianDiffusion(), _net()
+    g = torch.Generator().manual_seed(1)
+    x_T, noise = torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    out = d.ddim_sample(f, (3, 4), None, steps=2, eta=1.0, x_T=x_T, noise=noise)
+    abar = _abar64()
+    x = x_T.double()
+    for i, (t, prev) in enumerate([(501, 1), (1, 0)]):
+        a_t, a_p = abar[t], abar[prev]
+        s = ((1 - a_p) / (1 - a_t)).sqrt() * (1 - a_t / a_p).sqrt()
+        x0_hat = f(x.float(), torch.full((3,), t), None).double()
+        eps_hat = ((1 / a_t).sqrt() * x - x0_hat) / (1 / a_t - 1).sqrt()
+        x = a_p.sqrt() * x0_hat + (1 - a_p - s ** 2).sqrt() * eps_hat + s * noise[i].double()
+    torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RcgError, match="noise has shape"):
+        d.ddim_sample(f, (3, 4), None, steps=2, x_T=x_T, noise=noise[:1])

@@ -153,6 +153,18 @@ def test_represent_forces_eval_and_matches_manual_pipeline():
     assert torch.equal(represent(model, x), r)
 
 
+def test_represent_returns_the_feature_and_the_projector_output():
+    model = tiny(0)
+    x = torch.rand(4, 3, 16, 16)
+    rep, feature, projected = represent(model, x, return_features=True)
+    assert torch.equal(rep, represent(model, x))  # the default output is unchanged
+    assert feature.shape == (4, 32) and projected.shape == (4, 16)
+    with torch.no_grad():
+        trunk = model.forward_features(normalize_for_encoder(x, 16))[:, 0]  # cls token after the final LayerNorm
+        assert torch.equal(feature, trunk) and torch.equal(projected, model.head(trunk))
+    assert torch.equal(rep, standardize(projected)) and not torch.allclose(projected, rep)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_represent_cuda_bf16_close_to_cpu_fp32():
     model = tiny(0)

@@ -57,16 +57,22 @@ class GaussianDiffusion(nn.Module):
         return abar / (1.0 - abar)
 
     def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, y: torch.Tensor | None,
-                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, min_snr_gamma: float | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between the predicted and the true x0, t ~ U{0..T-1}.
 
         Official: plain MSE (no VLB, no per-t weighting). With ``min_snr_gamma`` each sample's error is weighted
         by min(SNR(t), gamma) (Min-SNR, Hang et al. 2023, the x0-prediction form): the large-t terms, whose
         irreducible error dominates the plain loss and its gradient noise, stop drowning out the small-t ones
         that decide how faithful the final samples are.
+
+        ``t`` [B] and ``noise`` (x0's shape), when given, are used instead of draws from ``generator`` (t first,
+        then the noise, so that given both an outside check needs no generator at all).
         """
-        t = torch.randint(0, self.num_timesteps, (len(x0),), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (len(x0),), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x0_hat = model_fn(self.q_sample(x0, t, noise), t, y)
         if min_snr_gamma is None:
             return F.mse_loss(x0_hat.float(), x0.float())
@@ -89,27 +95,39 @@ class GaussianDiffusion(nn.Module):
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         return tau, a_prev.float(), sigma.float()
 
+    def ddim_step(self, model_fn: ModelFn, x: torch.Tensor, t: int, a_prev: float, sigma: float,
+                  y: torch.Tensor | None, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """One DDIM step x_t -> x_prev (RCG_REFERENCE.md 2.4): x0_hat = net(x_t, t) (no clipping),
+        eps_hat = (sqrt(1/abar_t) x_t - x0_hat) / sqrt(1/abar_t - 1),
+        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma temperature z."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        x0_hat = model_fn(x, tt, y).float()
+        eps_hat = ((_extract(self.sqrt_recip_alphas_cumprod, tt, x) * x - x0_hat)
+                   / _extract(self.sqrt_recipm1_alphas_cumprod, tt, x))
+        return a_prev ** 0.5 * x0_hat + (1.0 - a_prev - sigma ** 2) ** 0.5 * eps_hat + sigma * temperature * z
+
     @torch.no_grad()
     def ddim_sample(self, model_fn: ModelFn, shape: tuple[int, ...], y: torch.Tensor | None, steps: int = 250,
                     eta: float = 1.0, temperature: float = 1.0, generator: torch.Generator | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    progress: Callable[[int, int], None] | None = None, x_T: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM as RCG calls it (250 steps, eta 1): returns the final noisy x_prev, not the last x0_hat.
 
         Runs on the device of this module's buffers; ``generator`` (on that device) makes it reproducible.
         ``temperature`` scales only the injected noise. ``progress(i, n)`` is called after step i of n.
+        ``x_T`` (``shape``) and ``noise`` ([steps, *shape], in sampling order: ``noise[0]`` is injected by the
+        first step, at the largest t), when given, are used instead of draws from ``generator``; what is not
+        given is drawn in the same order as without them (x_T, then one z per step).
         """
         tau, a_prevs, sigmas = self.ddim_schedule(steps, eta)
         device = self.betas.device
-        x = torch.randn(shape, generator=generator, device=device)
         n = len(tau)
+        if noise is not None and tuple(noise.shape) != (n, *shape):
+            raise RcgError(f"ddim_sample: noise has shape {tuple(noise.shape)}, expected {(n, *shape)}")
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
         for i, idx in enumerate(reversed(range(n))):
-            t = torch.full((shape[0],), tau[idx], device=device, dtype=torch.long)
-            a_prev, sigma = a_prevs[idx].item(), sigmas[idx].item()
-            x0_hat = model_fn(x, t, y).float()  # no clipping
-            eps_hat = ((_extract(self.sqrt_recip_alphas_cumprod, t, x) * x - x0_hat)
-                       / _extract(self.sqrt_recipm1_alphas_cumprod, t, x))
-            z = torch.randn(shape, generator=generator, device=device)
-            x = a_prev ** 0.5 * x0_hat + (1.0 - a_prev - sigma ** 2) ** 0.5 * eps_hat + sigma * temperature * z
+            z = torch.randn(shape, generator=generator, device=device) if noise is None else noise[i].to(device)
+            x = self.ddim_step(model_fn, x, tau[idx], a_prevs[idx].item(), sigmas[idx].item(), y, z, temperature)
             if progress is not None:
                 progress(i + 1, n)
         return x

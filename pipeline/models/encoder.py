@@ -105,17 +105,22 @@ def standardize(r: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def represent(model: MoCoViT, images01: torch.Tensor, input_size: int | None = None,
-              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+              autocast_dtype: torch.dtype | None = None, return_features: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RCG representation r_hat [B, proj_dim] (fp32) of images in [0,1].
 
     The encoder is frozen, so it is forced into eval mode: the projector BNs must use their running stats.
+    With ``return_features``: (r_hat, the pre-projector cls feature [B, embed_dim], the projector output
+    [B, proj_dim] before standardisation), so a check can see each stage of RCG_REFERENCE.md 1.2.
     """
     model.eval()
     x = normalize_for_encoder(images01.float(), input_size or model.patch_embed.img_size[0])
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with amp:
-        r = model(x)
-    return standardize(r.float())
+        feature = model.features(x)
+        projected = model.head(feature)
+    rep = standardize(projected.float())
+    return (rep, feature.float(), projected.float()) if return_features else rep
 
 
 def import_mocov3_state_dict(ckpt: dict) -> dict:
