@@ -2,23 +2,22 @@
 sequence position 0 (RCG_REFERENCE.md 3), its masked-token training loss, and the official-checkpoint import.
 
 Module names follow the official code, so ``MAGE.state_dict()`` keys are the official ``model`` keys minus the
-parameters the official forward never reads (:data:`OFFICIAL_UNUSED`) and the frozen encoder / VQGAN it embeds.
-Iterative decoding lives beside this file, in :mod:`pipeline.gen.masked_decoding`.
+parameters the official forward never reads and the frozen encoder / VQGAN it embeds (the import, with those
+accounted for, is :mod:`pipeline.models.mage_official`). Iterative decoding lives beside this file, in
+:mod:`pipeline.gen.masked_decoding`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.artifacts import load_model_file
 from pipeline.core.errors import RcgError
 
 FORMAT = "rcg-pixel"
@@ -284,99 +283,3 @@ def load_pixel(path: str | Path, use_ema: bool = True) -> tuple[MAGE, dict]:
     sd = payload["ema_state_dict"] if use_ema and "ema_state_dict" in payload else payload["state_dict"]
     model.load_state_dict({k: v for k, v in sd.items() if k != "num_updates"})
     return model.eval(), payload
-
-
-# ---------------------------------------------------------------------------------------------------
-# Official checkpoint import (rep-conditioned MAGE-B/L of RCG: ``{'model': state, 'args': Namespace, ...}``)
-
-ENCODER_PREFIX, VQGAN_PREFIX = "pretrained_encoder.", "vqgan."
-
-
-def official_unused_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The parameters an official file holds that the official forward never reads, with their shapes: the MAE
-    leftovers (patch embedding, cls/mask tokens, fixed sin-cos tables, pixel head). Checked, then dropped."""
-    d, dd, n = config["embed_dim"], config["decoder_embed_dim"], config["seq_len"] + 1
-    return {"cls_token": (1, 1, d), "pos_embed": (1, n, d), "mask_token": (1, 1, dd), "decoder_pos_embed": (1, n, dd),
-            "patch_embed.proj.weight": (d, 3, 16, 16), "patch_embed.proj.bias": (d,),
-            "decoder_pred.weight": (16 * 16 * 3, dd), "decoder_pred.bias": (16 * 16 * 3,)}
-
-
-def _few(keys: list[str], n: int = 4) -> str:
-    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
-
-
-def infer_official_config(sd: Mapping[str, Any], num_heads: int | None = None,
-                          decoder_num_heads: int | None = None) -> dict:
-    """MAGE kwargs of an official state dict, read from its shapes; heads are not in the weights, so they come
-    from the arguments or, for MAGE-B/L widths, from MAGE_SIZES."""
-    need = ("token_emb.word_embeddings.weight", "token_emb.position_embeddings.weight", "latent_prior_proj.weight",
-            "decoder_embed.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise RcgError(f"not an official rep-conditioned MAGE state dict: missing {', '.join(missing)}")
-    vocab, dim = sd["token_emb.word_embeddings.weight"].shape
-    dec_dim = sd["decoder_embed.weight"].shape[0]
-    size = next((s for s in MAGE_SIZES.values() if (s["embed_dim"], s["decoder_embed_dim"]) == (dim, dec_dim)), {})
-    num_heads, decoder_num_heads = num_heads or size.get("num_heads"), decoder_num_heads or size.get("decoder_num_heads")
-    if num_heads is None or decoder_num_heads is None:
-        raise RcgError(f"official MAGE of width {dim} / decoder {dec_dim} is neither MAGE-B nor MAGE-L: give its heads")
-
-    def depth(prefix: str) -> int:
-        return len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
-
-    return dict(codebook_size=vocab - OFFICIAL_EXTRA_IDS - 1, seq_len=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
-                rep_dim=sd["latent_prior_proj.weight"].shape[1], conditioning="rep", num_labels=0, vocab="official",
-                embed_dim=dim, depth=depth("blocks."), num_heads=num_heads, decoder_embed_dim=dec_dim,
-                decoder_depth=depth("decoder_blocks."), decoder_num_heads=decoder_num_heads)
-
-
-def convert_official_mage(sd: Mapping[str, Any], **heads: int) -> tuple[dict, dict, dict, dict]:
-    """Split an official rep-conditioned MAGE state dict into (MAGE kwargs, MAGE state, embedded MoCo v3
-    encoder state, embedded VQGAN state), accounting for every key: a key that is neither ours, nor one of
-    :func:`official_unused_shapes` (shape-checked), nor under ``pretrained_encoder.`` / ``vqgan.`` is an
-    error, as is any of ours missing or misshapen. Works on meta tensors. ``heads``: see infer_official_config."""
-    config = infer_official_config(sd, **heads)
-    with torch.device("meta"):
-        expected = MAGE(**config).state_dict()
-    unused = official_unused_shapes(config)
-    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
-    vqgan = {k[len(VQGAN_PREFIX):]: v for k, v in sd.items() if k.startswith(VQGAN_PREFIX)}
-    ours = {k: v for k, v in sd.items() if not k.startswith((ENCODER_PREFIX, VQGAN_PREFIX)) and k not in unused}
-    problems = []
-    if missing := [k for k in expected if k not in ours]:
-        problems.append(f"missing {_few(missing)}")
-    if unexpected := [k for k in ours if k not in expected]:
-        problems.append(f"unexpected {_few(unexpected)}")
-    shapes = {**{k: tuple(v.shape) for k, v in expected.items()}, **unused}
-    if wrong := [f"{k} {list(sd[k].shape)} vs {list(s)}" for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s]:
-        problems.append(f"shape mismatch {_few(wrong, 3)}")
-    if absent := [k for k in unused if k not in sd]:
-        problems.append(f"lacks the official unused parameters {_few(absent)}")
-    if not encoder or not vqgan:
-        problems.append("does not embed its " + " and ".join(
-            p + "*" for p, part in ((ENCODER_PREFIX, encoder), (VQGAN_PREFIX, vqgan)) if not part))
-    if problems:
-        raise RcgError("official MAGE checkpoint does not fit MAGE: " + "; ".join(problems))
-    return config, ours, encoder, vqgan
-
-
-def read_official_mage(path: str | Path) -> Mapping[str, Any]:
-    """The ``model`` state dict of an official RCG MAGE file, read with weights_only=True and only
-    ``argparse.Namespace`` allow-listed."""
-    ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
-    sd = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(sd, Mapping):
-        raise RcgError(f"{path} is not an official MAGE checkpoint: no 'model' state dict")
-    return sd
-
-
-def load_official_mage(path: str | Path, **heads: int) -> tuple[MAGE, dict, dict, dict]:
-    """(MAGE with the file's weights, its kwargs, embedded encoder state, embedded VQGAN state)."""
-    sd = read_official_mage(path)
-    try:
-        config, state, encoder, vqgan = convert_official_mage(sd, **heads)
-    except RcgError as exc:
-        raise RcgError(f"{path}: {exc}") from None
-    model = MAGE(**config)
-    model.load_state_dict(state, strict=True)
-    return model, config, encoder, vqgan
