@@ -120,6 +120,57 @@ def make_builtin(out: Path, count: int = 100, size: int = 32, seed: int = 0, spl
     typer.echo(f"wrote {write_builtin(out, split, count, size, seed)}")
 
 
+FileOpt = Annotated[Optional[Path], typer.Option(help="A model file (ours or official); default: the project's.")]
+
+
+@app.command()
+def sample(setting: Annotated[str, typer.Argument(help="A name in sample.settings (rcg, rcg_cfg, baseline, oracle, "
+                                                       "class, cluster).")],
+           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False,
+           out: Annotated[Optional[Path], typer.Option(help="Offline: write OUT/<setting>.zarr and "
+                                                            "OUT/figures/<setting>/ from the files given.")] = None,
+           pixel: FileOpt = None, tokenizer: FileOpt = None, rdm: FileOpt = None,
+           reps: Annotated[Optional[Path], typer.Option(help="Offline: a reps.zarr (oracle reps, figures).")] = None,
+           shards: Annotated[Optional[Path], typer.Option(help="Offline: a shard folder (figures).")] = None) -> None:
+    """Generate one setting's images -> data/samples/<setting>.zarr + metrics/figures/<setting>/ (or, with --out,
+    from any model files given by path, outside the DVC graph)."""
+    if out is None:
+        if any(v is not None for v in (pixel, tokenizer, rdm, reps, shards)):
+            _fail("sample", "--pixel/--tokenizer/--rdm/--reps/--shards are for the offline mode: add --out DIR", 2)
+        return run_stage("sample", params, set_, debug, setting)
+
+    def go():
+        from pipeline.core.config import load_params
+        from stages.sample import run_files
+        if pixel is None or tokenizer is None:
+            raise RcgError("the offline mode (--out) needs --pixel FILE and --tokenizer FILE")
+        p = load_params(params if params.exists() or params != Path("params.yaml") else None, set_ or [])
+        return run_files(p, setting, out, pixel, tokenizer, rdm, reps, shards)
+
+    typer.echo(json.dumps(_guarded("sample", debug, go), indent=2, default=str))
+
+
+@app.command()
+def edit(image: Path, box: Annotated[str, typer.Option(help="x0,y0,x1,y1 in pixels of the image brought to the "
+                                                            "generator's size (x1, y1 exclusive); past the border: "
+                                                            "outpainting.")],
+         out: Annotated[Path, typer.Option(help="The PNG to write.")],
+         rep_from: Annotated[Optional[Path], typer.Option(help="Condition on this image's rep.")] = None,
+         rep_from_rdm: Annotated[bool, typer.Option(help="Condition on an RDM sample.")] = False,
+         pixel: FileOpt = None, tokenizer: FileOpt = None, encoder: FileOpt = None, rdm: FileOpt = None,
+         iterations: int = 20, temperature: float = 6.0, guidance: float = 0.0, seed: int = 0,
+         params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Regenerate a box of IMAGE conditioned on its own rep (default), another image's, or an RDM sample."""
+    def go():
+        from pipeline.core.config import load_params
+        from stages.edit import run
+        p = load_params(params if params.exists() or params != Path("params.yaml") else None, set_ or [])
+        return run(p, image, box, out, rep_from, rep_from_rdm, pixel, tokenizer, encoder, rdm, iterations,
+                   temperature, guidance, seed)
+
+    typer.echo(json.dumps(_guarded("edit", debug, go), indent=2, default=str))
+
+
 def main() -> None:
     app(prog_name="rcg")
 

@@ -1,0 +1,302 @@
+"""RCG's two passes (RCG_REFERENCE.md 2.4, 3.5): the RDM samples a representation, the pixel generator decodes
+tokens conditioned on it, the VQGAN turns the tokens into pixels. One function, :func:`generate`, serves every
+setting the comparison needs:
+
+- ``rcg`` / ``rcg_cfg``: RDM reps (DDIM, the file's EMA weights, its whitening undone) -> the ``rep`` generator,
+  without / with classifier-free guidance; a class-conditional RDM gets the requested class ids (class-cond RCG,
+  the pixel generator is the same);
+- ``oracle``: the stored reps of real images -> the ``rep`` generator;
+- ``baseline``: the unconditional (``none``) generator;
+- ``class`` / ``cluster``: class or cluster ids -> their generators.
+
+Reproducible by construction: a batch of samples is a pure function of (seed, its first global index) and its
+size, because one seeded generator per batch feeds the RDM noise and then the token sampling. The sample stage
+makes each store chunk one batch, so ranks that split the chunks produce exactly what one process does.
+
+Pixels: the decoder output x (about [0, 1]) becomes uint8 as the official code saves PNGs,
+``clip(x * 255, 0, 255)`` then a cast: truncated, not rounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.core.artifacts import file_sha256, load_checkpoint, weights_sha256
+from pipeline.core.config import RdmSample, SampleSetting
+from pipeline.core.errors import RcgError
+from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.gen.masked_decoding import decode_tokens
+from pipeline.models.encoder import import_mocov3_state_dict
+from pipeline.models.mage import MAGE, load_pixel
+from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder, sample_reps
+from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
+from pipeline.train.rng import seeded_generator
+
+FIGURE_STREAM = 1 << 40  # entropy offset of figure batches: never a sample chunk's stream
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class Rdm:
+    model: RDM
+    diffusion: GaussianDiffusion
+    encoder: str | None  # weights_sha256 of the encoder whose reps it was trained on, when the file says
+    sha256: str
+
+
+@dataclass
+class Pixel:
+    model: MAGE
+    conditioning: str        # rep / none / class / cluster
+    grid: tuple[int, int]    # token grid (h, w)
+    codebook_size: int
+    rep_dim: int | None
+    num_labels: int | None   # classes / clusters a label generator knows
+    tokenizer: str | None    # sha256 of the tokenizer model file its tokens came from, when the file says
+    encoder: str | None      # weights_sha256 of the encoder its reps came from, when the file says
+    sha256: str
+
+
+@dataclass
+class Models:
+    """What one setting samples with, plus the identities the compatibility checks compare."""
+    pixel: Pixel
+    tokenizer: VQGAN
+    tokenizer_sha256: str
+    rdm: Rdm | None = None
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokenizer.quantize.embedding.weight.device
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        f = self.tokenizer.downsample_factor
+        return self.pixel.grid[0] * f, self.pixel.grid[1] * f
+
+
+def load_rdm_any(path: str | Path, device: torch.device) -> Rdm:
+    """An "rcg-rdm" model file or an official RCG RDM checkpoint, in eval mode with its EMA weights."""
+    ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
+    if isinstance(ckpt, dict) and "format" in ckpt:
+        model, diffusion, config = load_rdm(path)
+        encoder = ((config.get("store") or {}).get("encoder") or {}).get("weights_sha256")
+    else:
+        sd = ckpt.get("model", ckpt.get("state_dict")) if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict):
+            raise RcgError(f"{path} is neither an rcg-rdm model file nor an official RDM checkpoint")
+        try:
+            config, net, ema, cond = convert_official_rdm(sd)
+        except RcgError as exc:
+            raise RcgError(f"{path}: {exc}") from None
+        model = RDM(**config)
+        model.net.load_state_dict(ema if ema is not None else net)
+        model.cond_stage_model.load_state_dict(cond)
+        embedded = official_rdm_encoder(sd)
+        encoder = weights_sha256(import_mocov3_state_dict(embedded)) if embedded else None
+        diffusion = GaussianDiffusion()
+    return Rdm(model.eval().to(device), diffusion.to(device), encoder, file_sha256(path))
+
+
+def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
+    """An "rcg-tokenizer" model file or a raw VQGAN checkpoint (the official one), frozen, in eval mode."""
+    ckpt = load_checkpoint(path)
+    model = load_tokenizer(path)[0] if isinstance(ckpt, dict) and "format" in ckpt else load_official_vqgan(path)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
+    """An "rcg-pixel" model file (EMA weights when it has them) with what the compatibility checks compare."""
+    model, payload = load_pixel(path)
+    config = payload["config"]
+    tokens, reps = config.get("tokens") or {}, config.get("reps") or {}
+    return Pixel(model.to(device).requires_grad_(False), model.conditioning, tuple(config["grid"]),
+                 model.codebook_size, model.rep_dim, model.num_labels or None,
+                 (tokens.get("tokenizer") or {}).get("sha256"), (reps.get("encoder") or {}).get("weights_sha256"),
+                 file_sha256(path))
+
+
+def load_models(pixel: str | Path, tokenizer: str | Path, rdm: str | Path | None, device: torch.device) -> Models:
+    """Load the files one setting needs (``rdm`` only for RDM reps); the tokenizer and the RDM ours or official."""
+    models = Models(load_pixel_file(pixel, device), load_tokenizer_any(tokenizer, device), file_sha256(tokenizer),
+                    load_rdm_any(rdm, device) if rdm is not None else None)
+    models.hashes = {"pixel": models.pixel.sha256, "tokenizer": models.tokenizer_sha256,
+                     **({"rdm": models.rdm.sha256} if models.rdm is not None else {})}
+    return models
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_setting(name: str, setting: SampleSetting, models: Models, stored_reps: dict | None = None) -> None:
+    """One-line RcgError before any sampling when the files do not belong together or the setting does not fit
+    them. ``stored_reps`` ({"dim", "encoder"}) describes the reps store an oracle setting reads."""
+    px, key = models.pixel, f"sample.settings.{name}"
+    if px.conditioning != setting.generator:
+        raise RcgError(f"{key}: needs the {setting.generator!r} pixel generator, the file is {px.conditioning!r}")
+    if px.codebook_size != models.tokenizer.quantize.n_embed:
+        raise RcgError(f"the pixel generator predicts {px.codebook_size} codes but the tokenizer has "
+                       f"{models.tokenizer.quantize.n_embed}: they do not belong together")
+    if px.tokenizer is not None and px.tokenizer != models.tokenizer_sha256:
+        raise RcgError("the pixel generator was trained on tokens of another tokenizer file "
+                       f"({px.tokenizer[:12]}... vs {models.tokenizer_sha256[:12]}...)")
+    tokens = px.grid[0] * px.grid[1]
+    if setting.iterations > tokens:
+        raise RcgError(f"{key}.iterations ({setting.iterations}) exceeds the {tokens} tokens of a "
+                       f"{px.grid[0]}x{px.grid[1]} grid")
+    if setting.guidance > 0 and setting.generator == "none":
+        raise RcgError(f"{key}.guidance: the unconditional generator has nothing to guide towards; use 0")
+    if setting.reps == "rdm":
+        rdm = models.rdm
+        if rdm is None:
+            raise RcgError(f"{key}: RDM reps need an RDM file")
+        dim = rdm.model.whitening.mean.numel()
+        if dim != px.rep_dim:
+            raise RcgError(f"the RDM samples {dim}-d reps but the pixel generator takes {px.rep_dim}-d ones")
+        if rdm.encoder and px.encoder and rdm.encoder != px.encoder:
+            raise RcgError("the RDM and the pixel generator were trained on reps of different encoders")
+        if rdm.model.class_cond:
+            _check_classes(key, setting.classes, rdm.model.cond_stage_model.embedding.num_embeddings, "RDM")
+        elif setting.classes is not None:
+            raise RcgError(f"{key}.classes: the RDM is unconditional; it takes no class ids")
+    if setting.reps == "stored":
+        if stored_reps is None:
+            raise RcgError(f"{key}: stored reps need a reps store")
+        if stored_reps["dim"] != px.rep_dim:
+            raise RcgError(f"the reps store holds {stored_reps['dim']}-d reps but the pixel generator takes "
+                           f"{px.rep_dim}-d ones")
+        if stored_reps.get("encoder") and px.encoder and stored_reps["encoder"] != px.encoder:
+            raise RcgError("the reps store and the pixel generator come from different encoders")
+    if setting.generator in ("class", "cluster"):
+        _check_classes(key, setting.classes, px.num_labels, f"{setting.generator} generator")
+
+
+def _check_classes(key: str, classes: list[int] | None, known: int, what: str) -> None:
+    if classes is not None and max(classes) >= known:
+        raise RcgError(f"{key}.classes: id {max(classes)} is unknown to the {what} ({known} ids: 0..{known - 1})")
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+def label_plan(setting: SampleSetting, models: Models) -> list[int] | None:
+    """The ids a setting cycles through (sample i gets ids[i % len]); None when it takes no labels."""
+    if setting.generator in ("class", "cluster"):
+        return setting.classes or list(range(models.pixel.num_labels))
+    if setting.reps == "rdm" and models.rdm.model.class_cond:
+        return setting.classes or list(range(models.rdm.model.cond_stage_model.embedding.num_embeddings))
+    return None
+
+
+def labels_for(plan: list[int] | None, start: int, count: int) -> np.ndarray | None:
+    """Labels of samples start..start+count (every id equally often over a multiple of len(plan))."""
+    if plan is None:
+        return None
+    return np.asarray(plan, dtype=np.int64)[np.arange(start, start + count) % len(plan)]
+
+
+def oracle_rows(num_rows: int, num_samples: int, seed: int) -> np.ndarray:
+    """Rows of the reps store the oracle setting conditions on: a seeded permutation, cycled past N."""
+    perm = np.random.default_rng([seed, 7]).permutation(num_rows)
+    return perm[np.arange(num_samples) % num_rows]
+
+
+# --------------------------------------------------------------------------------------------- passes
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output [B, 3, H, W] (about [0, 1]) -> uint8 [B, H, W, 3]: clip(x * 255, 0, 255), truncated."""
+    return (images.float() * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class Generated:
+    images: np.ndarray          # uint8 [B, H, W, 3]
+    tokens: torch.Tensor        # [B, h, w]
+    reps: np.ndarray | None     # float32 [B, D] the pixel generator was conditioned on
+    labels: np.ndarray | None   # int64 [B] given to the RDM or the label generator
+
+
+class _Clock:
+    """Seconds per pass, added into ``timings`` (synchronising a GPU so each pass is charged its own time)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device, self.last = timings, device, time.perf_counter()
+
+    def __call__(self, key: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + now - self.last
+        self.last = now
+
+
+@torch.inference_mode()
+def generate(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, count: int,
+             generator: torch.Generator, reps: torch.Tensor | None = None, labels: np.ndarray | None = None,
+             timings: dict | None = None) -> Generated:
+    """``count`` images of one setting: RDM reps (unless ``reps`` are given: the oracle path) or ``labels``, then
+    masked decoding, then the VQGAN. The RDM draws first from ``generator``, the decoding after it.
+    ``timings`` (if given) accumulates seconds under "rdm", "decode" and "vqgan"."""
+    device = models.device
+    clock = _Clock(timings, device)
+    y = torch.as_tensor(labels, device=device) if labels is not None else None
+    mage = models.pixel.model
+    if setting.generator == "rep":
+        if reps is None:
+            rdm = models.rdm
+            rdm_labels = y if rdm.model.class_cond else torch.zeros(count, dtype=torch.long, device=device)
+            reps = sample_reps(rdm.model, rdm.diffusion, rdm_labels, steps=rdm_sampler.steps, eta=rdm_sampler.eta,
+                               temperature=rdm_sampler.temperature, generator=generator)
+            clock("rdm")
+        reps = reps.to(device, torch.float32)
+        slots = mage.condition(reps)
+    else:
+        slots = mage.condition(y, batch=count)  # class / cluster ids, or the none generator's fake_latent
+    tokens = decode_tokens(mage, slots, generator, num_iter=setting.iterations,
+                           choice_temperature=setting.temperature, guidance=setting.guidance)
+    tokens = tokens.view(count, *models.pixel.grid)
+    clock("decode")
+    images = to_uint8(models.tokenizer.decode_indices(tokens))
+    clock("vqgan")
+    return Generated(images, tokens, reps.cpu().numpy() if setting.generator == "rep" else None, labels)
+
+
+# -------------------------------------------------------------------------------------------- figures
+def rep_rows(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, reps: torch.Tensor, columns: int,
+             generator: torch.Generator) -> np.ndarray:
+    """Figure 6: each rep [R, D] decoded into ``columns`` images -> uint8 [R, columns, H, W, 3]."""
+    out = generate(models, setting, rdm_sampler, len(reps) * columns, generator,
+                   reps=reps.repeat_interleave(columns, dim=0)).images
+    return out.reshape(len(reps), columns, *out.shape[1:])
+
+
+def interpolation_rows(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, f1: torch.Tensor,
+                       f2: torch.Tensor, columns: int, seed: int) -> np.ndarray:
+    """Figure 7: t f1 + (1 - t) f2 for t from 1 to 0 in ``columns`` steps, per pair (f1, f2 [P, D]) ->
+    uint8 [P, columns, H, W, 3]. Every step replays one seeded stream, so along a row only the rep changes."""
+    steps = []
+    for t in torch.linspace(1, 0, columns).tolist():
+        steps.append(generate(models, setting, rdm_sampler, len(f1), figure_generator(models.device, seed, 1),
+                              reps=t * f1 + (1 - t) * f2).images)
+    return np.stack(steps, axis=1)
+
+
+def label_rows(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, ids: list[int], columns: int,
+               generator: torch.Generator) -> np.ndarray:
+    """One row of ``columns`` samples per class / cluster id (through the label generator or a class-cond RDM)."""
+    labels = np.repeat(np.asarray(ids, dtype=np.int64), columns)
+    out = generate(models, setting, rdm_sampler, len(labels), generator, labels=labels).images
+    return out.reshape(len(ids), columns, *out.shape[1:])
+
+
+def chunk_generator(device: torch.device, seed: int, chunk: int) -> torch.Generator:
+    """The stream of store chunk ``chunk``: the same in every setting, so rcg and rcg_cfg see the same RDM reps."""
+    return seeded_generator(device, seed, chunk)
+
+
+def figure_generator(device: torch.device, seed: int, figure: int) -> torch.Generator:
+    return seeded_generator(device, seed, FIGURE_STREAM + figure)
