@@ -2,9 +2,9 @@
 
     python -m bench.rdm [--sizes default cifar10 imagenet] [--steps N] [--rounds R] [--threads T]
 
-(1) cached / bare: samples/s of ``stages.train_rdm.train`` (batch gather from the in-memory store, random
-    views, noising, AdamW, EMA, loss checks, curves) over the bare forward + backward of the same RDM on fixed
-    random tensors, in the same process, interleaved; target >= 0.9. Also over bare fwd/bwd + AdamW + EMA
+(1) cached / bare: samples/s of ``pipeline.train.rdm.train_rdm`` on the shared loop (batch gather from the
+    in-memory store, random views, noising, AdamW, EMA, loss checks, curves) over the bare forward + backward of
+    the same RDM on fixed random tensors, in the same process, interleaved; target >= 0.9. Also over bare fwd/bwd + AdamW + EMA
     (what the official recipe computes per step anyway), which isolates the data path's own cost.
 (2) cached / official: the official recipe runs the frozen encoder (fp32, as RCG) on every image at every
     step; here that is the encoder forward on ready-made 256x256 (ImageNet, ViT-B/16 at 224) or 32x32 (default)
@@ -34,7 +34,7 @@ from pipeline.train.ema import EMA  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
 from pipeline.train.state import TrainState  # noqa: E402
-from stages import train_rdm  # noqa: E402
+from pipeline.train.rdm import train_rdm  # noqa: E402
 
 
 def setting(name: str) -> tuple[Params, int, int]:
@@ -44,7 +44,7 @@ def setting(name: str) -> tuple[Params, int, int]:
     p = preset("imagenet256_vitb" if name == "imagenet" else name)
     tree = p.model_dump(mode="json")
     if name == "imagenet":
-        tree["rdm"]["train"]["batch_size"] = 128  # per GPU, as the official 4 x 128
+        tree["rdm"]["train"]["batch_size"] = 128  # one GPU's share of the official global 4 x 128
     tree["runtime"]["device"] = "auto"
     return validate(tree, check_paths=False), p.views.count, p.views.crop
 
@@ -58,7 +58,7 @@ def cached_rate(params: Params, store: RepStore, device: torch.device, steps: in
             tree = params.model_dump(mode="json")
             tree["paths"] = {"data": tmp + "/data", "metrics": tmp + "/metrics"}
             tree["rdm"]["train"].update(steps=n, log_every=max(1, steps // 4), checkpoint_every=10 ** 9)
-            seconds.append(train_rdm.train(validate(tree, check_paths=False), store, stats, device, Dist())[3]["train_seconds"])
+            seconds.append(train_rdm(validate(tree, check_paths=False), store, stats, device, Dist())[3]["seconds"])
     return (steps - 1) * params.rdm.train.batch_size / (seconds[1] - seconds[0])
 
 

@@ -3,7 +3,7 @@
     python -m bench.rdm_fd RUN_DIR [--variants official default] [--evals 3] [--num-samples M ...] [--set key=value ...]
 
 RUN_DIR holds params.yaml and the reps.zarr it names (a `dvc repro` / `rcg encode` run). Every variant trains
-from scratch with the stage's own loop (``stages.train_rdm.train``) under RUN_DIR's params plus the variant's
+from scratch with the stage's own loop (``pipeline.train.rdm.train_rdm``) under RUN_DIR's params plus the variant's
 overrides plus ``--set``, in a scratch folder (no resume state or curves land in RUN_DIR), then the stage's own
 evaluation runs ``--evals`` times with different sampling seeds: the FD of M generated reps, the i.i.d. lower
 bound (mean of ``rdm.eval.lower_bound_draws`` draws), their ratio, the Gaussian fit's FD and precision/recall,
@@ -33,7 +33,7 @@ from pipeline.core.config import load_params  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
 from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
 from pipeline.eval.rdm_eval import evaluate  # noqa: E402
-from stages import train_rdm  # noqa: E402
+from pipeline.train.rdm import train_rdm  # noqa: E402
 
 VARIANTS = {
     "official": ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"],
@@ -66,7 +66,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             scratch = [f"paths.data={tmp}/data", f"paths.metrics={tmp}/metrics"]
             params = load_params(Path("params.yaml"), [*args.overrides, *sets, *scratch])
-            model, ema, _, summary = train_rdm.train(params, store, stats, device, Dist())
+            model, ema, _, summary = train_rdm(params, store, stats, device, Dist())
         for m in args.num_samples or [params.rdm.eval.num_samples]:
             at_m = load_params(Path("params.yaml"), [*args.overrides, *sets, f"rdm.eval.num_samples={m}"])
             evals = [evaluate(at_m.rdm, params.seed + 1000 * i, model, ema, store, stats, device)
@@ -74,7 +74,7 @@ def main() -> None:
             fd = [e["fd_generated"] for e in evals]
             low = [e["fd_lower_bound"] for e in evals]
             print(json.dumps({"variant": name, "sets": sets, "steps": params.rdm.train.steps,
-                              "train_seconds": summary["train_seconds"], "num_samples": m,
+                              "train_seconds": summary["seconds"], "num_samples": m,
                               "fd_generated": [round(f, 4) for f in fd], "fd_lower_bound": round(float(np.mean(low)), 4),
                               "fd_lower_bound_std": round(float(np.mean([e["fd_lower_bound_std"] for e in evals])), 4),
                               "ratio": round(float(np.mean(fd) / np.mean(low)), 3),

@@ -7,51 +7,49 @@ keeps of MoCo v3, the base encoder with its projector, in the "rcg-encoder" form
 
 from __future__ import annotations
 
-import contextlib
-import time
-
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_as
-from pipeline.core.errors import RcgError
-from pipeline.data.images import decode_rgb
-from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
-from pipeline.core.progress import log, progress
+from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
-from pipeline.data.shards import INDEX_FILE, ShardSet
-from pipeline.train.state import CurveLog, TrainState, check_finite, cosine_lr, seed_everything, set_lr
+from pipeline.data.images import decode_rgb
+from pipeline.data.shards import ShardSet
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_as
+from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
+from pipeline.train.batches import StepBatches
+from pipeline.train.identity import resume_identity, shards_identity
+from pipeline.train.loop import TrainLoop
+from pipeline.train.rng import seeded_global_rng
+from pipeline.train.schedules import warmup_cosine
+
+STAGE = "pretrain_encoder"
+AUGMENT = 1  # random-stream purpose (pipeline.train.rng), beside batches' PERMUTATION = 0
 
 
 class TwoCropDataset(Dataset):
-    """Image ``idx`` as MoCo v3's two augmented views.
+    """Item ``(idx, k)``: image ``idx`` as MoCo v3's two augmented views, drawn from the stream (seed, k) of the
+    global sample position k, so a resumed run (any worker count) draws the augmentations it would have drawn.
 
     The random-resized crop works on the stored image as it is, like MoCo v3 on the original file: crop
     scales are fractions of the image area, so a pre-resize to ``views.resize`` would only add a second
     interpolation, and it would make this stage depend on ``views``, which its dvc params do not list.
     """
 
-    def __init__(self, shards: ShardSet, augment: TwoCropAugment):
-        self.shards, self.augment = shards, augment
+    def __init__(self, shards: ShardSet, augment: TwoCropAugment, seed: int):
+        self.shards, self.augment, self.seed = shards, augment, seed
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.augment(decode_rgb(self.shards.read(idx)))
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Augmentation randomness of one rank's epoch, a function of (seed, epoch, rank) alone: ranks differ, and
-    resuming needs no per-rank RNG state."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, k = item
+        with seeded_global_rng(self.seed, AUGMENT, k):  # torchvision transforms draw from the global RNG
+            return self.augment(decode_rgb(self.shards.read(idx)))
 
 
 def import_official(params: Params) -> dict:
@@ -64,25 +62,15 @@ def import_official(params: Params) -> dict:
 
 
 def pretrain(params: Params, d: Dist) -> dict:
-    p, config = params.pretrain_encoder, params.encoder.model.model_dump()
+    p, config = params.encoder.train, params.encoder.model.model_dump()
     device = device_for(params.runtime, d.local_rank)
     cuda = device.type == "cuda"
-    seed_everything(params.seed)  # the same initial weights on every rank
-
     shards = ShardSet(params.paths.shards, "train")
-    dataset = TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min))
-    sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=params.seed,
-                                 drop_last=True)
-    # Fresh workers each epoch, seeded from the epoch's seed (below): a resumed run draws the same augmentations.
-    loader = DataLoader(dataset, batch_size=p.batch_size, sampler=sampler, num_workers=p.workers, drop_last=True,
-                        pin_memory=cuda, persistent_workers=False)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise RcgError(f"pretrain_encoder.batch_size ({p.batch_size}) x {d.world} rank(s) exceeds the "
-                       f"{len(dataset)} training images")
+    steps_per_epoch = len(shards) // p.batch_size
     total, warmup = p.epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch
-    base_lr = p.blr * p.batch_size * d.world / 256  # MoCo v3 rule, on the global batch
+    base_lr = p.blr * p.batch_size / 256  # MoCo v3 rule, on the global batch
 
+    torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = MoCoV3(MoCoViT(**config), dim=config["proj_dim"], mlp_dim=config["proj_hidden_dim"], T=p.temperature)
     if d.world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -91,50 +79,26 @@ def pretrain(params: Params, d: Dist) -> dict:
     model = model.to(device).train()
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=base_lr,
                                   weight_decay=p.weight_decay, fused=cuda)
-    resume_config = {"seed": params.seed, "encoder": params.section("encoder"), "world": d.world,
-                     "pretrain_encoder": {k: v for k, v in params.section("pretrain_encoder").items()
-                                          if k not in ("workers", "log_every")},
-                     "index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}
-    state = TrainState(params.paths.state / "pretrain_encoder.pt", resume_config)
-    step, extra = state.load({"model": model, "optimizer": optimizer})
-    net = DistributedDataParallel(model, device_ids=[d.local_rank] if cuda else None) if d.world > 1 else model
-    curve = CurveLog(params.paths.plots / "pretrain_encoder.csv", ["loss", "lr", "m"], step) if d.is_main else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if p.bf16 and cuda else contextlib.nullcontext()
+    identity = resume_identity(params, ["seed", "encoder.model", "encoder.train"],
+                               shards=shards_identity(params.paths.shards))
+    loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
+                     optimizer=optimizer, lr=warmup_cosine(base_lr, total, warmup), log_every=p.log_every,
+                     checkpoint_every=p.checkpoint_every, samples_per_step=p.batch_size, bf16=p.bf16)
+    sampler = StepBatches(len(shards), p.batch_size, params.seed, loop.start, total, d.rank, d.world,
+                          key="encoder.train.batch_size")
+    loader = DataLoader(TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min), params.seed),
+                        batch_sampler=sampler, num_workers=p.workers, pin_memory=cuda,
+                        prefetch_factor=4 if p.workers else None)
+    net = loop.wrap(model)
 
-    seconds, loss_value = extra.get("seconds", 0.0), extra.get("loss", float("nan"))
-    start = time.perf_counter()
-    bar = progress(total=total, desc="pretrain_encoder", unit="step")
-    bar.update(step)
-    for epoch in range(step // steps_per_epoch, p.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(params.seed, epoch, d.rank))
-        for x1, x2 in loader:
-            lr = cosine_lr(step, total, base_lr, warmup)
-            set_lr(optimizer, lr)
-            m = momentum_at(step / total, p.momentum)
-            with amp:
-                loss = net(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), m)
-            check_finite(loss, step, "pretrain_encoder", state)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % p.log_every == 0 or step == total:
-                loss_value = distributed.all_mean(loss.item(), d, device)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
-                if curve is not None:
-                    curve.add(step, loss=loss_value, lr=lr, m=m)
-        elapsed = seconds + time.perf_counter() - start
-        if d.is_main:
-            state.save(step, {"model": model, "optimizer": optimizer}, {"seconds": elapsed, "loss": loss_value})
-    bar.close()
-    seconds += time.perf_counter() - start
+    def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict:
+        m = momentum_at(it / total, p.momentum)
+        x1, x2 = (x.to(device, non_blocking=True) for x in batch)
+        return {"loss": net(x1, x2, m), "m": m}
 
+    result = loop.run(step, loader)
     out = params.paths.models / "encoder.pt"
-    summary = {"source": "pretrained", "epochs": p.epochs, "steps": total, "final_loss": round(loss_value, 6),
-               "seconds": round(seconds, 1), "world": d.world, "global_batch": p.batch_size * d.world,
-               "lr": base_lr}
+    summary = {"source": "pretrained", "epochs": p.epochs, **result, "world": d.world, "lr": base_lr}
     if d.is_main:
         save_model_file(out, MODEL_FORMAT, {"model": config}, model.base_encoder.state_dict(), summary=summary)
     d.barrier()

@@ -9,37 +9,32 @@ last ``restart_every`` steps are restarted onto current encoder outputs (after s
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
-from pipeline.data.images import decode_rgb, resize_short_side
-from pipeline.core.progress import log, progress
 from pipeline.core.runtime import device_for
+from pipeline.data.images import decode_rgb, resize_short_side
 from pipeline.data.shards import ShardSet
-from pipeline.train.state import CurveLog, TrainState, check_finite, seed_everything, unwrap
 from pipeline.models.vqgan import ARCH, MODEL_FORMAT as FORMAT, model_kwargs
 from pipeline.models.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
-                            load_official_vqgan)
+                                   load_official_vqgan)
 from pipeline.models.vqgan_loss import VQGANLoss
+from pipeline.train.batches import StepBatches
+from pipeline.train.identity import resume_identity, shards_identity
+from pipeline.train.loop import TrainLoop
+from pipeline.train.rng import seeded_numpy, stream_seed
 
+STAGE = "train_tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
-
-
-def _seed(*parts: int) -> int:
-    """An independent 63-bit seed per (seed, stream, index): no global RNG, so batches survive resume."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+CROP, RESTART = 1, 2  # random-stream purposes (pipeline.train.rng), beside batches' PERMUTATION = 0
 
 
 class RandomCrops(Dataset):
@@ -55,37 +50,13 @@ class RandomCrops(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         idx, k = item
         img = resize_short_side(decode_rgb(self.shards.read(idx)), self.crop)
-        rng = np.random.default_rng(_seed(self.seed, 1, k))
+        rng = seeded_numpy(self.seed, CROP, k)
         w, h = img.size
         left, top = int(rng.integers(w - self.crop + 1)), int(rng.integers(h - self.crop + 1))
         out = np.asarray(img.crop((left, top, left + self.crop, top + self.crop)))
         if rng.integers(2):
             out = out[:, ::-1]
         return torch.from_numpy(out.copy())
-
-
-class StepBatches(Sampler[list[tuple[int, int]]]):
-    """Step ``s`` takes positions [s*B, (s+1)*B) of an endless chain of seeded epoch permutations, and rank ``r``
-    its r-th slice: a pure function of (seed, step), so a resumed run sees the batches it would have seen."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int, world: int):
-        self.n, self.batch, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
-        self.per, self.rank = batch_size // world, rank
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        epoch, perm = -1, None
-        for step in range(self.start, self.stop):
-            first = step * self.batch + self.rank * self.per
-            items = []
-            for k in range(first, first + self.per):
-                if k // self.n != epoch:
-                    epoch = k // self.n
-                    perm = np.random.default_rng(_seed(self.seed, 0, epoch)).permutation(self.n)
-                items.append((int(perm[k % self.n]), k))
-            yield items
 
 
 def import_official(params: Params, out: Path) -> dict:
@@ -114,11 +85,9 @@ def train(params: Params, out: Path) -> dict:
     tk, tr = params.tokenizer, params.tokenizer.train
     d = distributed.init()
     device = device_for(params.runtime, d.local_rank)
-    if tr.batch_size % d.world:
-        raise RcgError(f"tokenizer.train.batch_size ({tr.batch_size}) must be divisible by the {d.world} ranks")
     kwargs = model_kwargs(tk.model)
     n_embed = kwargs["n_embed"]
-    seed_everything(params.seed)
+    torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = VQGAN(**kwargs).to(device)
     if params.views.crop % model.downsample_factor:
         raise RcgError(f"views.crop ({params.views.crop}) must be a multiple of the tokenizer's downsampling "
@@ -126,6 +95,7 @@ def train(params: Params, out: Path) -> dict:
     if params.views.crop < 3 * 2 ** tr.disc_layers:  # the PatchGAN's last two 4x4 convs need >= 1 output
         raise RcgError(f"views.crop ({params.views.crop}) is too small for tokenizer.train.disc_layers "
                        f"({tr.disc_layers}): it needs crops of at least {3 * 2 ** tr.disc_layers}")
+    shards = ShardSet(params.paths.shards, "train")
     loss_fn = VQGANLoss(tr.disc_start, tr.disc_weight, tr.codebook_weight, tr.pixel_l1_weight, tr.pixel_l2_weight,
                         disc_ndf=tr.disc_ndf, disc_num_layers=tr.disc_layers).to(device)
     disc = loss_fn.discriminator
@@ -135,84 +105,67 @@ def train(params: Params, out: Path) -> dict:
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tr.lr, betas=(0.5, 0.9),
                              fused=cuda)
     opt_d = torch.optim.Adam(disc.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=cuda)
-    config = {"seed": params.seed, "crop": params.views.crop, "model": kwargs,
-              "train": params.section("tokenizer")["train"]}
-    for k in ("checkpoint_every", "log_every", "workers"):  # how to run, not what to compute
-        config["train"].pop(k)
-    state = TrainState(params.paths.state / "train_tokenizer.pt", config)
-    modules = {"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}
-    start, extra = state.load(modules)
-    counts = extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart
-    final = extra.get("final", {})  # the last logged figures, for the model file's summary
-
-    shards = ShardSet(params.paths.shards, "train")
-    sampler = StepBatches(len(shards), tr.batch_size, params.seed, start, tr.steps, d.rank, d.world)
+    identity = resume_identity(params, ["seed", "views.crop", "tokenizer.model", "tokenizer.train"],
+                               shards=shards_identity(params.paths.shards))
+    loop = TrainLoop(STAGE, params, d, device, steps=tr.steps, identity=identity,
+                     modules={"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d},
+                     log_every=tr.log_every, checkpoint_every=tr.checkpoint_every, samples_per_step=tr.batch_size,
+                     bf16=tr.bf16)
+    counts = loop.extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart
+    win_counts = torch.zeros_like(counts)  # since the last log
+    sampler = StepBatches(len(shards), tr.batch_size, params.seed, loop.start, tr.steps, d.rank, d.world,
+                          key="tokenizer.train.batch_size")
     loader = DataLoader(RandomCrops(shards, params.views.crop, params.seed), batch_sampler=sampler,
-                        num_workers=tr.workers, pin_memory=cuda,
-                        prefetch_factor=4 if tr.workers else None)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if d.world > 1 else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if tr.bf16 and cuda else contextlib.nullcontext()
+                        num_workers=tr.workers, pin_memory=cuda, prefetch_factor=4 if tr.workers else None)
+    net = loop.wrap(model)
     latent = {}  # the quantiser's input, for the EMA and restarts
     model.quantize.register_forward_hook(lambda m, args, out: latent.update(z=args[0].detach()))
     reduce = lambda t: _all_reduce_(t, d)  # noqa: E731
-    curves = CurveLog(params.paths.plots / "train_tokenizer.csv", CURVES, start) if d.is_main else None
-    window, win_counts = defaultdict(float), torch.zeros_like(counts)
-    restarts, t0 = 0, time.perf_counter()
-    model.train()
-    for step, batch in zip(range(start, tr.steps), progress(loader, total=len(sampler), desc="train_tokenizer",
-                                                             unit="step")):
+
+    def step(batch: torch.Tensor, it: int) -> dict:
+        """One generator update (+ codebook EMA), one discriminator update from ``disc_start``, code restarts."""
         x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        with amp:
-            xrec, qloss, idx = ddp(x)
+        with loop.autocast():
+            xrec, qloss, idx = net(x)
             disc.requires_grad_(False)  # the generator step must not touch D's gradients
-            loss, logs = loss_fn.generator_loss(x, xrec, qloss, step, unwrap(model).get_last_layer())
-        check_finite(loss, step, "train_tokenizer", state)
+            loss, logs = loss_fn.generator_loss(x, xrec, qloss, it, model.get_last_layer())
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         z_flat = latent["z"].permute(0, 2, 3, 1).reshape(-1, latent["z"].shape[1]).float()
         ema.update(codebook, z_flat, idx.flatten(), reduce)
-        logs["d_loss"] = 0.0
-        if step >= tr.disc_start:
+        d_loss = 0.0
+        if it >= tr.disc_start:
             disc.requires_grad_(True)
-            with amp:
-                d_loss, dlogs = loss_fn.discriminator_loss(x, xrec, step)
+            with loop.autocast():
+                d_loss_t, dlogs = loss_fn.discriminator_loss(x, xrec, it)
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            d_loss_t.backward()
             if d.world > 1:  # D runs thrice per step (not a DDP pattern), so its gradients are averaged by hand
                 for p in disc.parameters():
                     reduce(p.grad).div_(d.world)
             opt_d.step()
-            logs["d_loss"] = dlogs["d_loss"]
+            d_loss = dlogs["d_loss"]
         step_counts = reduce(code_usage(idx, n_embed))
-        counts += step_counts
-        win_counts += step_counts
-        for key, name in [("loss", "loss"), ("rec_loss", "rec"), ("q_loss", "q"), ("g_loss", "g"), ("d_loss", "d")]:
-            window[name] += logs[key]
-        window["n"] += 1
-
-        if tr.restart_every and (step == 0 or (step + 1) % tr.restart_every == 0):  # step 0: data-based init
-            restarts += restart_dead_codes(model.quantize, ema, z_flat, counts, d, _seed(params.seed, 2, step))
+        counts.add_(step_counts)
+        win_counts.add_(step_counts)
+        if tr.restart_every and (it == 0 or (it + 1) % tr.restart_every == 0):  # it 0: a data-based init
+            restart_dead_codes(model.quantize, ema, z_flat, counts, d, stream_seed(params.seed, RESTART, it))
             counts.zero_()
-        if (step + 1) % tr.log_every == 0 or step + 1 == tr.steps:
-            final = {k: distributed.all_mean(v / window["n"], d, device) for k, v in window.items() if k != "n"}
-            final.update(codebook_stats(win_counts.cpu()))
-            if curves is not None:
-                curves.add(step + 1, **final)
-            log(f"step {step + 1}/{tr.steps} " + " ".join(f"{k} {v:.4g}" for k, v in final.items())
-                + f" restarted {restarts}")
-            window, restarts = defaultdict(float), 0
-            win_counts.zero_()
-        if d.is_main and ((step + 1) % tr.checkpoint_every == 0 or step + 1 == tr.steps):
-            state.save(step + 1, modules, {"counts": counts.cpu(), "final": final})
+        return {"loss": logs["loss"], "rec": logs["rec_loss"], "q": logs["q_loss"], "g": logs["g_loss"], "d": d_loss}
+
+    def on_log(step: int, means: dict) -> dict:
+        stats = codebook_stats(win_counts.cpu())
+        win_counts.zero_()
+        return stats
+
+    model.train()
+    result = loop.run(step, loader, on_log=on_log, extra_state=lambda: {"counts": counts.cpu()})
     d.barrier()
-    elapsed = time.perf_counter() - t0
-    summary = {"source": "trained", "steps": tr.steps, "resumed_from": start,
-               "final": {k: round(v, 6) for k, v in final.items()}}
+    summary = {"source": "trained", **result, "final": {k: round(v, 6) for k, v in loop.final.items()}}
     if d.is_main:
-        save_model_file(out, FORMAT, {"model": kwargs}, unwrap(model).state_dict(), summary=summary)
-    return {"output": str(out), **summary, "seconds": round(elapsed, 2),
-            "steps_per_s": round((tr.steps - start) / max(elapsed, 1e-9), 2)}
+        save_model_file(out, FORMAT, {"model": kwargs}, model.state_dict(), summary=summary)
+    return {"output": str(out), **summary}
 
 
 @torch.no_grad()

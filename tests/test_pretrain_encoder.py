@@ -28,7 +28,7 @@ def curve(params) -> list[dict]:
 
 
 def test_pretrain_writes_a_loadable_encoder(workspace):
-    params = micro_params(workspace, ["pretrain_encoder.log_every=1"])
+    params = micro_params(workspace, ["encoder.train.log_every=1"])
     summary = pretrain_encoder.run(params)
     assert summary["source"] == "pretrained" and summary["steps"] == 6  # 48 images / 16 = 3 steps x 2 epochs
     model, payload = load_encoder_file(params.paths.models / "encoder.pt")
@@ -45,8 +45,8 @@ def test_pretrain_writes_a_loadable_encoder(workspace):
     rows = curve(params)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     lr, m = [float(r["lr"]) for r in rows], [float(r["m"]) for r in rows]
-    assert lr[0] == 0.0 and max(lr) == lr[3] == pytest.approx(params.pretrain_encoder.blr * 16 / 256)  # warm-up 3 steps, then cosine
-    assert m[0] == params.pretrain_encoder.momentum and m == sorted(m) and m[-1] < 1
+    assert lr[0] == 0.0 and max(lr) == lr[3] == pytest.approx(params.encoder.train.blr * 16 / 256)  # warm-up 3 steps, then cosine
+    assert m[0] == params.encoder.train.momentum and m == sorted(m) and m[-1] < 1
 
 
 def test_resume_after_kill_is_exact(workspace, monkeypatch):
@@ -85,8 +85,8 @@ def test_resume_after_kill_is_exact(workspace, monkeypatch):
 def test_state_from_another_config_is_not_resumed(workspace):
     params = micro_params(workspace)
     pretrain_encoder.run(params)
-    other = micro_params(workspace, ["pretrain_encoder.temperature=0.5"])
-    fresh = micro_params(workspace / "fresh", ["pretrain_encoder.temperature=0.5"])
+    other = micro_params(workspace, ["encoder.train.temperature=0.5"])
+    fresh = micro_params(workspace / "fresh", ["encoder.train.temperature=0.5"])
     shutil.copytree(workspace / "data" / "shards", workspace / "fresh" / "data" / "shards")
     pretrain_encoder.run(other)
     pretrain_encoder.run(fresh)
@@ -136,5 +136,5 @@ def test_bad_input(workspace):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, not_moco)
     with pytest.raises(RcgError, match="does not match the encoder architecture: .*missing keys"):
         pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={not_moco}"]))
-    with pytest.raises(RcgError, match="batch_size \\(64\\) x 1 rank\\(s\\) exceeds the 48 training images"):
-        pretrain_encoder.run(micro_params(workspace, ["pretrain_encoder.batch_size=64"]))
+    with pytest.raises(RcgError, match="encoder.train.batch_size \\(64\\) exceeds the 48 training images"):
+        pretrain_encoder.run(micro_params(workspace, ["encoder.train.batch_size=64"]))

@@ -22,7 +22,9 @@ from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
 from pipeline.data.views import ViewRecipe, make_view
 from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
-from stages import encode, eval_tokenizer, train_tokenizer
+from pipeline.models.vqgan_loss import VQGANLoss
+from pipeline.data.view_tokenizer import build_token_store
+from stages import encode, eval_tokenizer, shard, train_tokenizer
 from stages import tokenize_views as tokenize
 
 
@@ -103,14 +105,14 @@ def test_codebook_ema_follows_assigned_means():
 
 def test_resume_after_kill_gives_the_uninterrupted_weights(trained, workspace, monkeypatch):
     params = params_for(workspace)
-    real = train_tokenizer.check_finite
+    real = VQGANLoss.generator_loss
 
-    def dies_at_step_4(loss, step, what, state):
-        if step == 4:
+    def dies_at_iteration_4(self, x, xrec, qloss, it, last_layer):
+        if it == 4:
             raise KeyboardInterrupt("simulated kill")
-        real(loss, step, what, state)
+        return real(self, x, xrec, qloss, it, last_layer)
 
-    monkeypatch.setattr(train_tokenizer, "check_finite", dies_at_step_4)
+    monkeypatch.setattr(VQGANLoss, "generator_loss", dies_at_iteration_4)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer.run(params)
     monkeypatch.undo()
@@ -128,6 +130,23 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(trained, workspace, m
     assert again["resumed_from"] == 6 and again["final"] == summary["final"]
     redo = load_model_file(params.paths.models / "tokenizer.pt", "rcg-tokenizer")
     assert all(torch.equal(redo["state_dict"][k], v) for k, v in want["state_dict"].items())
+
+
+def test_a_data_change_retrains(trained, tmp_path):
+    """New images under the same params (data.builtin.seed is no training param) must not resume the finished state:
+    the resume identity holds the shard index hash, which holds every image's content hash."""
+    shutil.copytree(trained / "data", tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "shards")
+    shard.run(params_for(tmp_path, "data.builtin.seed=1"))
+    summary = train_tokenizer.run(params_for(tmp_path, "data.builtin.seed=1"))
+    assert summary["resumed_from"] == 0
+    old = load_model_file(trained / "data" / "models" / "tokenizer.pt", "rcg-tokenizer")["state_dict"]
+    new = load_model_file(tmp_path / "data" / "models" / "tokenizer.pt", "rcg-tokenizer")["state_dict"]
+    assert not torch.equal(old["encoder.conv_in.weight"], new["encoder.conv_in.weight"])
+    # how to run is not part of the identity: other cadences and workers resume the finished state
+    again = train_tokenizer.run(params_for(tmp_path, "data.builtin.seed=1", "tokenizer.train.log_every=3",
+                                           "tokenizer.train.checkpoint_every=2", "tokenizer.train.workers=1"))
+    assert again["resumed_from"] == 6
 
 
 def _train_worker(rank: int, world: int, port: int, root: str) -> None:
@@ -255,8 +274,8 @@ def test_two_ranks_equal_one_process(tok_workspace):
     params = params_for(tok_workspace)
     tokenize.run(params)
     single = tokens(params)
-    w0, s0 = tokenize.tokenize_part(params, Sequential(rank=0, world=2))
-    _, s1 = tokenize.tokenize_part(params, Sequential(rank=1, world=2))
+    w0, s0 = build_token_store(params, Sequential(rank=0, world=2), torch.device("cpu"))
+    _, s1 = build_token_store(params, Sequential(rank=1, world=2), torch.device("cpu"))
     assert (s0["images"], s1["images"]) == (32, 16)
     w0.finalize()
     assert single.tobytes() == tokens(params).tobytes()
@@ -299,8 +318,8 @@ def test_eval_metrics(tok_workspace):
     write_encoder(params)
     summary = eval_tokenizer.run(params)
     metrics = json.loads((params.paths.metrics / "tokenizer.json").read_text())
-    assert metrics["split"] == "val" and metrics["num_images"] == 16 and metrics["grid"] == [8, 8]
-    assert metrics["codebook_size"] == 32 and metrics["tokenizer"] == "trained" and metrics["view"] == 0
+    assert metrics["split"] == "val" and metrics["num_images"] == 16 and metrics["grid_h"] == metrics["grid_w"] == 8
+    assert metrics["codebook_size"] == 32 and metrics["tokenizer"] == "trained"
     assert 5 < metrics["psnr"] < 60
     assert 0 < metrics["usage"] <= 1 and 1 <= metrics["perplexity"] <= 32
     assert metrics["fd_rep"] > 0 and metrics["fd_rep_halves"] > 0

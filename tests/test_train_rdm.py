@@ -159,14 +159,17 @@ def test_training_sees_whitened_reps_and_the_min_snr_weight(tmp_path, monkeypatc
     assert all(any(torch.equal(x, r) for r in rows) for x in torch.cat([x for x, _ in seen])[:32])  # raw reps
 
 
-def test_resume_identity_counts_the_new_options_only_when_on(tmp_path):
-    """A state saved by an official-formulation run before whitening/Min-SNR existed keeps resuming."""
+def test_resume_identity_is_the_store_and_the_what_to_compute_params(tmp_path):
+    """A finished state is reused across how-to-run changes only: another store, another training param or another
+    seed trains again."""
     make_store(tmp_path)
-    store = load(micro_params(tmp_path))
-    off = train_rdm.train_config(micro_params(tmp_path, OFFICIAL), store, 1)
-    assert not {"whiten_power", "whiten_eps"} & set(off["model"]) and "min_snr_gamma" not in off["train"]
-    on = train_rdm.train_config(micro_params(tmp_path), store, 1)
-    assert on["model"]["whiten_power"] == 0.15 and on["train"]["min_snr_gamma"] == 5
+    assert train_rdm.run(micro_params(tmp_path, ["rdm.eval.num_samples=8"]))["resumed_from"] == 0
+    rerun = ["rdm.eval.num_samples=8", "rdm.train.log_every=4", "rdm.train.checkpoint_every=7", "runtime.threads=1"]
+    assert train_rdm.run(micro_params(tmp_path, rerun))["resumed_from"] == 20
+    assert train_rdm.run(micro_params(tmp_path, ["rdm.eval.num_samples=8", "rdm.train.ema_decay=0.99"]))[
+        "resumed_from"] == 0
+    make_store(tmp_path, ident={**identity(), "views": {"count": V, "seed": 1}})  # same reps, another identity
+    assert train_rdm.run(micro_params(tmp_path, ["rdm.eval.num_samples=8"]))["resumed_from"] == 0
 
 
 def test_a_model_file_without_its_whitening_is_refused(tmp_path):

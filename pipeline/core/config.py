@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 from pipeline.core.errors import RcgError
 
@@ -23,6 +24,19 @@ PRESETS_DIR = Path(__file__).parents[1] / "presets"
 class Section(BaseModel):
     """Strict: an unknown key or a wrong type is an error, never silently ignored."""
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+HOW_TO_RUN = {"how": "run"}
+
+
+def how_to_run(default: Any) -> Any:
+    """Mark a field as how to run, not what to compute (workers, cadences, threads): the one place that decides
+    what every resume identity (pipeline.train.identity) and :func:`what_to_compute` leave out."""
+    return Field(default, json_schema_extra=HOW_TO_RUN)
+
+
+def _is_how_to_run(info: FieldInfo) -> bool:
+    return isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("how") == "run"
 
 
 def _checking_paths(info: ValidationInfo) -> bool:
@@ -91,7 +105,7 @@ class Shard(Section):
     min_side: PositiveInt = 8             # smaller images are rejected
     max_pixels: PositiveInt = 100_000_000  # larger images are rejected before decoding
     max_aspect: float = Field(20.0, gt=1.0)
-    workers: NonNegativeInt = 0            # 0 = all cores
+    workers: NonNegativeInt = how_to_run(0)  # 0 = all cores
 
 
 class Views(Section):
@@ -130,9 +144,27 @@ class EncoderModel(Section):
         return self
 
 
+class EncoderTrain(Section):
+    """MoCo v3 pretraining (stage pretrain_encoder). Defaults: a short CPU run (8 epochs of the built-in set);
+    ImageNet MoCo v3 used 300 epochs, blr 1.5e-4."""
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 64  # global: split evenly across DDP ranks
+    blr: PositiveFloat = 6e-3    # lr = blr * batch_size / 256 (MoCo v3 rule): 1.5e-3 here, high for a short run
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_epochs: NonNegativeInt = 1
+    temperature: PositiveFloat = 0.2
+    momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
+    crop_min: float = Field(0.8, gt=0, le=1)     # RandomResizedCrop scale lower bound (0.08 on ImageNet)
+    bf16: bool = False                           # autocast on GPU only; the CPU path is exact fp32
+    workers: NonNegativeInt = how_to_run(2)
+    checkpoint_every: PositiveInt = how_to_run(100)  # steps
+    log_every: PositiveInt = how_to_run(10)
+
+
 class Encoder(Section):
     checkpoint: Path | None = None  # official MoCo v3 file; None = pretrain our own (pretrain_encoder)
     model: EncoderModel = EncoderModel()
+    train: EncoderTrain = EncoderTrain()
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Encoder":
@@ -140,25 +172,10 @@ class Encoder(Section):
         return self
 
 
-class PretrainEncoder(Section):
-    # Defaults: a short CPU run (8 epochs of the built-in set); ImageNet MoCo v3 used 300 epochs, blr 1.5e-4.
-    epochs: PositiveInt = 8
-    batch_size: PositiveInt = 64
-    blr: PositiveFloat = 6e-3    # lr = blr * batch / 256 (MoCo v3 rule): 1.5e-3 here, high for a short run
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_epochs: NonNegativeInt = 1
-    temperature: PositiveFloat = 0.2
-    momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
-    crop_min: float = Field(0.8, gt=0, le=1)     # RandomResizedCrop scale lower bound (0.08 on ImageNet)
-    bf16: bool = False                           # autocast on GPU only; the CPU path is exact fp32
-    workers: NonNegativeInt = 2
-    log_every: PositiveInt = 10
-
-
 class Encode(Section):
     batch_size: PositiveInt = 256
     chunk_size: PositiveInt = 1024  # rows per Zarr chunk: the unit of resume and of rank splits
-    workers: NonNegativeInt = 2
+    workers: NonNegativeInt = how_to_run(2)
     bf16: bool = False              # autocast on GPU only; the CPU path is exact fp32
     knn_k: PositiveInt = 20
     knn_images: NonNegativeInt = 10000  # k-NN probe (and random-init baseline) on this many images; 0 = all
@@ -189,16 +206,16 @@ class Diffusion(Section):
 
 class RdmTrain(Section):
     steps: PositiveInt = 6000
-    batch_size: PositiveInt = 256    # per rank
-    blr: PositiveFloat = 8e-6        # lr = blr * batch * world (official rule, no /256; official blr 1e-6)
+    batch_size: PositiveInt = 256    # global: split evenly across DDP ranks (official: 4 GPUs x 128 = 512)
+    blr: PositiveFloat = 8e-6        # lr = blr * batch_size (official rule, no /256; official blr 1e-6)
     warmup_steps: NonNegativeInt = 0  # linear warm-up from 0 (official: none)
     cosine: bool = False             # half-cycle cosine decay to 0 after the warm-up (official --cosine_lr; off)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     min_snr_gamma: PositiveFloat | None = 5.0  # x0 loss weighted by min(SNR(t), gamma) (Min-SNR); None = official
     bf16: bool = False               # autocast on GPU only (official: fp32); the CPU path is exact fp32
-    checkpoint_every: PositiveInt = 1000
-    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = how_to_run(1000)
+    log_every: PositiveInt = how_to_run(50)
 
 
 class RdmSample(Section):
@@ -265,9 +282,9 @@ class TokenizerTrain(Section):
     pixel_l1_weight: float = Field(0.0, ge=0)  # reconstruction = l1 * |x - x'| + l2 * (x - x')^2 (no LPIPS here);
     pixel_l2_weight: float = Field(1.0, ge=0)  # L2 reached +0.4 dB PSNR over L1 at equal steps on the built-in set
     restart_every: NonNegativeInt = 200   # restart codes unused over this many steps; 0 = never
-    checkpoint_every: PositiveInt = 500
-    log_every: PositiveInt = 50
-    workers: NonNegativeInt = 0           # 32 px PNGs decode faster than a loader worker hands them over
+    checkpoint_every: PositiveInt = how_to_run(500)
+    log_every: PositiveInt = how_to_run(50)
+    workers: NonNegativeInt = how_to_run(0)  # 32 px PNGs decode faster than a loader worker hands them over
     bf16: bool = False                    # autocast on GPU only; the CPU path is exact fp32
 
 
@@ -291,8 +308,133 @@ class Tokenizer(Section):
 class Tokenize(Section):
     batch_size: PositiveInt = 128
     chunk_size: PositiveInt = 1024
-    workers: NonNegativeInt = 2
+    workers: NonNegativeInt = how_to_run(2)
     bf16: bool = False  # autocast on GPU only; nearest-code ties then differ: ~2% of tokens change vs fp32
+
+
+# -------------------------------------------------------------------------------------------- pixel
+class PixelModel(Section):
+    """MAGE (pipeline.models.mage); codebook size, token grid and rep size come from the stores. Default: a small
+    CPU size for the default run's 8x8 tokens; MAGE-B is 768/12/12 with a 768/8/16 decoder (presets)."""
+    vocab: Literal["official", "compact"] = "compact"  # official: codebook + 1000 + 1 ids (needed by official files)
+    embed_dim: PositiveInt = 128
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    decoder_embed_dim: PositiveInt = 128
+    decoder_depth: PositiveInt = 2
+    decoder_num_heads: PositiveInt = 4
+    mlp_ratio: PositiveFloat = 4.0
+    dropout: float = Field(0.1, ge=0, lt=1)           # attention probs, projections, MLP, embedding (official 0.1)
+    mask_ratio_mu: float = Field(0.75, gt=0, le=1)    # mask ratio ~ TruncNormal(mu, std) on [min, max], per batch;
+    mask_ratio_std: PositiveFloat = 0.25              # ceil(L min) positions are dropped from the encoder
+    mask_ratio_min: float = Field(0.5, gt=0, le=1)
+    mask_ratio_max: float = Field(1.0, gt=0, le=1)
+    rep_drop_prob: float = Field(0.1, ge=0, lt=1)     # slot -> fake_latent per sample (what guidance needs)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PixelModel":
+        if not self.mask_ratio_min <= self.mask_ratio_mu <= self.mask_ratio_max:
+            raise ValueError("pixel.model: mask_ratio_min <= mask_ratio_mu <= mask_ratio_max must hold")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError("pixel.model: embed_dim / decoder_embed_dim must be divisible by their heads")
+        return self
+
+
+class PixelTrain(Section):
+    """MAGE's recipe (RCG_REFERENCE.md 3.4): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
+    cosine to 0, clip 3.0. Default: ~2.5 min on 2 CPU cores; ImageNet: batch 4096, blr 1.5e-4, 200-800 epochs."""
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 128      # global: split evenly across DDP ranks (and accumulation micro-batches)
+    accum_steps: PositiveInt = 1       # gradient accumulation: each rank runs batch_size / world / accum at a time
+    blr: PositiveFloat = 1.5e-3        # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
+    warmup_steps: NonNegativeInt = 50  # linear warm-up from 0 (official: 10 epochs)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: PositiveFloat | None = 3.0
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
+    bf16: bool = False                 # autocast on GPU only (official: fp16); the CPU path is exact fp32
+    checkpoint_every: PositiveInt = how_to_run(250)
+    log_every: PositiveInt = how_to_run(25)
+
+
+class PixelEval(Section):
+    """Validation loss and masked-token accuracy at one fixed mask ratio (seeded masks) on held-out images: the
+    stores hold the train split only, so ``num_images`` of its images (a seeded choice) are never trained on."""
+    num_images: NonNegativeInt = 256   # view 0 of each; 0 = no evaluation
+    mask_ratio: float = Field(0.75, gt=0, le=1)
+    batch_size: PositiveInt = how_to_run(128)  # masks are drawn per image: the figures do not depend on it
+
+
+class PixelCluster(Section):
+    """k-means of the stored view-0 reps (seeded): the labels of the ``cluster`` conditioning."""
+    k: PositiveInt = 10
+    iters: PositiveInt = 50
+
+
+class Pixel(Section):
+    checkpoint: Path | None = None     # official RCG MAGE-B/L file: the ``rep`` generator is imported, not trained
+    conditionings: list[Literal["rep", "none", "class", "cluster"]] = ["rep", "none", "class", "cluster"]
+    model: PixelModel = PixelModel()
+    train: PixelTrain = PixelTrain()
+    eval: PixelEval = PixelEval()
+    cluster: PixelCluster = PixelCluster()
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Pixel":
+        _existing_file(self.checkpoint, "pixel.checkpoint", info)
+        if self.train.batch_size % self.train.accum_steps:
+            raise ValueError(f"pixel.train.batch_size ({self.train.batch_size}) must be divisible by "
+                             f"pixel.train.accum_steps ({self.train.accum_steps})")
+        return self
+
+
+# ------------------------------------------------------------------------------------ judge, score
+class JudgeModel(Section):
+    """The judge's CNN (pipeline.models.judge): ``stages`` blocks, each doubling the width and halving the size."""
+    width: PositiveInt = 16
+    stages: PositiveInt = Field(3, le=6)
+
+
+class JudgeTrain(Section):
+    """Supervised training on the train split's labels (stages/train_judge.py); sized for ~1 min on 2 CPU cores."""
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 3e-3           # AdamW, one-cycle: linear warm-up over the first epoch, cosine to 0
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    workers: NonNegativeInt = how_to_run(0)
+
+
+class Judge(Section):
+    """A classifier that judges samples in a feature space RCG is not conditioned on (needs labelled data)."""
+    model: JudgeModel = JudgeModel()
+    train: JudgeTrain = JudgeTrain()
+
+
+class Score(Section):
+    """Scoring samples through torch-fidelity's registered feature extractors (stages reference, score, compare).
+
+    Images are compared at views.crop: reference images are centre crops of the train split at that size."""
+    spaces: list[Literal["judge", "encoder"]] = ["judge", "encoder"]
+    inception_weights: Path | None = None  # torch-fidelity's converted Inception file: adds Inception FID/IS/KID/PRC
+    reference_npz: dict[Literal["judge", "encoder", "inception"], Path] = {}  # ADM-style (mu, sigma) per space
+    num_reference_images: NonNegativeInt = 10000  # evenly spaced train images for the statistics; 0 = all
+    batch_size: PositiveInt = how_to_run(100)  # features do not depend on it
+    workers: NonNegativeInt = how_to_run(0)
+    isc_splits: PositiveInt = 10
+    kid_subsets: PositiveInt = 100
+    kid_subset_size: PositiveInt = 1000  # capped at the sample / reference count (with a warning)
+    prc_k: PositiveInt = 3
+    min_samples: PositiveInt = 1000  # fewer samples: every figure of the setting carries a 'few_samples' warning
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Score":
+        _existing_file(self.inception_weights, "score.inception_weights", info)
+        for space, path in self.reference_npz.items():
+            _existing_file(path, f"score.reference_npz.{space}", info)
+        if "inception" in self.reference_npz and self.inception_weights is None:
+            raise ValueError("score.reference_npz.inception: needs score.inception_weights to score samples")
+        return self
 
 
 # ------------------------------------------------------------------------------------------- sample
@@ -364,10 +506,11 @@ class Sample(Section):
 
 # ------------------------------------------------------------------------------------------- params
 class Runtime(Section):
-    """How to run, not what to compute: not a DVC dependency, so changing it never invalidates outputs."""
+    """How to run, not what to compute (marked so in Params): not a DVC dependency and not part of any resume
+    identity, so changing it never invalidates outputs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: NonNegativeInt = 0  # torch intra-op threads; 0 = torch's default
-    compile: bool = False        # torch.compile the training step where supported (GPU)
+    compile: bool = False        # torch.compile the model wherever the training loop runs it
 
 
 class Params(Section):
@@ -377,17 +520,55 @@ class Params(Section):
     shard: Shard = Shard()
     views: Views = Views()
     encoder: Encoder = Encoder()
-    pretrain_encoder: PretrainEncoder = PretrainEncoder()
     encode: Encode = Encode()
     rdm: Rdm = Rdm()
     tokenizer: Tokenizer = Tokenizer()
     tokenize: Tokenize = Tokenize()
+    pixel: Pixel = Pixel()
     sample: Sample = Sample()
-    runtime: Runtime = Runtime()
+    judge: Judge = Judge()
+    score: Score = Score()
+    runtime: Runtime = how_to_run(Runtime())
 
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data: what a stage records beside its outputs."""
         return self.model_dump(mode="json")[name]
+
+    def value(self, key: str) -> Any:
+        """The JSON-able value at a dotted key (``rdm.train.steps``, or a whole section such as ``rdm.train``)."""
+        node: Any = self.model_dump(mode="json")
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+
+def _leaves(cls: type[Section], prefix: str) -> list[str]:
+    keys = []
+    for name, info in cls.model_fields.items():
+        if _is_how_to_run(info):
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        kind = info.annotation
+        keys += _leaves(kind, key) if isinstance(kind, type) and issubclass(kind, Section) else [key]
+    return keys
+
+
+def what_to_compute(section: str = "") -> list[str]:
+    """The dotted leaf keys under ``section`` ("" = all; "rdm", "rdm.train", "views.crop", ...) that decide what is
+    computed: every key of the schema except the fields marked :func:`how_to_run` (and everything under a marked
+    section). Resume identities are built from them; dvc.yaml ``params:`` can list them."""
+    cls: type[Section] = Params
+    for i, part in enumerate(section.split(".") if section else []):
+        info = cls.model_fields.get(part)
+        if info is None:
+            raise RcgError(f"what_to_compute: no key {'.'.join(section.split('.')[:i + 1])!r} in the params schema")
+        if _is_how_to_run(info):
+            return []
+        kind = info.annotation
+        if not (isinstance(kind, type) and issubclass(kind, Section)):
+            return [section]
+        cls = kind
+    return _leaves(cls, section)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -1,0 +1,221 @@
+"""The one training loop behind every training stage (pretrain_encoder, train_rdm, train_tokenizer, train_pixel).
+
+A stage builds its model, optimizer and batches, and gives the loop a *step function*; the loop owns everything
+else: resume (:class:`~pipeline.train.state.TrainState` under a resume identity), the per-iteration lr, DDP wrapping
+and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast on GPU only (the CPU path stays exact fp32),
+backward with gradient accumulation, clipping, the optimizer step and the EMA, the deferred NaN/Inf check, the
+progress bar, CSV curves, the checkpoint cadence and one summary schema.
+
+Step numbering: iteration ``it`` = 0 .. steps-1 is what the step function, the batches and the lr schedule see
+(the number of updates done before it, as MAE-style schedules count). Step ``s = it + 1`` (updates done after
+it) is what curves, checkpoints, summaries and error messages name; a state saved at step ``s`` resumes at
+iteration ``s``.
+
+The step function ``step_fn(batch, it) -> logs`` returns a dict of scalars (0-d tensors or floats) with at least
+``"loss"``. With an ``optimizer`` the loop calls it under autocast, backpropagates ``logs["loss"]`` (divided by
+``accum``) and steps; without one the step does its own backward and updates (the tokenizer: two optimizers and
+a codebook EMA) and may use :meth:`TrainLoop.autocast`. Logged values are averaged over each log interval with
+one host sync per interval, then over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import RcgError
+from pipeline.core.progress import progress
+from pipeline.train.ema import EMA
+from pipeline.train.schedules import Schedule, set_lr
+from pipeline.train.state import CurveLog, TrainState
+
+Logs = Mapping[str, "torch.Tensor | float"]
+StepFn = Callable[[Any, int], Logs]
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
+    """AdamW groups over the trainable parameters: biases, 1-D tensors (norm scales, ...) and the names in ``skip``
+    get no weight decay, the rest ``weight_decay`` (timm's add_weight_decay, the MAE/MAGE recipe)."""
+    skip, decay, no_decay = set(skip), [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class TrainLoop:
+    """One training run of stage ``name``: state ``paths.state/<name>.pt``, curves ``paths.plots/<name>.csv``.
+
+    ``modules`` are everything that must survive a kill (models, optimizers, EMAs, anything with
+    ``state_dict``/``load_state_dict``); ``optimizer`` and ``ema`` are added when not among them. They are restored
+    here, so :attr:`start` (the iteration to resume at) and :attr:`extra` (what ``extra_state`` returned at the
+    last checkpoint) are known before :meth:`run`. ``identity`` is the resume identity
+    (pipeline.train.identity.resume_identity); the world size is added to it. ``samples_per_step`` is the global
+    number of samples per update, for ``samples_per_s``.
+    """
+
+    def __init__(self, name: str, params: Params, d: Dist, device: torch.device, *, steps: int, identity: dict,
+                 modules: Mapping[str, Any], log_every: int, checkpoint_every: int, samples_per_step: int,
+                 optimizer: torch.optim.Optimizer | None = None, lr: Schedule | None = None,
+                 lr_optimizers: Sequence[torch.optim.Optimizer] = (), grad_clip: float | None = None,
+                 accum: int = 1, ema: EMA | None = None, ema_model: nn.Module | None = None, bf16: bool = False):
+        if (ema is None) != (ema_model is None):
+            raise RcgError(f"{name}: the loop's EMA needs both ema and ema_model")
+        if accum < 1 or (accum > 1 and optimizer is None):
+            raise RcgError(f"{name}: gradient accumulation ({accum}) needs the loop's optimizer")
+        self.name, self.d, self.device, self.steps = name, d, device, steps
+        self.log_every, self.checkpoint_every, self.samples_per_step = log_every, checkpoint_every, samples_per_step
+        self.optimizer, self.lr, self.grad_clip, self.accum = optimizer, lr, grad_clip, accum
+        self.lr_optimizers = list(lr_optimizers) or ([optimizer] if optimizer is not None else [])
+        self.ema, self.ema_model = ema, ema_model
+        self.bf16 = bf16 and device.type == "cuda"
+        self.compile = params.runtime.compile
+        self.curve_path = params.paths.plots / f"{name}.csv"
+        self.modules = dict(modules)
+        for key, obj in (("optimizer", optimizer), ("ema", ema)):
+            if obj is not None and all(obj is not m for m in self.modules.values()):
+                self.modules[key] = obj
+        self.state = TrainState(params.paths.state / f"{name}.pt", {**identity, "world": d.world})
+        self.start, self.extra = self.state.load(self.modules)
+        self.final: dict[str, float] = self.extra.get("final", {})  # the last logged figures
+        self._ddp: DistributedDataParallel | None = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` as the step should call it: DDP across ranks (world > 1), then ``torch.compile`` when
+        ``runtime.compile`` is set. Keep the bare model for the optimizer, the EMA and saving."""
+        net = model
+        if self.d.world > 1:
+            net = self._ddp = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.compile else net
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on GPU when asked; a no-op on CPU, which stays exact fp32."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _backward_step(self, step_fn: StepFn, batch: Any, it: int) -> Logs:
+        micro = batch if self.accum > 1 else [batch]
+        if len(micro) != self.accum:
+            raise RcgError(f"{self.name}: iteration {it} brought {len(micro)} micro-batches, expected {self.accum}")
+        self.optimizer.zero_grad(set_to_none=True)
+        outs = []
+        for j, mb in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    out = step_fn(mb, it)
+                (out["loss"] / len(micro)).backward()
+            outs.append(out)
+        logs = {k: sum(_detach(o[k]) for o in outs) / len(outs) for k in outs[0]} if len(outs) > 1 else \
+            {k: _detach(v) for k, v in outs[0].items()}
+        if self.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.ema_model)
+        return logs
+
+    def _flush(self, carried: torch.Tensor, rows: list[torch.Tensor], keys: list[str],
+               first_step: int) -> torch.Tensor:
+        """The rank-averaged table of the logged rows since the last log (``carried``: those restored from the
+        checkpoint, already averaged; ``rows``: this rank's since), with one host sync and one all-reduce, after
+        naming the first non-finite loss. Also run at checkpoints between logs: no state is saved past a bad step."""
+        table = torch.stack(rows)
+        if self.d.world > 1:
+            tdist.all_reduce(table)
+            table /= self.d.world
+        table = torch.cat([carried, table.cpu().double()])
+        bad = (~torch.isfinite(table[:, keys.index("loss")])).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise RcgError(f"{self.name}: non-finite loss ({table[i, keys.index('loss')].item()}) at step "
+                           f"{first_step + i}; training stopped, the last good state is kept in {self.state.path} "
+                           "(lower the learning rate or check the inputs)")
+        return table
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self, step_fn: StepFn, batches: Iterable, on_log: Callable[[int, dict], dict] | None = None,
+            extra_state: Callable[[], dict] | None = None) -> dict:
+        """Train iterations :attr:`start` .. steps-1 and return the summary.
+
+        ``batches`` yields one item per iteration from :attr:`start` on (with ``accum`` > 1, a sequence of
+        ``accum`` micro-batches), e.g. a DataLoader over a step-indexed sampler. ``on_log(step, means)`` may add
+        figures to each logged row (and reset the stage's own windows). ``extra_state()`` is saved with every
+        checkpoint and comes back as :attr:`extra`. Summary: seconds, steps, resumed_from, samples_per_s,
+        final_loss (``None`` until a first log).
+        """
+        # the logged rows since the last log, saved with each checkpoint so that curves resume exactly too
+        keys: list[str] | None = self.extra.get("log_keys")
+        carried: torch.Tensor | None = self.extra.get("log_rows")
+        rows: list[torch.Tensor] = []
+        curve = None
+        lr = float("nan")
+        bar = progress(total=self.steps, desc=self.name, unit="step")
+        bar.update(self.start)
+        tic = time.perf_counter()
+        done = self.start
+        for it, batch in zip(range(self.start, self.steps), batches):
+            if self.lr is not None:
+                lr = self.lr(it)
+                for opt in self.lr_optimizers:
+                    set_lr(opt, lr)
+            logs = self._backward_step(step_fn, batch, it) if self.optimizer is not None else step_fn(batch, it)
+            if keys is None:
+                keys = list(logs)
+            if carried is None:
+                carried = torch.zeros(0, len(keys), dtype=torch.float64)
+            rows.append(torch.stack([_scalar(logs[k], self.device) for k in keys]))
+            done = step = it + 1
+            bar.update(1)
+            logging = step % self.log_every == 0 or step == self.steps
+            saving = step % self.checkpoint_every == 0 or step == self.steps
+            if not (logging or saving):
+                continue
+            table = self._flush(carried, rows, keys, step - len(carried) - len(rows) + 1)
+            if logging:
+                means = dict(zip(keys, table.mean(0).tolist()))
+                carried, rows = carried[:0], []
+                if on_log is not None:
+                    means.update(on_log(step, means))
+                if self.lr is not None:
+                    means["lr"] = lr
+                self.final = means
+                bar.set_postfix(loss=f"{means['loss']:.4g}")
+                if self.d.is_main:
+                    if curve is None:
+                        curve = CurveLog(self.curve_path, list(means), resume_step=self.start)
+                    curve.add(step, **means)
+            if saving and self.d.is_main:
+                window = {"log_keys": keys, "log_rows": table} if not logging else {}
+                self.state.save(step, self.modules, {"final": self.final, **window,
+                                                     **(extra_state() if extra_state else {})})
+        bar.close()
+        if done < self.steps:
+            raise RcgError(f"{self.name}: the batches ran out at step {done} of {self.steps}")
+        seconds = time.perf_counter() - tic
+        trained = self.steps - self.start
+        return {"steps": self.steps, "resumed_from": self.start, "seconds": round(seconds, 2),
+                "samples_per_s": round(trained * self.samples_per_step / seconds, 1) if trained else None,
+                "final_loss": round(self.final["loss"], 6) if "loss" in self.final else None}
+
+
+def _detach(v: torch.Tensor | float) -> torch.Tensor | float:
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _scalar(v: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A logged value as a 0-d float32 tensor on the training device (no host sync)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().reshape(()).float().to(device)
+    return torch.tensor(float(v), dtype=torch.float32, device=device)
