@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +21,26 @@ def cifar10(root: Path = Path("/tmp/cifar10")) -> Path:
     return root
 
 
+def run_stage(name: str, params: Any, root: Path) -> dict:
+    """Run a stage as a user does (``rcg <stage> --params``, in a fresh process, params written to ``root``) and
+    return the summary it prints: a benchmark measures the stage without importing ``stages``."""
+    import yaml
+
+    params_file = root / f"params-{name}.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "stages.cli", name.replace("_", "-"), "--params", str(params_file)],
+                         check=True, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout)
+
+
 def builtin_shards(root: Path, images: int, overrides: list[str]) -> list[str]:
     """Shard ``images`` built-in train images (no val) under ``root``; returns the params overrides that
     point a stage at them (``overrides`` appended)."""
     from pipeline.core.config import load_params
-    from stages import shard
 
     overrides = [f"paths.data={root}/data", f"paths.metrics={root}/metrics", f"data.builtin.num_train={images}",
                  "data.builtin.num_val=0", *overrides]
-    shard.run(load_params(None, overrides))
+    run_stage("shard", load_params(None, overrides), root)
     return overrides
 
 

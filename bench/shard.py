@@ -21,10 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import cifar10  # noqa: E402
+from bench.common import cifar10, run_stage  # noqa: E402
 from pipeline.core.config import validate  # noqa: E402
 from pipeline.data.shards import scan_folder  # noqa: E402
-from stages import shard  # noqa: E402
 
 
 def decode_and_verify(path: str) -> int:
@@ -49,9 +48,8 @@ def staged(folder: Path, workers: int) -> float:
         params = validate({"data": {"source": "folder", "folder": str(folder)},
                            "shard": {"workers": workers, "max_per_shard": 5000},
                            "paths": {"data": str(out / "data"), "metrics": str(out / "metrics")}})
-        start = time.perf_counter()
-        summary = shard.run(params)
-        return summary["splits"]["train"]["accepted"] / (time.perf_counter() - start)
+        summary = run_stage("shard", params, out)  # its own clock: from the start of run() to its end
+        return summary["splits"]["train"]["accepted"] / summary["seconds"]
     finally:
         shutil.rmtree(out)
 
