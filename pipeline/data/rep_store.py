@@ -87,7 +87,7 @@ class RepBatches:
 
     Every epoch the images go through a fresh seeded permutation split across ranks (DistributedSampler
     with drop_last, as the official loader); each image then gets a uniformly random one of its V views,
-    the stand-in for the official random crop + flip. ``batch`` is per rank.
+    the stand-in for the official random crop + flip. ``batch`` is this rank's share of the global batch.
     """
 
     def __init__(self, store: RepStore, batch: int, seed: int, d: distributed.Dist):
@@ -95,7 +95,8 @@ class RepBatches:
         n = store.shape[0]
         self.per_epoch = n // (batch * d.world)
         if self.per_epoch == 0:
-            raise RcgError(f"rdm.train.batch_size ({batch}) x {d.world} ranks exceeds the store's {n} images")
+            raise RcgError(f"rdm.train.batch_size ({batch * d.world}: {batch} per rank x {d.world} ranks) exceeds "
+                           f"the store's {n} images")
         self.epoch, self.perm = -1, None
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
