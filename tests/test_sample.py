@@ -446,3 +446,55 @@ def test_cli_offline_sample_and_edit(files, tmp_path):
                               "--params", str(params), "--pixel", str(files["rep"]), "--tokenizer",
                               str(files["tokenizer"]), "--encoder", str(tmp_path / "encoder.pt")])
     assert res.exit_code == 2 and "another encoder" in res.output
+
+
+def test_official_mage_file_samples_and_its_vqgan_is_checked(files, tmp_path):
+    """An official-layout rep-conditioned MAGE (MAGE-small widths: heads inferred) embedding our tokenizer."""
+    import argparse
+
+    from pipeline.core.config import RdmSample
+    from pipeline.models.mage_official import official_unused_shapes
+    from pipeline.models.vqgan import load_tokenizer
+    torch.manual_seed(5)
+    kwargs = dict(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1,
+                  num_heads=4, decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4)
+    model = MAGE(**kwargs)
+    sd = dict(model.state_dict())
+    sd.update({k: torch.randn(s) for k, s in official_unused_shapes(kwargs).items()})
+    sd.update({f"vqgan.{k}": v for k, v in load_tokenizer(files["tokenizer"])[0].state_dict().items()})
+    sd["pretrained_encoder.cls_token"] = torch.zeros(1, 1, 4)
+    path = tmp_path / "mage-official.pth"
+    torch.save({"model": sd, "model_ema": None, "args": argparse.Namespace(temp=6.0)}, path)
+    models = rcg.load_models(path, files["tokenizer"], None, torch.device("cpu"))
+    s = setting(reps="stored")
+    store = {"dim": DIM, "encoder": None}
+    rcg.check_setting("oracle", s, models, store)
+    assert models.pixel.grid == (8, 8) and models.pixel.tokenizer_weights is not None
+    out = rcg.generate(models, s, RdmSample(), 2, torch.Generator().manual_seed(0), reps=torch.randn(2, DIM))
+    assert out.tokens.max() < CODES and out.images.shape == (2, 16, 16, 3)
+    other = rcg.load_models(path, save_tokenizer(tmp_path / "tok-other.pt", ch=32), None, torch.device("cpu"))
+    with pytest.raises(RcgError, match="embeds another VQGAN"):
+        rcg.check_setting("oracle", s, other, store)
+
+
+def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
+    """Offline sampling reads an official-layout RDM (EMA shadows used) and a raw VQGAN state dict."""
+    import argparse
+
+    from pipeline.core.config import RdmSample
+    from pipeline.models.rdm import ema_shadow_name
+    from pipeline.models.vqgan import load_tokenizer
+    torch.manual_seed(6)
+    rdm = RDM(in_channels=DIM, time_embed_dim=16, model_channels=32, bottleneck_channels=32, out_channels=DIM,
+              num_res_blocks=2, embed_dim=16)
+    ema = {n: torch.randn_like(p) for n, p in rdm.net.named_parameters()}
+    sd = {**{f"model.diffusion_model.{k}": v for k, v in rdm.net.state_dict().items()},
+          **{ema_shadow_name(n): v for n, v in ema.items()},
+          "cond_stage_model.embedding.weight": rdm.cond_stage_model.embedding.weight.detach()}
+    torch.save({"model": sd, "args": argparse.Namespace(x=1)}, tmp_path / "rdm-official.pth")
+    torch.save(load_tokenizer(files["tokenizer"])[0].state_dict(), tmp_path / "vqgan.ckpt")
+    models = rcg.load_models(files["rep"], tmp_path / "vqgan.ckpt", tmp_path / "rdm-official.pth", torch.device("cpu"))
+    assert all(torch.equal(p, ema[n]) for n, p in models.rdm.model.net.named_parameters())
+    assert models.rdm.encoder is None and not models.rdm.model.whitening.is_active
+    out = rcg.generate(models, setting(), RdmSample(steps=10), 2, torch.Generator().manual_seed(0))
+    assert out.reps.shape == (2, DIM) and out.images.shape == (2, 16, 16, 3)

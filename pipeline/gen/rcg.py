@@ -20,6 +20,7 @@ Pixels: the decoder output x (about [0, 1]) becomes uint8 as the official code s
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from pipeline.gen.diffusion import GaussianDiffusion
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.encoder import import_mocov3_state_dict
 from pipeline.models.mage import MAGE, load_pixel
+from pipeline.models.mage_official import convert_official_mage
 from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder, sample_reps
 from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
 from pipeline.train.rng import seeded_generator
@@ -61,6 +63,7 @@ class Pixel:
     tokenizer: str | None    # sha256 of the tokenizer model file its tokens came from, when the file says
     encoder: str | None      # weights_sha256 of the encoder its reps came from, when the file says
     sha256: str
+    tokenizer_weights: str | None = None  # weights_sha256 of the VQGAN an official file embeds
 
 
 @dataclass
@@ -113,14 +116,35 @@ def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
 
 
 def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
-    """An "rcg-pixel" model file (EMA weights when it has them) with what the compatibility checks compare."""
-    model, payload = load_pixel(path)
-    config = payload["config"]
-    tokens, reps = config.get("tokens") or {}, config.get("reps") or {}
-    return Pixel(model.to(device).requires_grad_(False), model.conditioning, tuple(config["grid"]),
-                 model.codebook_size, model.rep_dim, model.num_labels or None,
-                 (tokens.get("tokenizer") or {}).get("sha256"), (reps.get("encoder") or {}).get("weights_sha256"),
-                 file_sha256(path))
+    """An "rcg-pixel" model file (EMA weights when it has them) or an official rep-conditioned MAGE checkpoint
+    (square grid; heads inferred for MAGE-B/L), with what the compatibility checks compare: ours record the
+    stores they were trained on, an official file embeds its encoder and VQGAN, whose weights are hashed."""
+    ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
+    if isinstance(ckpt, dict) and "format" in ckpt:
+        model, payload = load_pixel(path)
+        config = payload["config"]
+        tokens, reps = config.get("tokens") or {}, config.get("reps") or {}
+        grid, tokenizer_file = tuple(config["grid"]), (tokens.get("tokenizer") or {}).get("sha256")
+        encoder, tokenizer_weights = (reps.get("encoder") or {}).get("weights_sha256"), None
+    else:
+        sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict):
+            raise RcgError(f"{path} is neither an rcg-pixel model file nor an official MAGE checkpoint")
+        try:
+            config, state, embedded_encoder, embedded_vqgan = convert_official_mage(sd)
+        except RcgError as exc:
+            raise RcgError(f"{path}: {exc}") from None
+        model = MAGE(**config)
+        model.load_state_dict(state, strict=True)
+        side = math.isqrt(model.seq_len)
+        if side * side != model.seq_len:
+            raise RcgError(f"{path}: {model.seq_len} tokens do not form a square grid")
+        grid, tokenizer_file = (side, side), None
+        encoder = weights_sha256(import_mocov3_state_dict(embedded_encoder))
+        tokenizer_weights = weights_sha256(embedded_vqgan)
+    return Pixel(model.eval().to(device).requires_grad_(False), model.conditioning, grid, model.codebook_size,
+                 model.rep_dim, model.num_labels or None, tokenizer_file, encoder, file_sha256(path),
+                 tokenizer_weights)
 
 
 def load_models(pixel: str | Path, tokenizer: str | Path, rdm: str | Path | None, device: torch.device) -> Models:
@@ -145,6 +169,8 @@ def check_setting(name: str, setting: SampleSetting, models: Models, stored_reps
     if px.tokenizer is not None and px.tokenizer != models.tokenizer_sha256:
         raise RcgError("the pixel generator was trained on tokens of another tokenizer file "
                        f"({px.tokenizer[:12]}... vs {models.tokenizer_sha256[:12]}...)")
+    if px.tokenizer_weights is not None and px.tokenizer_weights != weights_sha256(models.tokenizer.state_dict()):
+        raise RcgError("the official MAGE file embeds another VQGAN than the tokenizer given")
     tokens = px.grid[0] * px.grid[1]
     if setting.iterations > tokens:
         raise RcgError(f"{key}.iterations ({setting.iterations}) exceeds the {tokens} tokens of a "
