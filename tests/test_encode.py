@@ -184,3 +184,20 @@ def test_missing_or_wrong_model_file(workspace):
     with pytest.raises(RcgError, match="holds a 'rcg-tokenizer' model, expected 'rcg-encoder'"):
         encode.run(params)
     assert not params.paths.reps.exists()
+
+
+def test_images_without_classes_get_no_probe(tmp_path):
+    """A flat image folder has no labels (-1): the store is written, encoder.json says so in flat fields."""
+    from pipeline.data.synthetic import write_builtin
+    from stages import shard
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, png in enumerate(sorted(write_builtin(tmp_path / "src", "train", 16, 16, 0).rglob("*.png"))):
+        png.rename(flat / f"{i:03d}.png")
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={flat}"])
+    shard.run(params)
+    write_encoder(params)
+    summary = encode.run(params)
+    assert summary["shape"] == [16, 2, 16] and "knn_top1" not in summary
+    metrics = json.loads((params.paths.metrics / "encoder.json").read_text())
+    assert metrics == {"labelled": False, "knn_k": 5, "num_images": 0, "encoder": "test"}
