@@ -35,8 +35,8 @@ from pipeline.data.shards import ShardSet
 from pipeline.data.views import ViewRecipe, make_view
 from pipeline.data.images import decode_rgb
 from pipeline.gen.rcg import (Models, chunk_generator, check_setting, figure_generator, generate,
-                              interpolation_rows, label_plan, label_rows, labels_for, load_models, oracle_rows,
-                              rep_rows)
+                              interpolation_rows, label_ids, label_rows, load_models, oracle_rows,
+                              rep_rows, sample_labels)
 
 
 @dataclass
@@ -87,7 +87,7 @@ def sample(name: str, setting: SampleSetting, cfg: Sample, files: Files, device:
     stored = _stored_reps(files.reps)
     check_setting(name, setting, models, stored[1] if stored else None)
     m, batch = cfg.num_samples, cfg.batch_size
-    plan = label_plan(setting, models)
+    labels = sample_labels(setting, models, m, cfg.seed)
     oracle = None
     if setting.reps == "stored":
         rows = oracle_rows(stored[0].shape[0], m, cfg.seed)
@@ -103,7 +103,7 @@ def sample(name: str, setting: SampleSetting, cfg: Sample, files: Files, device:
                        "chunk_rows": batch}}
     h, w = models.image_size
     writer = SampleWriter(files.store, m, (h, w, 3), batch, identity, attrs,
-                          models.pixel.rep_dim if setting.generator == "rep" else None, plan is not None,
+                          models.pixel.rep_dim if setting.generator == "rep" else None, labels is not None,
                           d.rank, d.barrier)
     chunks = writer.pending(d.rank, d.world)
     timings = {"rdm": 0.0, "decode": 0.0, "vqgan": 0.0}
@@ -111,13 +111,13 @@ def sample(name: str, setting: SampleSetting, cfg: Sample, files: Files, device:
         r = writer.rows(chunk)
         reps = torch.from_numpy(oracle[r.start:r.stop]) if oracle is not None else None
         out = generate(models, setting, cfg.rdm, len(r), chunk_generator(device, cfg.seed, chunk), reps=reps,
-                       labels=labels_for(plan, r.start, len(r)), timings=timings)
+                       labels=None if labels is None else labels[r.start:r.stop], timings=timings)
         writer.write(chunk, out.images, out.reps, out.labels)
     d.barrier()
     summary = {"rank": d.rank, "chunks": len(chunks)}
     if d.is_main:
         writer.finalize()
-        pictures = _figures(name, setting, cfg, models, files, stored, plan, device)
+        pictures = _figures(name, setting, cfg, models, files, stored, device)
         seconds = time.perf_counter() - started
         done = sum(len(writer.rows(c)) for c in chunks)
         summary = {"output": str(files.store), "num_samples": m, "images": [m, h, w, 3],
@@ -148,7 +148,7 @@ def real_images(shards: Path, reps_path: Path, reps, count: int, size: tuple[int
     return np.stack(images), torch.from_numpy(np.asarray(reps.oindex[rows, 0], dtype=np.float32))
 
 
-def _figures(name: str, setting: SampleSetting, cfg: Sample, models: Models, files: Files, stored, plan,
+def _figures(name: str, setting: SampleSetting, cfg: Sample, models: Models, files: Files, stored,
              device: torch.device) -> list[Path]:
     """Every PNG of the setting, written together (a fresh folder swapped in place); seeded apart from the
     sample chunks, so they are the same on every run."""
@@ -168,8 +168,9 @@ def _figures(name: str, setting: SampleSetting, cfg: Sample, models: Models, fil
                 a, b = slice(f.real_images, f.real_images + f.pairs), slice(f.real_images + f.pairs, wanted)
                 rows = interpolation_rows(models, setting, cfg.rdm, reps[a], reps[b], columns, cfg.seed)
                 pictures["interpolation.png"] = fig.beside(images[a], rows, f.cell, last=images[b])
-    if plan is not None:
-        rows = label_rows(models, setting, cfg.rdm, plan[:f.class_rows], columns,
+    ids = label_ids(setting, models)
+    if ids is not None:
+        rows = label_rows(models, setting, cfg.rdm, ids[:f.class_rows], columns,
                           figure_generator(device, cfg.seed, 2))
         kind = "clusters" if setting.generator == "cluster" else "classes"
         pictures[f"{kind}.png"] = fig.tile(rows, f.cell)

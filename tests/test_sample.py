@@ -202,14 +202,16 @@ def test_oracle_and_labels_condition_what_they_say(files):
     assert np.array_equal(out.reps, reps.numpy())
     models = rcg.load_models(files["class"], files["tokenizer"], None, cpu)
     s = setting(generator="class", reps=None, classes=[3, 7])
-    plan = rcg.label_plan(s, models)
-    assert rcg.labels_for(plan, 3, 4).tolist() == [7, 3, 7, 3]
+    assert rcg.sample_labels(s, models, 5, 0).tolist() == [3, 7, 3, 7, 3]  # given ids: cycled in order
+    models.pixel.label_counts = [0, 1, 0, 3] + [0] * 6  # no ids given: the training frequencies, exactly
+    drawn = rcg.sample_labels(setting(generator="class", reps=None), models, 8, 0)
+    assert sorted(drawn.tolist()) == [1, 1, 3, 3, 3, 3, 3, 3] and drawn.tolist() != sorted(drawn.tolist())
     a = rcg.generate(models, s, RdmSample(), 2, rcg.chunk_generator(cpu, 0, 0), labels=np.array([3, 3]))
     b = rcg.generate(models, s, RdmSample(), 2, rcg.chunk_generator(cpu, 0, 0), labels=np.array([7, 7]))
     assert a.reps is None and a.labels.tolist() == [3, 3] and not torch.equal(a.tokens, b.tokens)
     models = rcg.load_models(files["rep"], files["tokenizer"], files["rdm_class"], cpu)
     s = setting()
-    assert rcg.label_plan(s, models) == list(range(10))  # class-cond RCG: every class of the RDM, in turn
+    assert rcg.sample_labels(s, models, 12, 0).tolist() == list(range(10)) + [0, 1]  # class-cond RCG: in turn
     x = rcg.generate(models, s, RdmSample(**RDM_SAMPLER), 2, rcg.chunk_generator(cpu, 0, 0), labels=np.array([1, 1]))
     y = rcg.generate(models, s, RdmSample(**RDM_SAMPLER), 2, rcg.chunk_generator(cpu, 0, 0), labels=np.array([2, 2]))
     assert not np.array_equal(x.reps, y.reps)  # the labels reach the RDM

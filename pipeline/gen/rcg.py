@@ -64,6 +64,7 @@ class Pixel:
     encoder: str | None      # weights_sha256 of the encoder its reps came from, when the file says
     sha256: str
     tokenizer_weights: str | None = None  # weights_sha256 of the VQGAN an official file embeds
+    label_counts: list[int] | None = None  # how often each label occurs in the training data, when the file says
 
 
 @dataclass
@@ -126,6 +127,7 @@ def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
         tokens, reps = config.get("tokens") or {}, config.get("reps") or {}
         grid, tokenizer_file = tuple(config["grid"]), (tokens.get("tokenizer") or {}).get("sha256")
         encoder, tokenizer_weights = (reps.get("encoder") or {}).get("weights_sha256"), None
+        counts = (config.get("labels") or {}).get("counts")
     else:
         sd = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
@@ -141,10 +143,10 @@ def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
             raise RcgError(f"{path}: {model.seq_len} tokens do not form a square grid")
         grid, tokenizer_file = (side, side), None
         encoder = weights_sha256(import_mocov3_state_dict(embedded_encoder))
-        tokenizer_weights = weights_sha256(embedded_vqgan)
+        tokenizer_weights, counts = weights_sha256(embedded_vqgan), None
     return Pixel(model.eval().to(device).requires_grad_(False), model.conditioning, grid, model.codebook_size,
                  model.rep_dim, model.num_labels or None, tokenizer_file, encoder, file_sha256(path),
-                 tokenizer_weights)
+                 tokenizer_weights, [int(c) for c in counts] if counts else None)
 
 
 def load_models(pixel: str | Path, tokenizer: str | Path, rdm: str | Path | None, device: torch.device) -> Models:
@@ -208,8 +210,8 @@ def _check_classes(key: str, classes: list[int] | None, known: int, what: str) -
 
 
 # ------------------------------------------------------------------------------------------ conditioning
-def label_plan(setting: SampleSetting, models: Models) -> list[int] | None:
-    """The ids a setting cycles through (sample i gets ids[i % len]); None when it takes no labels."""
+def label_ids(setting: SampleSetting, models: Models) -> list[int] | None:
+    """The ids a setting conditions on (its ``classes``, else all its model knows); None when it takes none."""
     if setting.generator in ("class", "cluster"):
         return setting.classes or list(range(models.pixel.num_labels))
     if setting.reps == "rdm" and models.rdm.model.class_cond:
@@ -217,11 +219,20 @@ def label_plan(setting: SampleSetting, models: Models) -> list[int] | None:
     return None
 
 
-def labels_for(plan: list[int] | None, start: int, count: int) -> np.ndarray | None:
-    """Labels of samples start..start+count (every id equally often over a multiple of len(plan))."""
-    if plan is None:
+def sample_labels(setting: SampleSetting, models: Models, num: int, seed: int) -> np.ndarray | None:
+    """The label of each of ``num`` samples. Given ``classes`` (and a class-conditional RDM, whose file records
+    no label counts) cycle through the ids in order, every id equally often (the official 50 per class); a label
+    generator given no ``classes`` follows its training labels' frequencies exactly (stratified quantiles, in a
+    seeded order), so uneven k-means clusters are generated as often as they occur in the data."""
+    ids = label_ids(setting, models)
+    if ids is None:
         return None
-    return np.asarray(plan, dtype=np.int64)[np.arange(start, start + count) % len(plan)]
+    counts = models.pixel.label_counts if setting.generator in ("class", "cluster") and not setting.classes else None
+    if not counts:
+        return np.asarray(ids, dtype=np.int64)[np.arange(num) % len(ids)]
+    cdf = np.cumsum(counts, dtype=np.float64) / sum(counts)
+    labels = np.minimum(np.searchsorted(cdf, (np.arange(num) + 0.5) / num, side="right"), len(counts) - 1)
+    return labels[np.random.default_rng([seed, 11]).permutation(num)].astype(np.int64)
 
 
 def oracle_rows(num_rows: int, num_samples: int, seed: int) -> np.ndarray:
