@@ -70,10 +70,12 @@ def _stage_command(name: str, help_text: str) -> None:
 
 def _item_stage_command(name: str, item_help: str, help_text: str) -> None:
     """A stage with one instance per item (a conditioning, a sample setting): the item is a positional argument."""
-    def command(item: Annotated[str, typer.Argument(help=item_help)], params: ParamsOpt = Path("params.yaml"),
-                set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    def command(item: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+                debug: DebugOpt = False) -> None:
         run_stage(name, params, set_, debug, item)
     command.__doc__ = help_text
+    # set as an object: under postponed annotations a string naming ``item_help`` could not be evaluated
+    command.__annotations__["item"] = Annotated[str, typer.Argument(help=item_help)]
     app.command(name.replace("_", "-"))(command)
 
 
@@ -87,6 +89,8 @@ for _name, _help in [
     ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
 ]:
     _stage_command(_name, _help)
+_item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",
+                    "Train the MAGE pixel generator on data/tokens.zarr + data/reps.zarr (or import the official one).")
 
 
 @app.command()

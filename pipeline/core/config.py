@@ -344,17 +344,17 @@ class PixelModel(Section):
 class PixelTrain(Section):
     """MAGE's recipe (RCG_REFERENCE.md 3.4): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
     cosine to 0, clip 3.0. Default: ~2.5 min on 2 CPU cores; ImageNet: batch 4096, blr 1.5e-4, 200-800 epochs."""
-    steps: PositiveInt = 1000
-    batch_size: PositiveInt = 128      # global: split evenly across DDP ranks (and accumulation micro-batches)
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 64       # global: split evenly across DDP ranks (and accumulation micro-batches)
     accum_steps: PositiveInt = 1       # gradient accumulation: each rank runs batch_size / world / accum at a time
-    blr: PositiveFloat = 1.5e-3        # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
-    warmup_steps: NonNegativeInt = 50  # linear warm-up from 0 (official: 10 epochs)
+    blr: PositiveFloat = 4e-3          # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
+    warmup_steps: NonNegativeInt = 30  # linear warm-up from 0 (official: 10 epochs)
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: PositiveFloat | None = 3.0
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
     bf16: bool = False                 # autocast on GPU only (official: fp16); the CPU path is exact fp32
-    checkpoint_every: PositiveInt = how_to_run(250)
-    log_every: PositiveInt = how_to_run(25)
+    checkpoint_every: PositiveInt = how_to_run(200)
+    log_every: PositiveInt = how_to_run(20)
 
 
 class PixelEval(Section):

@@ -1,0 +1,140 @@
+"""Stage ``train_pixel@<cond>``: the MAGE pixel generator trained from ``tokens.zarr`` + ``reps.zarr`` alone.
+
+One instance per conditioning (``pixel.conditionings``): ``rep`` (RCG), ``none`` (the unconditional MAGE baseline:
+the same network, the slot always ``fake_latent``), ``class`` (store labels) and ``cluster`` (k-means ids of the
+stored reps). No image is decoded and neither the VQGAN nor the encoder runs: a step gathers (tokens[i, v],
+reps[i, v]) pairs from memory. With ``pixel.checkpoint`` set, the ``rep`` generator is the official RCG MAGE file,
+checked against the stores and evaluated instead of trained. Writes ``data/models/pixel-<cond>.pt``, the curves
+``metrics/plots/train_pixel-<cond>.csv`` and ``metrics/pixel-<cond>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from pipeline.core import distributed
+from pipeline.core.artifacts import save_model_file, write_json
+from pipeline.core.config import Params
+from pipeline.core.distributed import Dist
+from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
+from pipeline.core.runtime import device_for
+from pipeline.data.pixel_data import PixelBatches, PixelData, load_pixel_data
+from pipeline.eval.pixel_eval import masked_token_eval
+from pipeline.models.mage import CONDITIONINGS, FORMAT, MAGE, mage_kwargs, masked_token_loss
+from pipeline.models.mage_official import load_official_mage_model
+from pipeline.train.ema import EMA
+from pipeline.train.identity import resume_identity
+from pipeline.train.loop import TrainLoop, param_groups
+from pipeline.train.rng import seeded_generator
+from pipeline.train.schedules import warmup_cosine
+
+STAGE = "train_pixel"
+EVAL = 14  # stream purpose under params.seed (pipeline.data.pixel_data has 10-13)
+
+
+def conditioning_input(data: PixelData, conditioning: str, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor | None:
+    """What the slot is built from: reps[i, v] (rep), labels[i] (class/cluster), nothing (none)."""
+    if conditioning == "rep":
+        return data.reps[rows, views]
+    return data.labels[rows] if conditioning in ("class", "cluster") else None
+
+
+def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: Dist,
+          device: torch.device) -> tuple[MAGE, EMA | None, dict]:
+    """Train (or resume) MAGE on the store pairs with the MAGE recipe; -> (model, EMA or None, loop summary)."""
+    t = params.pixel.train
+    torch.manual_seed(params.seed)  # identical init on every rank
+    model = MAGE(**kwargs).to(device)
+    lr = t.blr * t.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+    ema = EMA(model, max_decay=t.ema_decay) if t.ema_decay is not None else None
+    keys = ["seed", "pixel.model", "pixel.train", "pixel.eval.num_images"] + \
+        (["pixel.cluster"] if conditioning == "cluster" else [])
+    identity = resume_identity(params, keys, conditioning=conditioning, **data.identity)
+    loop = TrainLoop(f"{STAGE}-{conditioning}", params, d, device, steps=t.steps, identity=identity,
+                     modules={"model": model}, optimizer=optimizer, lr=warmup_cosine(lr, t.steps, t.warmup_steps),
+                     grad_clip=t.grad_clip, accum=t.accum_steps, ema=ema, ema_model=model if ema else None,
+                     log_every=t.log_every, checkpoint_every=t.checkpoint_every, samples_per_step=t.batch_size,
+                     bf16=t.bf16)
+    net = loop.wrap(model)
+    batches = PixelBatches(data, t.batch_size, t.accum_steps, params.seed, d)
+
+    def step(micro: tuple, it: int) -> dict:
+        rows, views, gen = micro
+        c = conditioning_input(data, conditioning, rows, views)
+        loss, accuracy = masked_token_loss(model, data.tokens[rows, views].long(), c, gen, net=net)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def stream():
+        for it in range(loop.start, t.steps):
+            micro = batches(it)
+            yield micro if t.accum_steps > 1 else micro[0]
+
+    if loop.start < t.steps:
+        log(f"{STAGE}@{conditioning}: {sum(p.numel() for p in model.parameters()):,} params, lr {lr:.3g}, "
+            f"steps {loop.start}..{t.steps}, batch {t.batch_size}, {len(data.train_rows)} images x "
+            f"{data.tokens.shape[1]} views of {data.tokens.shape[2]} tokens")
+    model.train()
+    summary = loop.run(step, stream())
+    return model, ema, {"source": "trained", "lr": lr, "world": d.world, **summary}
+
+
+def run(params: Params, item: str) -> dict:
+    conditioning = item
+    if conditioning not in CONDITIONINGS:
+        raise RcgError(f"train_pixel: unknown conditioning {item!r} (one of {', '.join(CONDITIONINGS)})")
+    if conditioning not in params.pixel.conditionings:
+        raise RcgError(f"train_pixel: {item!r} is not in pixel.conditionings {params.pixel.conditionings}")
+    d = distributed.init()
+    device = device_for(params.runtime, d.local_rank)
+    started = time.perf_counter()
+    p, paths = params.pixel, params.paths
+    data = load_pixel_data(paths.tokens, paths.reps, conditioning, p.eval.num_images, params.seed, device,
+                           clusters=p.cluster.k if conditioning == "cluster" else 0, kmeans_iters=p.cluster.iters)
+    num_labels = data.num_labels if conditioning in ("class", "cluster") else 0
+    kwargs = mage_kwargs(p.model, data.codebook_size, data.tokens.shape[2], data.reps.shape[2], conditioning,
+                         num_labels)
+    if p.checkpoint is not None and conditioning == "rep":
+        if d.world > 1:
+            raise RcgError("importing pixel.checkpoint needs no torchrun: run it on one process")
+        model, summary = load_official_mage_model(p.checkpoint, kwargs, data.identity["reps"], str(paths.reps),
+                                                  data.identity["tokens"], str(paths.tokens),
+                                                  paths.models / "tokenizer.pt")
+        model, ema = model.to(device), None
+    else:
+        model, ema, summary = train(params, data, kwargs, conditioning, d, device)
+    if not d.is_main:
+        return {"rank": d.rank, **summary}
+
+    tic = time.perf_counter()
+    metrics = {"source": summary["source"], "val_images": len(data.val_rows), "mask_ratio": p.eval.mask_ratio,
+               "train_loss": summary.get("final_loss")}
+    if len(data.val_rows):
+        rows = data.val_rows
+        views = torch.zeros_like(rows)  # view 0: the centre crop
+        scope = ema.swapped_in(model) if ema is not None else contextlib.nullcontext()
+        with scope:
+            metrics.update(masked_token_eval(model, data.tokens[rows, views].long(),
+                                             conditioning_input(data, conditioning, rows, views), p.eval.mask_ratio,
+                                             seeded_generator(device, params.seed, EVAL), p.eval.batch_size))
+    summary["eval_seconds"] = round(time.perf_counter() - tic, 2)
+    labels = None
+    if num_labels:
+        labels = {"source": conditioning, "num_labels": num_labels, "counts": data.label_counts()}
+        if data.centroids is not None:
+            labels["centroids"] = data.centroids
+    config = {"model": kwargs, "conditioning": conditioning, "grid": data.grid, "labels": labels,
+              "reps": data.identity["reps"], "tokens": data.identity["tokens"], "holdout": p.eval.num_images}
+    out, metrics_path = paths.models / f"pixel-{conditioning}.pt", paths.metrics / f"pixel-{conditioning}.json"
+    save_model_file(out, FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None, summary)
+    write_json(metrics_path, metrics)
+    if "val_loss" in metrics:
+        log(f"{STAGE}@{conditioning}: val loss {metrics['val_loss']:.4f} (unconditional slot "
+            f"{metrics['val_loss_null']:.4f}), masked-token accuracy {metrics['val_accuracy']:.3f}")
+    return {"output": str(out), "metrics": str(metrics_path), **summary,
+            **{k: v for k, v in metrics.items() if k.startswith("val_")},
+            "seconds": round(time.perf_counter() - started, 2)}
