@@ -111,8 +111,9 @@ def run(params: Params, item: str) -> dict:
         return {"rank": d.rank, **summary}
 
     tic = time.perf_counter()
-    metrics = {"source": summary["source"], "val_images": len(data.val_rows), "mask_ratio": p.eval.mask_ratio,
-               "train_loss": summary.get("final_loss")}
+    metrics = {"source": summary["source"], "val_images": len(data.val_rows), "mask_ratio": p.eval.mask_ratio}
+    if summary.get("final_loss") is not None:
+        metrics["train_loss"] = summary["final_loss"]
     if len(data.val_rows):
         rows = data.val_rows
         views = torch.zeros_like(rows)  # view 0: the centre crop

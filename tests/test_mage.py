@@ -234,3 +234,24 @@ def test_infill_keeps_given_tokens():
     assert torch.equal(full, given)  # nothing to decode: nothing changes
     with pytest.raises(RcgError, match="iteration"):
         decode_tokens(model, model.condition(torch.randn(2, 8)), torch.Generator(), num_iter=0)
+
+
+def test_bf16_autocast_path_keeps_attention_in_fp32(monkeypatch):
+    """The GPU recipe's autocast, exercised on the CPU: close to the fp32 loss, attention computed in fp32."""
+    model = tiny().eval()
+    tokens, reps = torch.randint(32, (4, 16)), torch.randn(4, 8)
+    exact, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(0))
+    seen = []
+    model.blocks[0].attn.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    real_sdpa = F.scaled_dot_product_attention
+    dtypes = []
+
+    def spy(q, k, v, **kw):
+        dtypes.append(q.dtype)
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(0))
+    assert set(dtypes) == {torch.float32} and seen == [torch.bfloat16]
+    assert low.dtype == torch.float32 and abs(low.item() - exact.item()) < 0.05 * exact.item()

@@ -26,6 +26,7 @@ PIXEL = {"pixel": {"model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "decod
                              "decoder_num_heads": 2},
                    "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2},
                    "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}}}
+DOC = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
 ENCODER = MoCoViT(**MICRO["encoder"]["model"])  # stands in for the encoder the rep store was made with
 VQ = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=K, in_channels=3, out_ch=3,
           beta=0.25)
@@ -84,6 +85,7 @@ def test_every_conditioning_trains_and_writes_its_outputs(trained):
         assert (model.codebook_size, model.seq_len, model.rep_dim) == (K, H * W, D)
         metrics = json.loads((params.paths.metrics / f"pixel-{cond}.json").read_text())
         assert all(isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 32) for v in metrics.values())
+        assert all(f"`{k}`" in DOC for k in metrics)  # every figure's protocol is documented once
         assert 0 <= metrics["val_accuracy"] <= 1 and metrics["val_images"] == 8 and np.isfinite(metrics["val_loss"])
         rows = list(csv.DictReader(open(params.paths.plots / f"train_pixel-{cond}.csv")))
         assert [int(r["step"]) for r in rows] == [2, 4, 6] and {"loss", "accuracy", "lr"} <= set(rows[0])
