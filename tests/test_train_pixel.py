@@ -231,3 +231,17 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={bad}", extra={"model": {"vocab": "official"}}), "rep")
     with pytest.raises(RcgError, match="does not match pixel.model and the stores: vocab compact"):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={good}"), "rep")
+
+
+@pytest.mark.parametrize("name", ["imagenet256_vitb", "imagenet256_vitb_mage", "imagenet256_vitl", "cifar10"])
+def test_presets_name_the_pixel_architecture(name):
+    import yaml
+    from pipeline.core.config import PRESETS_DIR, preset
+    from pipeline.models.mage import MAGE_SIZES
+    tree = yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text())["pixel"]["model"]
+    assert {"vocab", *MAGE_SIZES["mage_base"]} <= set(tree)
+    p = preset(name).pixel
+    if name.startswith("imagenet"):  # the paper's sizes and recipe: lr 2.4e-3 at batch 4096
+        size = MAGE_SIZES["mage_large" if name.endswith("vitl") else "mage_base"]
+        assert {k: getattr(p.model, k) for k in size} == size and p.model.vocab == "official"
+        assert p.train.batch_size == 4096 and p.train.blr * p.train.batch_size / 256 == pytest.approx(2.4e-3)
