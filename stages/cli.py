@@ -87,6 +87,9 @@ for _name, _help in [
     ("train_tokenizer", "Train a VQGAN on the shards, or import the official tokenizer checkpoint."),
     ("eval_tokenizer", "Reconstruction PSNR, codebook usage and representation-space FD of the tokenizer."),
     ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
+    ("train_judge", "Train the judge classifier on the train split's labels -> data/models/judge.pt."),
+    ("reference", "Reference statistics of the train split per feature space -> data/reference/."),
+    ("compare", "Every setting's scores in one table -> metrics/compare.json, metrics/compare.md."),
 ]:
     _stage_command(_name, _help)
 _item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",

@@ -392,17 +392,19 @@ class Pixel(Section):
 class JudgeModel(Section):
     """The judge's CNN (pipeline.models.judge): ``stages`` blocks, each doubling the width and halving the size."""
     width: PositiveInt = 16
-    stages: PositiveInt = Field(3, le=6)
+    stages: PositiveInt = Field(4, le=8)
 
 
 class JudgeTrain(Section):
     """Supervised training on the train split's labels (stages/train_judge.py); sized for ~1 min on 2 CPU cores."""
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = 8
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3           # AdamW, one-cycle: linear warm-up over the first epoch, cosine to 0
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     workers: NonNegativeInt = how_to_run(0)
+    log_every: PositiveInt = how_to_run(20)
+    checkpoint_every: PositiveInt = how_to_run(200)
 
 
 class Judge(Section):
@@ -430,6 +432,8 @@ class Score(Section):
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Score":
         _existing_file(self.inception_weights, "score.inception_weights", info)
+        if not self.spaces and self.inception_weights is None:
+            raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
         for space, path in self.reference_npz.items():
             _existing_file(path, f"score.reference_npz.{space}", info)
         if "inception" in self.reference_npz and self.inception_weights is None:

@@ -1,0 +1,328 @@
+"""Sample quality through torch-fidelity: one code path for every feature space.
+
+Three spaces, each a feature extractor in torch-fidelity's registry, created by its ``create_feature_extractor``
+and scored by its metric functions (Inception Score, KID, precision/recall):
+
+- ``inception``: torch-fidelity's own ``inception-v3-compat`` from a local weights file (nothing is downloaded);
+- ``judge``: ``rcg-judge``, the supervised classifier of pipeline.models.judge (penultimate features, logits);
+- ``encoder``: ``rcg-encoder``, the representation RCG is conditioned on (favours rep-conditioned generators).
+
+Samples and reference images reach every extractor the same way: uint8 [B, 3, R, R] tensors at one resolution R
+(reference images are centre crops of the train split at R, decoded from the shards, never re-saved), resized
+inside the extractor. The Fréchet distance comes from (mu, sigma) in float64 (pipeline.eval.metrics, the formula
+of torch-fidelity 0.4, which has no option for precomputed statistics), so a reference is an ADM-style ``.npz``:
+``mu``, ``sigma`` and, for KID and precision/recall, optionally the reference ``features``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
+
+from pipeline.core.artifacts import load_checkpoint
+from pipeline.core.config import Params, Score
+from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb
+from pipeline.data.sample_store import Samples
+from pipeline.data.shards import ShardSet
+from pipeline.data.views import ViewRecipe, make_view
+from pipeline.eval.metrics import frechet_distance, gaussian_stats
+from pipeline.models.encoder import load_encoder_file, represent
+from pipeline.models.judge import judge_input, load_judge_file
+
+SPACES = ("judge", "encoder", "inception")
+EXTRACTOR_NAMES = {"judge": "rcg-judge", "encoder": "rcg-encoder", "inception": "inception-v3-compat"}
+# The layer each metric reads: FID/KID/PRC on the first, IS on the second (when the space has class scores).
+LAYERS = {"judge": ("penultimate", "logits"), "encoder": ("rep",), "inception": ("2048", "logits_unbiased")}
+FD_KEY = {"judge": "fid", "encoder": "fd", "inception": "fid"}
+INCEPTION_FEATURES = 2048
+
+
+# ------------------------------------------------------------------------------------- extractors
+def _uint8_batch(x: torch.Tensor) -> None:
+    if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+        raise ValueError(f"expected uint8 images [B, 3, H, W], got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+
+
+class JudgeExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor ``rcg-judge``: penultimate features and class logits of a judge model file
+    (``feature_extractor_weights_path``)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise RcgError("rcg-judge: feature_extractor_weights_path must name a judge model file")
+        self.model, _ = load_judge_file(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return "penultimate", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return {"isc": "logits", "fid": "penultimate", "kid": "penultimate", "prc": "penultimate"}[metric]
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _uint8_batch(x)
+        feats = self.model.features(judge_input(x, self.model.img_size))
+        out = {"penultimate": feats, "logits": self.model.head(feats)}
+        return tuple(out[name].float() for name in self.features_list)
+
+
+class EncoderExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor ``rcg-encoder``: RCG's standardised representation (as ``encode`` stores it)
+    of an encoder model file (``feature_extractor_weights_path``)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise RcgError("rcg-encoder: feature_extractor_weights_path must name an encoder model file")
+        self.model, _ = load_encoder_file(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("rep",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError("rcg-encoder has no class scores: no Inception Score in the representation space")
+        return "rep"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _uint8_batch(x)
+        return (represent(self.model, x.float().div(255)),)
+
+
+for _space, _cls in (("judge", JudgeExtractor), ("encoder", EncoderExtractor)):
+    if EXTRACTOR_NAMES[_space] not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must not register twice
+        register_feature_extractor(EXTRACTOR_NAMES[_space], _cls)
+
+
+def check_inception_weights(path: Path) -> None:
+    """torch-fidelity unpickles its weights file in full; vet it first with ``weights_only=True`` (only tensors
+    and containers) and check it is the converted Inception v3 it expects."""
+    sd = load_checkpoint(path)
+    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
+    if fc is None or tuple(fc.shape) != (1008, INCEPTION_FEATURES):
+        raise RcgError(f"score.inception_weights: {path} is not torch-fidelity's Inception v3 state dict "
+                       "(weights-inception-2015-12-05-6726825d.pth: fc.weight [1008, 2048])")
+
+
+def create_extractor(space: str, weights: Path, device: torch.device) -> FeatureExtractorBase:
+    """The registered extractor of ``space`` loaded from ``weights``, in eval mode on ``device``."""
+    if not Path(weights).is_file():
+        raise RcgError(f"no {space} weights at {weights}")
+    if space == "inception":
+        check_inception_weights(Path(weights))
+    try:
+        return create_feature_extractor(EXTRACTOR_NAMES[space], list(LAYERS[space]), cuda=device.type == "cuda",
+                                        feature_extractor_weights_path=str(weights), verbose=False)
+    except (RuntimeError, ValueError) as exc:  # a strict state-dict load or a torch-fidelity check failed
+        raise RcgError(f"cannot build the {space} extractor from {weights}: {str(exc).splitlines()[0]}") from exc
+
+
+@torch.no_grad()
+def extract(extractors: dict[str, FeatureExtractorBase], batches: Iterable[torch.Tensor],
+            device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Every batch (uint8 [B, 3, R, R]) through every extractor: space -> layer -> float32 [N, D] on the CPU."""
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {s: {} for s in extractors}
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        for space, fe in extractors.items():
+            for layer, value in fe.convert_features_tuple_to_dict(fe(batch)).items():
+                parts[space].setdefault(layer, []).append(value.float().cpu())
+    if not any(parts.values()):
+        raise RcgError("no images to extract features from")
+    return {s: {layer: torch.cat(v) for layer, v in d.items()} for s, d in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------- images
+def centre_crop(data: bytes, resolution: int) -> np.ndarray:
+    """Stored image bytes -> uint8 [R, R, 3]: the short side resized to R (bicubic), then the centre crop --
+    view 0 of pipeline.data.views at R (Resize(R) + CenterCrop(R), the evaluation protocol's reference)."""
+    recipe = ViewRecipe(count=1, resize=resolution, crop=resolution, flip=False)
+    return make_view(decode_rgb(data), "", 0, recipe)
+
+
+class ShardImages(Dataset):
+    """Rows of a shard split as torch-fidelity input items: uint8 [3, R, R] centre crops."""
+
+    def __init__(self, shards: ShardSet, resolution: int, rows: np.ndarray | None = None):
+        self.shards, self.resolution = shards, resolution
+        self.rows = np.arange(len(shards)) if rows is None else np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = centre_crop(self.shards.read(int(self.rows[i])), self.resolution)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # a writable copy
+
+
+def evenly_spaced(n: int, count: int) -> np.ndarray:
+    """``count`` rows spread over ``range(n)`` (every class of a sorted folder); count 0 or >= n: all rows."""
+    if count == 0 or count >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
+
+
+def sample_resolution(samples: Samples) -> int:
+    """R of a sample store's uint8 [M, R, R, 3] images (square, as every reference is)."""
+    _, h, w, _ = samples.images.shape
+    if h != w:
+        raise RcgError(f"{samples.path}: the samples are {h}x{w}; scoring compares square images")
+    return h
+
+
+def sample_batches(samples: Samples, batch_size: int) -> Iterator[torch.Tensor]:
+    """A sample store's images as uint8 [B, 3, R, R] blocks of consecutive rows (one Zarr read each)."""
+    for start in range(0, len(samples), batch_size):
+        block = np.asarray(samples.images[start:start + batch_size])
+        yield torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
+
+
+# -------------------------------------------------------------------------------------- reference
+@dataclass
+class Reference:
+    """Statistics of real images in one feature space: float64 mu [D], sigma [D, D], optional float32
+    features [N, D] (KID, precision/recall), and a short name for the metrics."""
+    name: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: torch.Tensor | None
+    count: int | None
+
+    @property
+    def dim(self) -> int:
+        return self.mu.shape[0]
+
+
+def save_reference(path: Path, features: torch.Tensor) -> None:
+    """ADM-style ``.npz`` of [N, D] reference features: ``mu``, ``sigma`` (float64) and the ``features``."""
+    mu, sigma = gaussian_stats(features.numpy())
+    with open(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, features=features.numpy().astype(np.float32))
+
+
+def short_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:48]
+
+
+def load_reference(path: Path, dim: int, space: str, name: str | None = None) -> Reference:
+    """A reference ``.npz`` (ours or ADM's ``mu``/``sigma``), checked against the space's feature size."""
+    path = Path(path)
+    if not path.is_file():
+        raise RcgError(f"reference statistics not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise RcgError(f"{path}: not a readable .npz: {str(exc).splitlines()[0]}") from exc
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise RcgError(f"{path}: a reference .npz needs 'mu' and 'sigma' (has {sorted(arrays)})")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise RcgError(f"{path}: {list(mu.shape)} / {list(sigma.shape)} statistics, but the {space} space has "
+                       f"{dim}-d features")
+    features = arrays.get("features")
+    if features is not None and (features.ndim != 2 or features.shape[1] != dim):
+        raise RcgError(f"{path}: features {list(features.shape)} do not match the {dim}-d {space} space")
+    return Reference(name or f"npz:{short_name(path)}", mu, sigma,
+                     None if features is None else torch.from_numpy(features.astype(np.float32)),
+                     None if features is None else len(features))
+
+
+def scored_spaces(cfg: Score) -> list[str]:
+    """score.spaces, plus Inception when its weights are given."""
+    return [s for s in SPACES if s in cfg.spaces or (s == "inception" and cfg.inception_weights is not None)]
+
+
+def extractor_weights(params: Params, space: str) -> Path:
+    """The file each space's extractor loads: the trained judge / encoder model files, or Inception's weights."""
+    return {"judge": params.paths.models / "judge.pt", "encoder": params.paths.models / "encoder.pt",
+            "inception": params.score.inception_weights}[space]
+
+
+def reference_dir(params: Params) -> Path:
+    return params.paths.data / "reference"
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def min_samples_needed(space: str, isc_splits: int, prc_k: int) -> int:
+    """Fewer samples than this and some figure of ``space`` is undefined (covariance, IS splits, k-NN radii)."""
+    return max(2, prc_k + 1, isc_splits if len(LAYERS[space]) > 1 else 0)
+
+
+def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: Reference,
+                   feature_reference: Reference | None, isc_splits: int, kid_subsets: int, kid_subset_size: int,
+                   prc_k: int, min_samples: int, seed: int) -> dict:
+    """Every figure of one space for sample ``features`` (layer -> [M, D]) against a reference: the Fréchet
+    distance from ``fd_reference``'s statistics; KID and precision/recall against ``feature_reference``'s
+    features (skipped when there are none); IS where the space has class logits. Numbers and short ids only."""
+    feats = features[LAYERS[space][0]]
+    m = len(feats)
+    out: dict = {"num_samples": m, "reference": fd_reference.name, "warnings": []}
+    if m < min_samples:
+        out["warnings"].append("few_samples")
+    mu, sigma = gaussian_stats(feats.numpy())
+    out[FD_KEY[space]] = round(frechet_distance(mu, sigma, fd_reference.mu, fd_reference.sigma), 6)
+    if len(LAYERS[space]) > 1:
+        isc = isc_features_to_metric(features[LAYERS[space][1]], splits=isc_splits, shuffle=True, rng_seed=seed)
+        out.update(isc=round(isc["inception_score_mean"], 6), isc_std=round(isc["inception_score_std"], 6))
+    ref = feature_reference.features if feature_reference is not None else None
+    if ref is None:
+        out["warnings"].append("no_reference_features")
+        out.update(kid=None, kid_std=None, precision=None, recall=None)
+        return out
+    out["feature_reference"] = feature_reference.name
+    subset = min(kid_subset_size, m, len(ref))
+    if subset < kid_subset_size:
+        out["warnings"].append("kid_subset_reduced")
+    kid = kid_features_to_metric(feats, ref, kid_subsets=kid_subsets, kid_subset_size=subset, rng_seed=seed,
+                                 verbose=False)
+    # Precision/recall on equal counts (Kynkäänniemi et al.): a seeded draw of M reference points when N > M.
+    if len(ref) > m:
+        ref = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))[:m]]
+    prc = prc_features_to_metric(feats, ref, prc_neighborhood=prc_k, save_cpu_ram=True, verbose=False)
+    out.update(kid=round(kid["kernel_inception_distance_mean"], 8), kid_std=round(kid["kernel_inception_distance_std"], 8),
+               kid_subset_size=subset, precision=round(prc["precision"], 6), recall=round(prc["recall"], 6),
+               prc_k=prc_k, prc_reference=len(ref))
+    return out
+
+
+def warning_lines(setting: str, scores: dict[str, dict]) -> list[str]:
+    """One line per space whose figures carry warnings, for the stage to print."""
+    return [f"warning: {setting}/{space}: {', '.join(s['warnings'])} ({s['num_samples']} samples)"
+            for space, s in scores.items() if s["warnings"]]

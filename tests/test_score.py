@@ -1,0 +1,180 @@
+"""Stages train_judge, reference, score and compare on the micro shards, with tiny sample stores written here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.artifacts import save_model_file
+from pipeline.core.errors import RcgError
+from pipeline.data.sample_store import SampleWriter
+from pipeline.data.shards import ShardSet
+from pipeline.eval.fidelity import EXTRACTOR_NAMES, centre_crop
+from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
+from pipeline.models.judge import load_judge_file
+from stages import compare, reference, score, train_judge
+from conftest import micro_params
+from test_fidelity import write_random_inception
+
+SCORE = {"num_reference_images": 0, "kid_subset_size": 20, "kid_subsets": 10, "isc_splits": 4, "min_samples": 20}
+
+
+def params_for(root, **score_overrides):
+    return micro_params(root, extra={"judge": {"train": {"epochs": 3, "batch_size": 16}},
+                                     "score": {**SCORE, **score_overrides}})
+
+
+def write_samples(root, setting: str, images: np.ndarray) -> None:
+    """A sample store as the sample stage writes it (pipeline.data.sample_store), chunks of 8 rows."""
+    writer = SampleWriter(root / "data" / "samples" / f"{setting}.zarr", len(images), images.shape[1:], 8, {},
+                          {"setting": setting, "models": {}, "seeds": [0]}, rep_dim=None, with_labels=False)
+    for c in range(writer.num_chunks):
+        r = writer.rows(c)
+        writer.write(c, images[r.start:r.stop])
+    writer.finalize({"seconds": 1.5})
+
+
+def val_images(root, size: int = 16) -> np.ndarray:
+    shards = ShardSet(root / "data" / "shards", "val")
+    return np.stack([centre_crop(shards.read(i), size) for i in range(len(shards))])
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, micro_shards):
+    """A project with a trained judge, a random-init encoder model file, reference statistics and samples of
+    three settings: real held-out images (oracle), noise (baseline), real images darkened (rcg)."""
+    root = tmp_path_factory.mktemp("score")
+    shutil.copytree(micro_shards, root / "data" / "shards")
+    params = params_for(root)
+    torch.manual_seed(0)
+    cfg = params.encoder.model.model_dump()
+    save_model_file(root / "data" / "models" / "encoder.pt", ENCODER_FORMAT, {"model": cfg}, MoCoViT(**cfg).state_dict())
+    judged = train_judge.run(params)
+    reference.run(params)
+    real = val_images(root)  # 16 held-out images
+    noise = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    write_samples(root, "oracle", real)
+    write_samples(root, "baseline", noise)
+    write_samples(root, "rcg", (real // 3).astype(np.uint8))
+    results = {s: score.run(params, s) for s in ("oracle", "baseline", "rcg")}
+    return root, params, judged, results
+
+
+def test_train_judge_writes_a_judge_that_registers(scored):
+    root, params, judged, _ = scored
+    metrics = json.loads((root / "metrics" / "judge.json").read_text())
+    assert metrics["num_train"] == 48 and metrics["num_val"] == 16 and metrics["num_classes"] == 10
+    assert 0 <= metrics["val_accuracy"] <= 1 and metrics["steps"] == 9 and judged["val_accuracy"] == metrics["val_accuracy"]
+    model, payload = load_judge_file(root / "data" / "models" / "judge.pt")
+    assert payload["config"]["model"]["img_size"] == 16 and model.feature_dim == 128
+    assert EXTRACTOR_NAMES["judge"] == "rcg-judge"
+    assert (root / "metrics" / "plots" / "train_judge.csv").is_file()  # the shared loop's curve
+
+
+def test_reference_holds_float64_statistics_per_space(scored):
+    root = scored[0]
+    meta = json.loads((root / "data" / "reference" / "meta.json").read_text())
+    assert meta["resolution"] == 16 and meta["num_images"] == 48 and set(meta["spaces"]) == {"judge", "encoder"}
+    with np.load(root / "data" / "reference" / "judge.npz") as npz:
+        assert npz["mu"].dtype == np.float64 and npz["sigma"].shape == (128, 128) and npz["features"].shape == (48, 128)
+    assert meta["spaces"]["encoder"]["dim"] == 16
+
+
+def test_scores_rank_real_images_above_noise(scored):
+    root = scored[0]
+    s = {name: json.loads((root / "metrics" / "score" / f"{name}.json").read_text()) for name in ("oracle", "baseline")}
+    assert s["oracle"]["judge"]["fid"] < s["baseline"]["judge"]["fid"]
+    assert s["oracle"]["encoder"]["fd"] < s["baseline"]["encoder"]["fd"]
+    assert s["oracle"]["judge"]["recall"] > s["baseline"]["judge"]["recall"]
+    oracle = s["oracle"]
+    assert oracle["num_samples"] == 16 and oracle["judge"]["num_samples"] == 16 and oracle["judge"]["reference"] == "train:48"
+    assert oracle["judge"]["isc"] >= 1 and "isc" not in oracle["encoder"] and oracle["sample_seconds"] == 1.5
+    assert oracle["judge"]["warnings"] == ["few_samples", "kid_subset_reduced"]  # 16 < min_samples, < kid subset
+    assert s["baseline"]["judge"]["warnings"] == []  # 24 samples: enough for both
+    assert all(isinstance(v, (int, float, bool, str, list, type(None))) for v in oracle["judge"].values())
+
+
+def test_compare_table_holds_every_row_with_its_counts(scored):
+    root, params, _, _ = scored
+    out = compare.run(params)
+    assert out["settings"] == ["baseline", "rcg", "oracle"]  # the paper's order, settings without scores left out
+    table = json.loads((root / "metrics" / "compare.json").read_text())
+    assert table["rows"]["baseline"]["num_samples"] == 24 and table["rows"]["oracle"]["num_samples"] == 16
+    assert "inception_fid" not in table["rows"]["rcg"] and table["headline"] == "judge"
+    md = (root / "metrics" / "compare.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| setting"))
+    assert all(h in header for h in ("judge FID", "judge IS", "precision (judge)", "rep FD", "samples", "score s"))
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "rcg", "oracle"]
+    assert all(r.split("|")[-4].strip() in ("24", "16") for r in rows)
+    assert "favours the rep-conditioned" in md and "warning: oracle/judge: few_samples" in md
+
+
+def test_bad_input_is_one_line(scored, tmp_path):
+    root, params, _, _ = scored
+    with pytest.raises(RcgError, match="unknown setting 'nope'"):
+        score.run(params, "nope")
+    with pytest.raises(RcgError, match="no sample store"):
+        score.run(params, "cluster")
+    write_samples(root, "class", np.zeros((24, 24, 24, 3), np.uint8))  # another resolution than the reference
+    with pytest.raises(RcgError, match="24x24 but the reference .* 16x16"):
+        score.run(params, "class")
+    write_samples(root, "class", np.zeros((3, 16, 16, 3), np.uint8))
+    with pytest.raises(RcgError, match="holds 3 samples; the metrics need at least 4"):
+        score.run(params, "class")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(7), sigma=np.eye(7))
+    with pytest.raises(RcgError, match=r"\[7\] / \[7, 7\] statistics, but the judge space has 128-d"):
+        score.run(params_for(root, reference_npz={"judge": str(tmp_path / "other.npz")}), "oracle")
+    with pytest.raises(RcgError, match="score.inception_weights: file does not exist"):
+        params_for(root, inception_weights=str(tmp_path / "missing.pth"))
+
+
+def test_user_npz_replaces_the_fd_reference_only(scored, tmp_path):
+    root, params, _, _ = scored
+    with np.load(root / "data" / "reference" / "judge.npz") as npz:
+        np.savez(tmp_path / "adm_like.npz", mu=npz["mu"].astype(np.float32) + 1, sigma=npz["sigma"])
+    ours = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
+    theirs = score.run(params_for(root, reference_npz={"judge": str(tmp_path / "adm_like.npz")}), "oracle")
+    judged = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
+    assert judged["reference"] == "npz:adm_like" and judged["feature_reference"] == "train:48"
+    assert judged["fid"] != ours["fid"] and judged["kid"] == ours["kid"] and theirs["judge_fid"] == judged["fid"]
+    score.run(params, "oracle")  # restore for the other tests
+
+
+def test_stale_reference_is_refused(scored, tmp_path):
+    root = scored[0]
+    work = tmp_path / "proj"
+    shutil.copytree(root / "data", work / "data")
+    params = params_for(work)
+    score.run(params, "oracle")
+    model, payload = load_judge_file(work / "data" / "models" / "judge.pt")
+    save_model_file(work / "data" / "models" / "judge.pt", "rcg-judge", payload["config"],
+                    {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    with pytest.raises(RcgError, match="computed with another .*judge.pt: rerun `rcg reference`"):
+        score.run(params, "oracle")
+
+
+@pytest.mark.slow  # ~1 min on 2 busy CPU cores: Inception at 299 px (the fast path test is in test_fidelity)
+def test_inception_scores_through_the_same_path(scored, tmp_path):
+    """With score.inception_weights (a random-weights file in torch-fidelity's layout): Inception FID, IS, KID
+    and precision/recall next to the other spaces, and an Inception column in the table. Random weights shrink the
+    activations layer by layer, so the figures are near 0 / 1: this checks the wiring, not the values."""
+    root = scored[0]
+    work = tmp_path / "proj"
+    shutil.copytree(root / "data", work / "data")
+    weights = write_random_inception(tmp_path / "weights-inception.pth")
+    params = params_for(work, inception_weights=str(weights), spaces=["judge"], num_reference_images=8, isc_splits=2,
+                        prc_k=2, kid_subset_size=4, min_samples=4)
+    assert reference.run(params)["spaces"] == ["judge", "inception"]
+    write_samples(work, "oracle", val_images(work)[:6])
+    out = json.loads(Path(score.run(params, "oracle")["output"]).read_text())
+    inc = out["inception"]
+    assert inc["num_samples"] == 6 and inc["reference"] == "train:8" and inc["fid"] >= 0 and inc["isc"] >= 1
+    assert inc["kid"] is not None and 0 <= inc["precision"] <= 1 and "encoder" not in out
+    compare.run(params)
+    assert "Inception FID" in (work / "metrics" / "compare.md").read_text()
