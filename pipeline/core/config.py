@@ -538,13 +538,6 @@ class Params(Section):
         """A section as plain JSON-able data: what a stage records beside its outputs."""
         return self.model_dump(mode="json")[name]
 
-    def value(self, key: str) -> Any:
-        """The JSON-able value at a dotted key (``rdm.train.steps``, or a whole section such as ``rdm.train``)."""
-        node: Any = self.model_dump(mode="json")
-        for part in key.split("."):
-            node = node[part]
-        return node
-
 
 def _leaves(cls: type[Section], prefix: str) -> list[str]:
     keys = []

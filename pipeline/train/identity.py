@@ -21,8 +21,15 @@ def resume_identity(params: Params, keys: Sequence[str], **inputs: Any) -> dict:
     """``{"params": {leaf key: value}, "inputs": inputs}`` for the dotted ``keys`` (sections or leaves, e.g.
     ``["seed", "views.crop", "tokenizer.model", "tokenizer.train"]``). ``inputs`` are JSON-able identities of what
     the run reads: :func:`shards_identity`, a store's ``identity`` attribute, a model file's ``file_sha256``."""
-    values = {leaf: params.value(leaf) for key in keys for leaf in what_to_compute(key)}
+    tree = params.model_dump(mode="json")
+    values = {leaf: _at(tree, leaf) for key in keys for leaf in what_to_compute(key)}
     return {"params": values, "inputs": inputs}
+
+
+def _at(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
 
 
 def shards_identity(shards_dir: Path) -> str:
