@@ -13,9 +13,9 @@ from pipeline.core.artifacts import atomic_file, write_json
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
-from pipeline.eval.fidelity import scored_spaces
 
 ORDER = ("baseline", "rcg", "rcg_cfg", "oracle", "class", "cluster")
+SPACES = ("judge", "encoder", "inception")  # pipeline.eval.fidelity.SPACES (not imported: a table needs no torch)
 NOTES = {
     "judge": "judge FID / IS: FID on the judge classifier's penultimate features, IS on its class probabilities "
              "(a space RCG is not conditioned on: the headline)",
@@ -53,8 +53,6 @@ def table(rows: dict[str, dict], cols: list[tuple[str, str, str | None, str]]) -
 
 
 def run(params: Params) -> dict:
-    spaces = scored_spaces(params.score)
-    headline = next(s for s in ("judge", "inception", "encoder") if s in spaces)
     settings = [s for s in ORDER if s in params.sample.settings] + [s for s in params.sample.settings if s not in ORDER]
     scores = {}
     for s in settings:
@@ -63,6 +61,8 @@ def run(params: Params) -> dict:
             scores[s] = json.loads(path.read_text())
     if not scores:
         raise RcgError(f"no scores in {params.paths.metrics / 'score'}: run `rcg score SETTING` first")
+    spaces = [s for s in SPACES if any(s in sc for sc in scores.values())]  # what was scored
+    headline = next(s for s in ("judge", "inception", "encoder") if s in spaces)
     cols = columns(headline)
     rows = {name: {key: (sc.get(space) or {}).get(field) if space else sc.get(field) for key, _, space, field in cols}
             for name, sc in scores.items()}

@@ -16,9 +16,10 @@ from pipeline.core.artifacts import atomic_dir, file_sha256, write_json
 from pipeline.core.config import Params
 from pipeline.core.progress import progress
 from pipeline.core.runtime import device_for
+from pipeline.data.eval_images import ShardImages, evenly_spaced
 from pipeline.data.shards import INDEX_FILE, ShardSet
-from pipeline.eval.fidelity import (LAYERS, ShardImages, create_extractor, evenly_spaced, extract, extractor_weights,
-                                    reference_dir, save_reference, scored_spaces)
+from pipeline.eval.fidelity import (LAYERS, create_extractor, extract, extractor_weights, reference_dir, save_reference,
+                                    scored_spaces)
 
 
 def run(params: Params) -> dict:

@@ -51,7 +51,7 @@ def run(params: Params, item: str) -> dict:
     if not path.exists():
         raise RcgError(f"no sample store at {path}: run `rcg sample {item}` first")
     samples = open_samples(path)
-    count, resolution = len(samples), sample_resolution(samples)
+    count, resolution = len(samples), sample_resolution(samples.images, path)
     need = max(min_samples_needed(s, cfg.isc_splits, cfg.prc_k) for s in spaces)
     if count < need:
         raise RcgError(f"{samples.path} holds {count} samples; the metrics need at least {need} "
@@ -59,7 +59,7 @@ def run(params: Params, item: str) -> dict:
     meta = reference_meta(params, spaces, resolution)
     extractors = {s: create_extractor(s, extractor_weights(params, s), device) for s in spaces}
     started = time.perf_counter()
-    features = extract(extractors, sample_batches(samples, cfg.batch_size), device)
+    features = extract(extractors, sample_batches(samples.images, cfg.batch_size), device)
     ours_name = f"train:{meta['num_images']}"
     scores = {}
     for s in spaces:

@@ -1,7 +1,7 @@
 """Stage ``train_judge``: a supervised classifier of the train split -> ``data/models/judge.pt``, ``metrics/judge.json``.
 
 The judge sees the images exactly as scoring hands them to it (centre crops at views.crop, uint8, see
-pipeline.eval.fidelity), with random flips and small shifts in training. Its val-split accuracy says how much its
+pipeline.data.eval_images), with random flips and small shifts in training. Its val-split accuracy says how much its
 features are worth as a yardstick. Trained by the shared loop (AdamW, a one-epoch warm-up then cosine; resumable);
 the whole train split sits in memory as uint8, which suits a judge of small images (ImageNet-scale runs score
 with Inception instead).
@@ -24,8 +24,8 @@ from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log, progress
 from pipeline.core.runtime import device_for
+from pipeline.data.eval_images import ShardImages
 from pipeline.data.shards import INDEX_FILE, META_FILE, ShardSet
-from pipeline.eval.fidelity import ShardImages
 from pipeline.models.judge import MODEL_FORMAT, Judge, judge_input
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity

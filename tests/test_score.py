@@ -14,7 +14,8 @@ from pipeline.core.artifacts import save_model_file
 from pipeline.core.errors import RcgError
 from pipeline.data.sample_store import SampleWriter
 from pipeline.data.shards import ShardSet
-from pipeline.eval.fidelity import EXTRACTOR_NAMES, centre_crop
+from pipeline.data.eval_images import centre_crop
+from pipeline.eval.fidelity import EXTRACTOR_NAMES
 from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
 from pipeline.models.judge import load_judge_file
 from stages import compare, reference, score, train_judge

@@ -23,7 +23,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -34,10 +33,6 @@ from torch_fidelity.utils import create_feature_extractor
 from pipeline.core.artifacts import load_checkpoint
 from pipeline.core.config import Params, Score
 from pipeline.core.errors import RcgError
-from pipeline.data.images import decode_rgb
-from pipeline.data.sample_store import Samples
-from pipeline.data.shards import ShardSet
-from pipeline.data.views import ViewRecipe, make_view
 from pipeline.eval.metrics import frechet_distance, gaussian_stats
 from pipeline.models.encoder import load_encoder_file, represent
 from pipeline.models.judge import judge_input, load_judge_file
@@ -168,48 +163,20 @@ def extract(extractors: dict[str, FeatureExtractorBase], batches: Iterable[torch
     return {s: {layer: torch.cat(v) for layer, v in d.items()} for s, d in parts.items()}
 
 
-# ----------------------------------------------------------------------------------------- images
-def centre_crop(data: bytes, resolution: int) -> np.ndarray:
-    """Stored image bytes -> uint8 [R, R, 3]: the short side resized to R (bicubic), then the centre crop --
-    view 0 of pipeline.data.views at R (Resize(R) + CenterCrop(R), the evaluation protocol's reference)."""
-    recipe = ViewRecipe(count=1, resize=resolution, crop=resolution, flip=False)
-    return make_view(decode_rgb(data), "", 0, recipe)
-
-
-class ShardImages(Dataset):
-    """Rows of a shard split as torch-fidelity input items: uint8 [3, R, R] centre crops."""
-
-    def __init__(self, shards: ShardSet, resolution: int, rows: np.ndarray | None = None):
-        self.shards, self.resolution = shards, resolution
-        self.rows = np.arange(len(shards)) if rows is None else np.asarray(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = centre_crop(self.shards.read(int(self.rows[i])), self.resolution)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # a writable copy
-
-
-def evenly_spaced(n: int, count: int) -> np.ndarray:
-    """``count`` rows spread over ``range(n)`` (every class of a sorted folder); count 0 or >= n: all rows."""
-    if count == 0 or count >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, count).round().astype(np.int64))
-
-
-def sample_resolution(samples: Samples) -> int:
-    """R of a sample store's uint8 [M, R, R, 3] images (square, as every reference is)."""
-    _, h, w, _ = samples.images.shape
+# ---------------------------------------------------------------------------------------- samples
+def sample_resolution(images, path: Path) -> int:
+    """R of a sample store's uint8 [M, R, R, 3] ``images`` array (square, as every reference is)."""
+    _, h, w, _ = images.shape
     if h != w:
-        raise RcgError(f"{samples.path}: the samples are {h}x{w}; scoring compares square images")
+        raise RcgError(f"{path}: the samples are {h}x{w}; scoring compares square images")
     return h
 
 
-def sample_batches(samples: Samples, batch_size: int) -> Iterator[torch.Tensor]:
-    """A sample store's images as uint8 [B, 3, R, R] blocks of consecutive rows (one Zarr read each)."""
-    for start in range(0, len(samples), batch_size):
-        block = np.asarray(samples.images[start:start + batch_size])
+def sample_batches(images, batch_size: int) -> Iterator[torch.Tensor]:
+    """A sample store's ``images`` array [M, R, R, 3] as uint8 [B, 3, R, R] blocks of consecutive rows (one Zarr
+    read each)."""
+    for start in range(0, images.shape[0], batch_size):
+        block = np.asarray(images[start:start + batch_size])
         yield torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
 
 
