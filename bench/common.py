@@ -21,14 +21,15 @@ def cifar10(root: Path = Path("/tmp/cifar10")) -> Path:
     return root
 
 
-def run_stage(name: str, params: Any, root: Path) -> dict:
-    """Run a stage as a user does (``rcg <stage> --params``, in a fresh process, params written to ``root``) and
-    return the summary it prints: a benchmark measures the stage without importing ``stages``."""
+def run_stage(name: str, params: Any, root: Path, item: str | None = None) -> dict:
+    """Run a stage as a user does (``rcg <stage> [ITEM] --params``, in a fresh process, params written to ``root``)
+    and return the summary it prints: a benchmark measures the stage without importing ``stages``."""
     import yaml
 
     params_file = root / f"params-{name}.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    out = subprocess.run([sys.executable, "-m", "stages.cli", name.replace("_", "-"), "--params", str(params_file)],
+    out = subprocess.run([sys.executable, "-m", "stages.cli", name.replace("_", "-"), *([item] if item else []),
+                          "--params", str(params_file)],
                          check=True, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout)
 
