@@ -112,7 +112,7 @@ def train(params: Params, out: Path) -> dict:
                      log_every=tr.log_every, checkpoint_every=tr.checkpoint_every, samples_per_step=tr.batch_size,
                      bf16=tr.bf16)
     counts = loop.extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart
-    win_counts = torch.zeros_like(counts)  # since the last log
+    win_counts = loop.extra.get("win_counts", torch.zeros_like(counts)).to(device)  # since the last log
     sampler = StepBatches(len(shards), tr.batch_size, params.seed, loop.start, tr.steps, d.rank, d.world,
                           key="tokenizer.train.batch_size")
     loader = DataLoader(RandomCrops(shards, params.views.crop, params.seed), batch_sampler=sampler,
@@ -160,7 +160,7 @@ def train(params: Params, out: Path) -> dict:
         return stats
 
     model.train()
-    result = loop.run(step, loader, on_log=on_log, extra_state=lambda: {"counts": counts.cpu()})
+    result = loop.run(step, loader, on_log=on_log, extra_state=lambda: {"counts": counts.cpu(), "win_counts": win_counts.cpu()})
     d.barrier()
     summary = {"source": "trained", **result, "final": {k: round(v, 6) for k, v in loop.final.items()}}
     if d.is_main:

@@ -173,6 +173,8 @@ class TrainLoop:
             logs = self._backward_step(step_fn, batch, it) if self.optimizer is not None else step_fn(batch, it)
             if keys is None:
                 keys = list(logs)
+                if "loss" not in keys:
+                    raise RcgError(f"{self.name}: the step function must return a 'loss' (got {keys})")
             if carried is None:
                 carried = torch.zeros(0, len(keys), dtype=torch.float64)
             rows.append(torch.stack([_scalar(logs[k], self.device) for k in keys]))
