@@ -1,6 +1,8 @@
 import argparse
 import csv
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,37 @@ def test_batches_pair_views_and_are_a_function_of_the_step(tmp_path):
     assert torch.equal(data.tokens[rows, views, 1].long(), data.reps[rows, views, 1].long() % K)
     ranks = [PixelBatches(data, 8, 1, 0, Dist(rank=r, world=2))(0)[0][0] for r in (0, 1)]
     assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real = train_pixel.train
+
+    def keep(*args, **kwargs):
+        model, ema, summary = real(*args, **kwargs)
+        torch.save(model.state_dict(), Path(root) / f"rank{rank}.pt")
+        return model, ema, summary
+
+    train_pixel.train = keep
+    train_pixel.run(params_for(Path(root), "pixel.train.accum_steps=2"), "class")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_train_one_model(tmp_path):
+    """Two gloo ranks, two accumulation micro-batches each: one set of weights, written once by rank 0."""
+    import torch.multiprocessing as mp
+    write_stores(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, payload = load_pixel(tmp_path / "data" / "models" / "pixel-class.pt")
+    assert payload["summary"]["world"] == 2
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
 
 
 def test_kmeans_is_seeded_and_finds_separated_clusters():
