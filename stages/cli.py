@@ -94,6 +94,8 @@ for _name, _help in [
     _stage_command(_name, _help)
 _item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",
                     "Train the MAGE pixel generator on data/tokens.zarr + data/reps.zarr (or import the official one).")
+_item_stage_command("score", "Sample setting: rcg, rcg_cfg, baseline, oracle, class or cluster.",
+                    "Score a setting's samples (judge, encoder, Inception) -> metrics/score/<setting>.json.")
 
 
 @app.command()
