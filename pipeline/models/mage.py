@@ -196,24 +196,23 @@ class MAGE(nn.Module):
     # ------------------------------------------------------------------------------------------- network
     def forward(self, ids: torch.Tensor, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Codebook logits [B, L, codebook_size] for token ids [B, L] ([MASK] where unknown), slot vectors
-        ``cond`` [B, rep_dim] and, in training, the dropped positions ``drop`` [B, L] (bool, the same count per
-        row, all of them masked): the encoder never sees those; the decoder fills every masked slot with the
+        ``cond`` [B, rep_dim] and, in training, the dropped positions ``drop`` [B, L] (bool, ``num_dropped`` per
+        row, all of them masked, as :meth:`sample_masks` draws them): the encoder never sees those; the decoder fills every masked slot with the
         decoded position 0."""
         b, n = ids.shape
         x = self.token_emb(torch.cat([ids.new_full((b, 1), self.slot_id), ids], 1))
         x = torch.cat([self.latent_prior_proj(cond)[:, None], x[:, 1:]], 1)  # after LN and dropout (official)
         keep = None
-        if drop is not None:
-            keep = torch.cat([drop.new_zeros(b, 1), drop], 1).logical_not()
-            x = x[keep].view(b, -1, x.shape[-1])
+        if drop is not None:  # indices of position 0 and the kept positions, in order: static shapes (compile)
+            kept = torch.cat([drop.new_zeros(b, 1), drop], 1).logical_not().to(torch.uint8)
+            keep = kept.argsort(dim=1, descending=True, stable=True)[:, :n + 1 - self.num_dropped, None]
+            x = x.gather(1, keep.expand(-1, -1, x.shape[-1]))
         for block in self.blocks:
             x = block(x)
         x = self.decoder_embed(self.norm(x))
         fill = x[:, :1].expand(b, n + 1, x.shape[-1])
         if keep is not None:
-            full = fill.clone()
-            full[keep] = x.reshape(-1, x.shape[-1])
-            x = full
+            x = fill.scatter(1, keep.expand(-1, -1, x.shape[-1]), x)
         masked = torch.cat([ids.new_zeros(b, 1, dtype=torch.bool), ids == self.mask_id], 1)
         x = torch.where(masked[..., None], fill, x) + self.decoder_pos_embed_learned
         for block in self.decoder_blocks:
