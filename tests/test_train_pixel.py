@@ -227,9 +227,9 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
 
 
 # ------------------------------------------------------------------------------------ official file
-def official_file(root: Path, model: MAGE, encoder: dict, vqgan: dict) -> Path:
+def official_file(root: Path, model: MAGE, encoder: dict, vqgan: dict, grid: list[int] = (H, W)) -> Path:
     sd = dict(model.state_dict())
-    cfg = {"embed_dim": 16, "decoder_embed_dim": 16, "seq_len": H * W}
+    cfg = {"embed_dim": 16, "decoder_embed_dim": 16, "seq_len": grid[0] * grid[1]}
     sd.update({k: torch.zeros(s) for k, s in official_unused_shapes(cfg).items()})
     sd.update({f"pretrained_encoder.{k}": v for k, v in encoder.items()})
     sd.update({f"vqgan.{k}": v for k, v in vqgan.items()})
@@ -278,3 +278,25 @@ def test_presets_name_the_pixel_architecture(name):
         size = MAGE_SIZES["mage_large" if name.endswith("vitl") else "mage_base"]
         assert {k: getattr(p.model, k) for k in size} == size and p.model.vocab == "official"
         assert p.train.batch_size == 4096 and p.train.blr * p.train.batch_size / 256 == pytest.approx(2.4e-3)
+
+
+def test_real_micro_stores_train_and_an_official_file_built_from_their_models_passes(workspace):
+    """The stores as encode / tokenize really write them (micro pipeline), then a file in the official layout
+    embedding that very encoder and VQGAN: both checks compare weights."""
+    from pipeline.models.encoder import load_encoder_file
+    from pipeline.models.vqgan import load_tokenizer
+    from stages import encode, pretrain_encoder, tokenize_views, train_tokenizer
+    params = params_for(workspace)
+    for stage in (pretrain_encoder, encode, train_tokenizer, tokenize_views):
+        stage.run(params)
+    summary = train_pixel.run(params, "rep")
+    model, payload = load_pixel(params.paths.models / "pixel-rep.pt")
+    grid = payload["config"]["grid"]
+    assert summary["source"] == "trained" and model.seq_len == grid[0] * grid[1]
+    encoder, _ = load_encoder_file(params.paths.models / "encoder.pt")
+    vqgan, _ = load_tokenizer(params.paths.models / "tokenizer.pt")
+    official = MAGE(**{**payload["config"]["model"], "vocab": "official"})
+    path = official_file(workspace, official, encoder.state_dict(), vqgan.state_dict(), grid=grid)
+    summary = train_pixel.run(params_for(workspace, f"pixel.checkpoint={path}", extra={"model": {"vocab": "official"}}),
+                              "rep")
+    assert (summary["encoder_check"], summary["vqgan_check"]) == ("weights", "weights")
