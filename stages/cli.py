@@ -168,6 +168,7 @@ def edit(image: Path, box: Annotated[str, typer.Option(help="x0,y0,x1,y1 in pixe
          rep_from_rdm: Annotated[bool, typer.Option(help="Condition on an RDM sample.")] = False,
          pixel: FileOpt = None, tokenizer: FileOpt = None, encoder: FileOpt = None, rdm: FileOpt = None,
          iterations: int = 20, temperature: float = 6.0, guidance: float = 0.0, seed: int = 0,
+         composite: Annotated[bool, typer.Option(help="Keep the input's pixels outside the generated tokens.")] = True,
          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Regenerate a box of IMAGE conditioned on its own rep (default), another image's, or an RDM sample."""
     def go():
@@ -175,7 +176,7 @@ def edit(image: Path, box: Annotated[str, typer.Option(help="x0,y0,x1,y1 in pixe
         from stages.edit import run
         p = load_params(params if params.exists() or params != Path("params.yaml") else None, set_ or [])
         return run(p, image, box, out, rep_from, rep_from_rdm, pixel, tokenizer, encoder, rdm, iterations,
-                   temperature, guidance, seed)
+                   temperature, guidance, seed, composite)
 
     typer.echo(json.dumps(_guarded("edit", debug, go), indent=2, default=str))
 

@@ -53,7 +53,7 @@ def load_any_encoder(path: Path) -> MoCoViT:
 def run(params: Params, image: Path, box: str, out: Path, rep_from: Path | None = None, rep_from_rdm: bool = False,
         pixel: Path | None = None, tokenizer: Path | None = None, encoder: Path | None = None,
         rdm: Path | None = None, iterations: int = 20, temperature: float = 6.0, guidance: float = 0.0,
-        seed: int = 0) -> dict:
+        seed: int = 0, composite: bool = True) -> dict:
     if rep_from is not None and rep_from_rdm:
         raise RcgError("give --rep-from OTHER or --rep-from-rdm, not both")
     models_dir = params.paths.models
@@ -90,7 +90,7 @@ def run(params: Params, image: Path, box: str, out: Path, rep_from: Path | None 
         other = picture if rep_from is None else fit_image(read_image(rep_from, "--rep-from"), size)
         rep = image_rep(enc, other, device)
         source = "own" if rep_from is None else "other"
-    result = edit(models, picture, box_xy, rep, iterations, temperature, guidance, gen)
+    result = edit(models, picture, box_xy, rep, iterations, temperature, guidance, gen, composite)
     fig.save_png(out, result.image)
     return {"output": str(out), "size": size, "rep": source, "offset": list(result.canvas.offset),
             "tokens_generated": int(result.canvas.mask.sum()), "tokens": tokens}

@@ -31,6 +31,7 @@ from pipeline.core.runtime import device_for
 from pipeline.data.sample_store import SampleWriter, open_samples
 from pipeline.data.stores import open_store
 from pipeline.gen import figures as fig
+from pipeline.gen.editing import edit, shown_masked
 from pipeline.data.shards import ShardSet
 from pipeline.data.views import ViewRecipe, make_view
 from pipeline.data.images import decode_rgb
@@ -148,6 +149,19 @@ def real_images(shards: Path, reps_path: Path, reps, count: int, size: tuple[int
     return np.stack(images), torch.from_numpy(np.asarray(reps.oindex[rows, 0], dtype=np.float32))
 
 
+def edit_rows(models: Models, setting: SampleSetting, images: np.ndarray, reps: torch.Tensor, seed: int) -> np.ndarray:
+    """Editing examples, one row per real image: the image, its centre half masked, regenerated from its own rep,
+    and from the next image's rep -> uint8 [R, 4, H, W, 3]."""
+    size = images.shape[1]
+    box = (size // 4, size // 4, size - size // 4, size - size // 4)
+    rows = []
+    for i, image in enumerate(images):
+        own, other = (edit(models, image, box, reps[j], setting.iterations, setting.temperature, setting.guidance,
+                           figure_generator(models.device, seed, 3)) for j in (i, (i + 1) % len(images)))
+        rows.append([image, shown_masked(own.canvas), own.image, other.image])
+    return np.asarray(rows, dtype=np.uint8)
+
+
 def _figures(name: str, setting: SampleSetting, cfg: Sample, models: Models, files: Files, stored,
              device: torch.device) -> list[Path]:
     """Every PNG of the setting, written together (a fresh folder swapped in place); seeded apart from the
@@ -168,6 +182,9 @@ def _figures(name: str, setting: SampleSetting, cfg: Sample, models: Models, fil
                 a, b = slice(f.real_images, f.real_images + f.pairs), slice(f.real_images + f.pairs, wanted)
                 rows = interpolation_rows(models, setting, cfg.rdm, reps[a], reps[b], columns, cfg.seed)
                 pictures["interpolation.png"] = fig.beside(images[a], rows, f.cell, last=images[b])
+            if f.real_images:
+                pictures["edits.png"] = fig.tile(edit_rows(models, setting, images[:f.real_images],
+                                                           reps[:f.real_images], cfg.seed), f.cell, gaps=(1,))
     ids = label_ids(setting, models)
     if ids is not None:
         rows = label_rows(models, setting, cfg.rdm, ids[:f.class_rows], columns,

@@ -243,7 +243,7 @@ def test_stage_writes_the_contract_and_figures(project):
     assert np.array_equal(s.reps[:], reps[rows, 0])  # the stored reps of real images, view 0
     assert set(s.attrs["models"]) == {"pixel", "tokenizer"} and s.attrs["seeds"]["seed"] == 0
     names = sorted(p.rsplit("/", 1)[1] for p in summary["figures"])
-    assert names == ["interpolation.png", "reps.png", "samples.png"]
+    assert names == ["edits.png", "interpolation.png", "reps.png", "samples.png"]
     for p in summary["figures"]:
         assert Image.open(p).size[0] > 16
     summary = sample_stage.run(params, "class")
@@ -349,6 +349,11 @@ def test_edit_keeps_the_unmasked_tokens(files):
     keep = torch.from_numpy(~out.canvas.mask)
     assert torch.equal(out.tokens[keep], out.original[keep]) and not torch.equal(out.tokens, out.original)
     assert out.image.shape == (16, 16, 3) and out.image.dtype == np.uint8
+    kept = ~out.canvas.mask.repeat(2, 0).repeat(2, 1)  # composited: the input's own pixels outside the tokens
+    assert (out.image[kept] == image[kept]).all() and not (out.image[~kept] == image[~kept]).all()
+    raw = edit(models, image, (4, 4, 10, 10), torch.randn(DIM), 4, 6.0, 0.0, torch.Generator().manual_seed(0),
+               composite=False)
+    assert not (raw.image[kept] == image[kept]).all()  # the VQGAN's reconstruction of the kept tokens
     with pytest.raises(RcgError, match="16-d"):
         edit(models, image, (4, 4, 10, 10), torch.randn(3), 4, 6.0, 0.0, torch.Generator())
 

@@ -85,6 +85,14 @@ def make_canvas(image: np.ndarray, box: tuple[int, int, int, int], factor: int) 
     return Canvas(pixels, ring, (ox, oy))
 
 
+def shown_masked(canvas: Canvas) -> np.ndarray:
+    """The canvas with the tokens to generate painted grey: what the decoder is given, as a picture."""
+    factor = canvas.pixels.shape[0] // canvas.mask.shape[0]
+    out = canvas.pixels.copy()
+    out[canvas.mask.repeat(factor, 0).repeat(factor, 1)] = 128
+    return out
+
+
 @dataclass
 class Edited:
     image: np.ndarray      # uint8 [S, S, 3]
@@ -95,8 +103,10 @@ class Edited:
 
 @torch.inference_mode()
 def edit(models: Models, image: np.ndarray, box: tuple[int, int, int, int], rep: torch.Tensor, iterations: int,
-         temperature: float, guidance: float, generator: torch.Generator) -> Edited:
-    """Regenerate the box of a uint8 [S, S, 3] image conditioned on ``rep`` [D]; unmasked tokens are kept."""
+         temperature: float, guidance: float, generator: torch.Generator, composite: bool = True) -> Edited:
+    """Regenerate the box of a uint8 [S, S, 3] image conditioned on ``rep`` [D]; unmasked tokens are kept. With
+    ``composite`` the pixels outside the generated tokens are the input's own (not their VQGAN reconstruction),
+    so an edit changes nothing outside the box and its ring."""
     px = models.pixel
     if px.conditioning != "rep":
         raise RcgError(f"editing needs the rep-conditioned pixel generator, the file is {px.conditioning!r}")
@@ -116,4 +126,7 @@ def edit(models: Models, image: np.ndarray, box: tuple[int, int, int, int], rep:
                            num_iter=steps, choice_temperature=temperature, guidance=guidance, tokens=given)
     tokens = tokens.view(*px.grid)
     out = to_uint8(models.tokenizer.decode_indices(tokens[None].long()))[0]
+    if composite:
+        factor = models.tokenizer.downsample_factor
+        out = np.where(canvas.mask.repeat(factor, 0).repeat(factor, 1)[..., None], out, canvas.pixels)
     return Edited(out, tokens, original, canvas)
