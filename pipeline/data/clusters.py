@@ -30,8 +30,7 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50,
         d2 = torch.minimum(d2, _sq_dists(x, x[pick])[:, 0])
     labels = None
     for _ in range(iters):
-        dist = torch.cat([_sq_dists(x[i:i + block], centroids) for i in range(0, n, block)])
-        new = dist.argmin(1)
+        new, d2 = _assign(x, centroids, block)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
@@ -39,7 +38,13 @@ def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50,
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
         for empty in (counts == 0).nonzero().flatten().tolist():
-            far = dist.gather(1, labels[:, None])[:, 0].argmax()
+            far = d2.argmax()
             centroids[empty] = x[far]
-            dist[far] = 0
+            d2[far] = 0
     return centroids, labels
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row and its squared distance, ``block`` rows at a time (never [N, k] at once)."""
+    d2, labels = zip(*(_sq_dists(x[i:i + block], centroids).min(1) for i in range(0, len(x), block)))
+    return torch.cat(labels), torch.cat(d2)
