@@ -103,6 +103,7 @@ from pipeline.gen.editing import edit, make_canvas  # noqa: E402
 from pipeline.models.mage import MAGE  # noqa: E402
 from pipeline.models.rdm import RDM, sample_reps  # noqa: E402
 from pipeline.models.vqgan import VQGAN  # noqa: E402
+from pipeline.gen import sampling  # noqa: E402
 from stages import sample as sample_stage  # noqa: E402
 
 DIM, CODES, ENCODER = 16, 32, "e" * 64
@@ -279,12 +280,12 @@ def test_rank_split_equals_one_process(project, tmp_path):
     cfg, setting_ = params.sample, params.sample.settings["rcg"]
     cpu = torch.device("cpu")
     one = sample_stage.dvc_files(params, "rcg")
-    sample_stage.sample("rcg", setting_, cfg, one, cpu, Dist())
-    split = sample_stage.Files(**{**one.__dict__, "store": tmp_path / "rcg.zarr", "figures": tmp_path / "fig"})
+    sampling.fill_samples("rcg", setting_, cfg, one, cpu, Dist())
+    split = sampling.Files(**{**one.__dict__, "store": tmp_path / "rcg.zarr", "figures": tmp_path / "fig"})
     sync, results = threading.Barrier(2), {}
 
     def rank(r):
-        results[r] = sample_stage.sample("rcg", setting_, cfg, split, cpu, ThreadDist(r, 2, sync))
+        results[r] = sampling.fill_samples("rcg", setting_, cfg, split, cpu, ThreadDist(r, 2, sync))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -298,14 +299,13 @@ def test_rank_split_equals_one_process(project, tmp_path):
 
 
 def test_resume_after_a_kill(project, monkeypatch):
-    from conftest import kill_after
     params, _ = project
     path = params.paths.data / "samples" / "rcg.zarr"
     full = sample_stage.run(params, "rcg")
     images = open_samples(path).images[:]
     import shutil
     shutil.rmtree(path)
-    real = sample_stage.SampleWriter.write
+    real = sampling.SampleWriter.write
     calls = []
 
     def dying(self, chunk, *a, **k):
@@ -314,10 +314,10 @@ def test_resume_after_a_kill(project, monkeypatch):
         calls.append(chunk)
         real(self, chunk, *a, **k)
 
-    monkeypatch.setattr(sample_stage.SampleWriter, "write", dying)
+    monkeypatch.setattr(sampling.SampleWriter, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         sample_stage.run(params, "rcg")
-    monkeypatch.setattr(sample_stage.SampleWriter, "write", real)
+    monkeypatch.setattr(sampling.SampleWriter, "write", real)
     resumed = sample_stage.run(params, "rcg")
     assert full["generated_now"] == 6 and resumed["generated_now"] == 2
     assert np.array_equal(open_samples(path).images[:], images)
