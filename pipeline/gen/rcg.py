@@ -9,9 +9,10 @@ setting the comparison needs:
 - ``baseline``: the unconditional (``none``) generator;
 - ``class`` / ``cluster``: class or cluster ids -> their generators.
 
-Reproducible by construction: a batch of samples is a pure function of (seed, its first global index) and its
-size, because one seeded generator per batch feeds the RDM noise and then the token sampling. The sample stage
-makes each store chunk one batch, so ranks that split the chunks produce exactly what one process does.
+Reproducible by construction: a batch of samples is a pure function of its inputs and one seeded generator,
+which feeds the RDM noise and then the token sampling. The sample stage makes each store chunk one batch seeded
+by (seed, the chunk's global index), so the samples do not depend on which rank made them, or when: ranks that
+split the chunks, and a resumed run, produce exactly what one uninterrupted process does.
 
 Pixels: the decoder output x (about [0, 1]) becomes uint8 as the official code saves PNGs,
 ``clip(x * 255, 0, 255)`` then a cast: truncated, not rounded.
