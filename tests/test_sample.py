@@ -505,3 +505,18 @@ def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
     assert models.rdm.encoder is None and not models.rdm.model.whitening.is_active
     out = rcg.generate(models, setting(), RdmSample(steps=10), 2, torch.Generator().manual_seed(0))
     assert out.reps.shape == (2, DIM) and out.images.shape == (2, 16, 16, 3)
+
+
+def test_class_conditional_rcg_stage(project, files):
+    """A class-conditional RDM through the same rep generator: the store holds the reps and the class ids."""
+    import shutil
+    params, _ = project
+    shutil.copy(files["rdm_class"], params.paths.models / "rdm.pt")
+    summary = sample_stage.run(params, "rcg")
+    s = open_samples(params.paths.data / "samples" / "rcg.zarr")
+    assert s.reps.shape == (6, DIM) and s.labels[:].tolist() == [0, 1, 2, 3, 4, 5]
+    assert "classes.png" in {p.rsplit("/", 1)[1] for p in summary["figures"]}
+    bad = params.model_copy(deep=True)
+    bad.sample.settings["rcg"].classes = [3, 10]
+    with pytest.raises(RcgError, match="id 10 is unknown to the RDM"):
+        sample_stage.run(bad, "rcg")
