@@ -488,6 +488,7 @@ class Sample(Section):
     batch_size: PositiveInt = 100  # also the store chunk: the unit of seeding, resume and rank splits
     seed: int = 0                  # chunk c draws from seed (seed, c): every setting sees the same streams
     rdm: RdmSample = RdmSample()   # the RDM's DDIM sampler for generation (RCG: 250 steps, eta 1)
+    bf16: bool = False             # autocast masked decoding and the VQGAN on GPU only; the RDM and CPU stay fp32
     figures: SampleFigures = SampleFigures()
 
     @field_validator("settings", mode="before")

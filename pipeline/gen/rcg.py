@@ -275,10 +275,11 @@ class _Clock:
 @torch.inference_mode()
 def generate(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, count: int,
              generator: torch.Generator, reps: torch.Tensor | None = None, labels: np.ndarray | None = None,
-             timings: dict | None = None) -> Generated:
+             timings: dict | None = None, bf16: bool = False) -> Generated:
     """``count`` images of one setting: RDM reps (unless ``reps`` are given: the oracle path) or ``labels``, then
     masked decoding, then the VQGAN. The RDM draws first from ``generator``, the decoding after it.
-    ``timings`` (if given) accumulates seconds under "rdm", "decode" and "vqgan"."""
+    ``timings`` (if given) accumulates seconds under "rdm", "decode" and "vqgan". ``bf16`` autocasts decoding
+    and the VQGAN on a GPU (the RDM runs fp32, as RCG's); on CPU it changes nothing."""
     device = models.device
     clock = _Clock(timings, device)
     y = torch.as_tensor(labels, device=device) if labels is not None else None
@@ -294,11 +295,14 @@ def generate(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, cou
         slots = mage.condition(reps)
     else:
         slots = mage.condition(y, batch=count)  # class / cluster ids, or the none generator's fake_latent
-    tokens = decode_tokens(mage, slots, generator, num_iter=setting.iterations,
-                           choice_temperature=setting.temperature, guidance=setting.guidance)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    with amp:
+        tokens = decode_tokens(mage, slots, generator, num_iter=setting.iterations,
+                               choice_temperature=setting.temperature, guidance=setting.guidance)
     tokens = tokens.view(count, *models.pixel.grid)
     clock("decode")
-    images = to_uint8(models.tokenizer.decode_indices(tokens))
+    with amp:
+        images = to_uint8(models.tokenizer.decode_indices(tokens))
     clock("vqgan")
     return Generated(images, tokens, reps.cpu().numpy() if setting.generator == "rep" else None, labels)
 

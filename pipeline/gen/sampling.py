@@ -85,7 +85,7 @@ def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, d
         oracle = np.empty((m, stored.dim), dtype=np.float32)
         oracle[order] = stored.array.oindex[rows[order], 0]
     identity = {"setting": setting.model_dump(mode="json"), "num_samples": m, "seed": cfg.seed,
-                "models": models.hashes, "device": device.type,
+                "models": models.hashes, "device": device.type, "bf16": cfg.bf16 and device.type == "cuda",
                 **({"rdm_sampler": cfg.rdm.model_dump(mode="json")} if setting.reps == "rdm" else {}),
                 **({"reps_store": stored.identity} if setting.reps == "stored" else {})}
     attrs = {"setting": name, "settings": setting.model_dump(mode="json"), "models": models.hashes,
@@ -101,7 +101,7 @@ def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, d
         r = writer.rows(chunk)
         reps = torch.from_numpy(oracle[r.start:r.stop]) if oracle is not None else None
         out = generate(models, setting, cfg.rdm, len(r), chunk_generator(device, cfg.seed, chunk), reps=reps,
-                       labels=None if labels is None else labels[r.start:r.stop], timings=timings)
+                       labels=None if labels is None else labels[r.start:r.stop], timings=timings, bf16=cfg.bf16)
         writer.write(chunk, out.images, out.reps, out.labels)
     d.barrier()
     summary = {"rank": d.rank, "chunks": len(chunks)}
