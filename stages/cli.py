@@ -130,6 +130,8 @@ def make_builtin(out: Path, count: int = 100, size: int = 32, seed: int = 0, spl
 
 
 FileOpt = Annotated[Optional[Path], typer.Option(help="A model file (ours or official); default: the project's.")]
+OfflineFile = Annotated[Optional[Path], typer.Option(help="Offline: a model file, ours or official (--rdm for RDM "
+                                                          "reps only).")]
 
 
 @app.command()
@@ -138,7 +140,7 @@ def sample(setting: Annotated[str, typer.Argument(help="A name in sample.setting
            params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False,
            out: Annotated[Optional[Path], typer.Option(help="Offline: write OUT/<setting>.zarr and "
                                                             "OUT/figures/<setting>/ from the files given.")] = None,
-           pixel: FileOpt = None, tokenizer: FileOpt = None, rdm: FileOpt = None,
+           pixel: OfflineFile = None, tokenizer: OfflineFile = None, rdm: OfflineFile = None,
            reps: Annotated[Optional[Path], typer.Option(help="Offline: a reps.zarr (oracle reps, figures).")] = None,
            shards: Annotated[Optional[Path], typer.Option(help="Offline: a shard folder (figures).")] = None) -> None:
     """Generate one setting's images -> data/samples/<setting>.zarr + metrics/figures/<setting>/ (or, with --out,
