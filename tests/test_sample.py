@@ -446,6 +446,11 @@ def test_cli_offline_sample_and_edit(files, tmp_path):
     res = runner.invoke(app, ["edit", str(image), "--box", "10,10,20,20", "--out", str(tmp_path / "e.png"), *common])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "e.png").size == (16, 16) and json.loads(res.stdout)["rep"] == "own"
+    for extra, source in ((["--rep-from", str(image)], "other"), (["--rep-from-rdm", "--rdm", str(rdm)], "rdm")):
+        res = runner.invoke(app, ["edit", str(image), "--box", "-4,0,8,8", "--out", str(tmp_path / "o.png"), *common,
+                                  *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["rep"] == source and json.loads(res.stdout)["offset"] == [-4, 0]
     for box, msg in (("1,2,3", "four integers"), ("30,30,40,40", "outside")):
         res = runner.invoke(app, ["edit", str(image), "--box", box, "--out", str(tmp_path / "f.png"), *common])
         assert res.exit_code == 2 and msg in res.output
