@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def main() -> None:
                  f"runtime.threads={a.threads}"]
     inception = root / "weights-inception-random.pth"
     if a.inception and not inception.is_file():
-        from tests.test_fidelity import write_random_inception
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_fidelity import write_random_inception  # the test's random-weights file writer
         write_random_inception(inception)
     params = load_params(None, overrides)
     if not (root / "data" / "shards" / "index.parquet").is_file():

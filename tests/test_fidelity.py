@@ -78,7 +78,7 @@ def test_judge_fid_from_stats_equals_calculate_metrics(judge_file):
     fe = {"judge": create_extractor("judge", judge_file, CPU)}
     f_fake = extract(fe, batches(fake, 10), CPU)["judge"]
     f_real = extract(fe, batches(real, 10), CPU)["judge"]["penultimate"]
-    ref = Reference("test", *gaussian_stats(f_real.numpy()), f_real, len(f_real))
+    ref = Reference("test", *gaussian_stats(f_real.numpy()), f_real)
     ours = score_features("judge", f_fake, ref, ref, isc_splits=3, kid_subsets=10, kid_subset_size=40, prc_k=3,
                           min_samples=30, seed=2020)
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
@@ -153,7 +153,18 @@ def test_reference_npz_round_trip_and_feature_size(tmp_path):
 
 def test_figures_without_reference_features_skip_kid_and_prc():
     feats = {"rep": torch.randn(20, 4, generator=torch.Generator().manual_seed(0))}
-    ref = Reference("npz:x", np.zeros(4), np.eye(4), None, None)
+    ref = Reference("npz:x", np.zeros(4), np.eye(4), None)
     out = score_features("encoder", feats, ref, None, 10, 10, 10, 3, 100, 0)
     assert out["fd"] > 0 and out["kid"] is None and out["precision"] is None
     assert out["warnings"] == ["few_samples", "no_reference_features"] and "isc" not in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extraction_on_gpu_matches_cpu(judge_file):
+    x = images(5, 32)
+    cpu = extract({"judge": create_extractor("judge", judge_file, CPU)}, [x], CPU)["judge"]
+    gpu_device = torch.device("cuda")
+    gpu = extract({"judge": create_extractor("judge", judge_file, gpu_device)}, [x], gpu_device)["judge"]
+    assert gpu["penultimate"].device.type == "cpu"  # features always come back to the host
+    assert torch.allclose(cpu["penultimate"], gpu["penultimate"], rtol=1e-3, atol=1e-4)

@@ -424,7 +424,7 @@ class Score(Section):
     batch_size: PositiveInt = how_to_run(100)  # features do not depend on it
     workers: NonNegativeInt = how_to_run(0)
     isc_splits: PositiveInt = 10
-    kid_subsets: PositiveInt = 100
+    kid_subsets: PositiveInt = 20  # torch-fidelity's default is 100: ~30 s per space per setting on 2 CPU cores
     kid_subset_size: PositiveInt = 1000  # capped at the sample / reference count (with a warning)
     prc_k: PositiveInt = 3
     min_samples: PositiveInt = 1000  # fewer samples: every figure of the setting carries a 'few_samples' warning

@@ -189,11 +189,6 @@ class Reference:
     mu: np.ndarray
     sigma: np.ndarray
     features: torch.Tensor | None
-    count: int | None
-
-    @property
-    def dim(self) -> int:
-        return self.mu.shape[0]
 
 
 def save_reference(path: Path, features: torch.Tensor) -> None:
@@ -227,8 +222,7 @@ def load_reference(path: Path, dim: int, space: str, name: str | None = None) ->
     if features is not None and (features.ndim != 2 or features.shape[1] != dim):
         raise RcgError(f"{path}: features {list(features.shape)} do not match the {dim}-d {space} space")
     return Reference(name or f"npz:{short_name(path)}", mu, sigma,
-                     None if features is None else torch.from_numpy(features.astype(np.float32)),
-                     None if features is None else len(features))
+                     None if features is None else torch.from_numpy(features.astype(np.float32)))
 
 
 def scored_spaces(cfg: Score) -> list[str]:
@@ -273,6 +267,9 @@ def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: 
         out["warnings"].append("no_reference_features")
         out.update(kid=None, kid_std=None, precision=None, recall=None)
         return out
+    if len(ref) <= prc_k:
+        raise RcgError(f"{feature_reference.name}: {len(ref)} reference features; precision/recall need more than "
+                       f"score.prc_k ({prc_k})")
     out["feature_reference"] = feature_reference.name
     subset = min(kid_subset_size, m, len(ref))
     if subset < kid_subset_size:
