@@ -138,3 +138,14 @@ def test_bad_input(workspace):
         pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={not_moco}"]))
     with pytest.raises(RcgError, match="encoder.train.batch_size \\(64\\) exceeds the 48 training images"):
         pretrain_encoder.run(micro_params(workspace, ["encoder.train.batch_size=64"]))
+
+
+def test_augmentations_do_not_depend_on_the_loader_workers(workspace):
+    """Each item's augmentations come from its own seeded stream (seed, global position): workers change nothing."""
+    pretrain_encoder.run(micro_params(workspace))
+    other = workspace / "workers"
+    shutil.copytree(workspace / "data" / "shards", other / "data" / "shards")
+    pretrain_encoder.run(micro_params(other, ["encoder.train.workers=2"]))
+    a = load_model_file(workspace / "data" / "models" / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    b = load_model_file(other / "data" / "models" / "encoder.pt", MODEL_FORMAT)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
