@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.core.artifacts import save_model_file
+from pipeline.core.config import dump_yaml
 from pipeline.core.errors import RcgError
 from pipeline.data.sample_store import SampleWriter
 from pipeline.data.shards import ShardSet
@@ -179,3 +183,16 @@ def test_inception_scores_through_the_same_path(scored, tmp_path):
     assert inc["kid"] is not None and 0 <= inc["precision"] <= 1 and "encoder" not in out
     compare.run(params)
     assert "Inception FID" in (work / "metrics" / "compare.md").read_text()
+
+
+def test_cli_score_bad_input_is_one_line(scored, tmp_path):
+    """``rcg score SETTING`` as dvc.yaml calls it: a missing sample store is one line and exit code 2."""
+    root, params = scored[0], scored[1]
+    path = tmp_path / "params.yaml"
+    path.write_text(dump_yaml(params))
+    env = {**os.environ, "RCG_PROGRESS": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-m", "stages.cli", "score", "cluster", "-p", str(path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"rcg score: error: no sample store at {root}/data/samples/cluster.zarr: run `rcg sample cluster` first"]
