@@ -36,7 +36,8 @@ STAGE = "train_pixel"
 EVAL = 14  # stream purpose under params.seed (pipeline.data.pixel_data has 10-13)
 
 
-def conditioning_input(data: PixelData, conditioning: str, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor | None:
+def conditioning_input(data: PixelData, conditioning: str, rows: torch.Tensor,
+                       views: torch.Tensor) -> torch.Tensor | None:
     """What the slot is built from: reps[i, v] (rep), labels[i] (class/cluster), nothing (none)."""
     if conditioning == "rep":
         return data.reps[rows, views]

@@ -53,7 +53,7 @@ def test_manifest_keys_all_accounted_for():
     sd = {k: torch.empty(shape, device="meta") for k, shape in manifest.items()}
     config, ours, encoder, vqgan = convert_official_mage(sd)
     assert {k: config[k] for k in MAGE_SIZES["mage_base"]} == MAGE_SIZES["mage_base"]
-    assert (config["codebook_size"], config["seq_len"], config["rep_dim"], config["vocab"]) == (1024, 256, 256, "official")
+    assert [config[k] for k in ("codebook_size", "seq_len", "rep_dim", "vocab")] == [1024, 256, 256, "official"]
     with torch.device("meta"):
         ref = MAGE(**config).state_dict()
     assert list(ours) == [k for k in manifest if k in ref] and set(ours) == set(ref)
@@ -75,7 +75,8 @@ def official_layout(model: MAGE) -> dict:
     cfg = {"embed_dim": model.token_emb.word_embeddings.embedding_dim,
            "decoder_embed_dim": model.decoder_embed.out_features, "seq_len": model.seq_len}
     sd.update({k: torch.randn(s) for k, s in official_unused_shapes(cfg).items()})
-    sd.update({"pretrained_encoder.cls_token": torch.zeros(1, 1, 4), "vqgan.quantize.embedding.weight": torch.zeros(32, 4)})
+    sd.update({"pretrained_encoder.cls_token": torch.zeros(1, 1, 4),
+               "vqgan.quantize.embedding.weight": torch.zeros(32, 4)})
     return sd
 
 
@@ -107,7 +108,7 @@ def test_mask_ratio_statistics_and_drop_subset():
     assert abs(ratios.mean() - 0.75) < 0.01 and abs(ratios.std() - 0.135) < 0.01  # reference 3.3
     assert (masked.sum(1) == math.ceil(256 * ratio.item())).all()  # one ratio for the whole batch
     assert (dropped.sum(1) == 128).all() and not (dropped & ~masked).any()
-    a, b = model.sample_masks(4, torch.Generator().manual_seed(5)), model.sample_masks(4, torch.Generator().manual_seed(5))
+    a, b = (model.sample_masks(4, torch.Generator().manual_seed(5)) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -139,7 +140,8 @@ def test_rep_drop_rate_and_conditionings():
     reps, null = torch.randn(3, 8), torch.tensor([True, False, False])
     cond = real(reps, null=null)
     assert torch.equal(cond[0], model.fake_latent[0]) and torch.equal(cond[1:], reps[1:])
-    assert torch.equal(tiny(conditioning="none").condition(batch=2), tiny(conditioning="none").fake_latent.expand(2, -1))
+    none = tiny(conditioning="none")
+    assert torch.equal(none.condition(batch=2), none.fake_latent.expand(2, -1))
     labelled = tiny(conditioning="class", num_labels=5)
     cond = labelled.condition(torch.tensor([4, 1]), null=torch.tensor([False, True]))
     assert torch.equal(cond[0], labelled.label_emb.weight[4]) and torch.equal(cond[1], labelled.fake_latent[0])

@@ -30,6 +30,7 @@ PIXEL = {"pixel": {"model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "decod
                    "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}}}
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
 ENCODER = MoCoViT(**MICRO["encoder"]["model"])  # stands in for the encoder the rep store was made with
+ENCODER_CONFIG = EncoderModel(**MICRO["encoder"]["model"]).model_dump()
 VQ = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=K, in_channels=3, out_ch=3,
           beta=0.25)
 
@@ -59,8 +60,7 @@ def write_stores(root: Path, index: str = "a" * 64, views: int = V, seed: int = 
     tok_sha = file_sha256(tokenizer_file) if tokenizer_file else "b" * 64
     stores = {"tokens": ({**shared, "tokenizer": {"sha256": tok_sha, "config": {"model": VQ}}, "grid": [H, W],
                           "codebook_size": K}, tokens, "uint16"),
-              "reps": ({**shared, "encoder": {"sha256": "c" * 64,
-                                              "config": {"model": EncoderModel(**MICRO["encoder"]["model"]).model_dump()},
+              "reps": ({**shared, "encoder": {"sha256": "c" * 64, "config": {"model": ENCODER_CONFIG},
                                               "weights_sha256": weights_sha256(ENCODER.state_dict())}, "dim": D},
                        reps, "float32")}
     for name, (identity, values, dtype) in stores.items():

@@ -83,7 +83,8 @@ def load_pixel_data(tokens_path: Path, reps_path: Path, conditioning: str, holdo
                                    iters=kmeans_iters)
         labels, centroids = labels.cpu(), centroids.cpu()
     elif conditioning == "class" and (labels < 0).any():
-        raise RcgError(f"{reps_path}: the class conditioning needs labels, but row {int(torch.argmax((labels < 0).int()))} "
+        row = int(torch.argmax((labels < 0).int()))
+        raise RcgError(f"{reps_path}: the class conditioning needs labels, but row {row} "
                        "has none (-1): the images came without class folders (use cluster)")
     return PixelData(torch.from_numpy(tokens).to(device), reps_t.to(device), labels.to(device), train_rows.to(device),
                      val_rows.to(device), grid, codebook, {"tokens": t_id, "reps": r_id}, centroids)

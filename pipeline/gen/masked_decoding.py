@@ -53,7 +53,10 @@ def decode_tokens(model: MAGE, cond: torch.Tensor, generator: torch.Generator, n
         raise RcgError(f"masked decoding needs at least 1 iteration, got {num_iter}")
     if guidance < 0 or choice_temperature < 0:
         raise RcgError(f"guidance ({guidance}) and choice temperature ({choice_temperature}) must be >= 0")
-    ids = torch.full((b, n), model.mask_id, dtype=torch.long, device=device) if tokens is None else tokens.long().clone()
+    if tokens is None:
+        ids = torch.full((b, n), model.mask_id, dtype=torch.long, device=device)
+    else:
+        ids = tokens.long().clone()
     if ids.shape != (b, n):
         raise RcgError(f"infill tokens have shape {list(ids.shape)}, expected {[b, n]}")
     slots = torch.cat([cond, model.null_condition(b)]) if guidance > 0 else cond

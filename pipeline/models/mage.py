@@ -121,7 +121,8 @@ class MAGE(nn.Module):
     """
 
     def __init__(self, codebook_size: int = 1024, seq_len: int = 256, rep_dim: int = 256,
-                 conditioning: Conditioning = "rep", num_labels: int = 0, vocab: Literal["official", "compact"] = "official",
+                 conditioning: Conditioning = "rep", num_labels: int = 0,
+                 vocab: Literal["official", "compact"] = "official",
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 768,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  mask_ratio_mu: float = 0.75, mask_ratio_std: float = 0.25, mask_ratio_min: float = 0.5,
@@ -184,7 +185,8 @@ class MAGE(nn.Module):
         if self.conditioning == "none":
             return self.null_condition(len(c) if c is not None else batch)
         if c is None:
-            raise RcgError(f"MAGE conditioning {self.conditioning!r} needs a {'rep' if self.conditioning == 'rep' else 'label'}")
+            what = "rep" if self.conditioning == "rep" else "label"
+            raise RcgError(f"MAGE conditioning {self.conditioning!r} needs a {what} per sample")
         if self.conditioning == "rep":
             if c.shape[-1] != self.rep_dim:
                 raise RcgError(f"MAGE takes {self.rep_dim}-d reps, got {c.shape[-1]}-d")
@@ -197,8 +199,8 @@ class MAGE(nn.Module):
     def forward(self, ids: torch.Tensor, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Codebook logits [B, L, codebook_size] for token ids [B, L] ([MASK] where unknown), slot vectors
         ``cond`` [B, rep_dim] and, in training, the dropped positions ``drop`` [B, L] (bool, ``num_dropped`` per
-        row, all of them masked, as :meth:`sample_masks` draws them): the encoder never sees those; the decoder fills every masked slot with the
-        decoded position 0."""
+        row, all of them masked, as :meth:`sample_masks` draws them): the encoder never sees those; the
+        decoder fills every masked slot with the decoded position 0."""
         b, n = ids.shape
         x = self.token_emb(torch.cat([ids.new_full((b, 1), self.slot_id), ids], 1))
         x = torch.cat([self.latent_prior_proj(cond)[:, None], x[:, 1:]], 1)  # after LN and dropout (official)

@@ -47,14 +47,16 @@ def infer_official_config(sd: Mapping[str, Any], num_heads: int | None = None,
     vocab, dim = sd["token_emb.word_embeddings.weight"].shape
     dec_dim = sd["decoder_embed.weight"].shape[0]
     size = next((s for s in MAGE_SIZES.values() if (s["embed_dim"], s["decoder_embed_dim"]) == (dim, dec_dim)), {})
-    num_heads, decoder_num_heads = num_heads or size.get("num_heads"), decoder_num_heads or size.get("decoder_num_heads")
+    num_heads = num_heads or size.get("num_heads")
+    decoder_num_heads = decoder_num_heads or size.get("decoder_num_heads")
     if num_heads is None or decoder_num_heads is None:
         raise RcgError(f"official MAGE of width {dim} / decoder {dec_dim} is neither MAGE-B nor MAGE-L: give its heads")
 
     def depth(prefix: str) -> int:
         return len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
 
-    return dict(codebook_size=vocab - OFFICIAL_EXTRA_IDS - 1, seq_len=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
+    return dict(codebook_size=vocab - OFFICIAL_EXTRA_IDS - 1,
+                seq_len=sd["token_emb.position_embeddings.weight"].shape[0] - 1,
                 rep_dim=sd["latent_prior_proj.weight"].shape[1], conditioning="rep", num_labels=0, vocab="official",
                 embed_dim=dim, depth=depth("blocks."), num_heads=num_heads, decoder_embed_dim=dec_dim,
                 decoder_depth=depth("decoder_blocks."), decoder_num_heads=decoder_num_heads,
@@ -79,7 +81,8 @@ def convert_official_mage(sd: Mapping[str, Any], **heads: int) -> tuple[dict, di
     if unexpected := [k for k in ours if k not in expected]:
         problems.append(f"unexpected {_few(unexpected)}")
     shapes = {**{k: tuple(v.shape) for k, v in expected.items()}, **unused}
-    if wrong := [f"{k} {list(sd[k].shape)} vs {list(s)}" for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s]:
+    if wrong := [f"{k} {list(sd[k].shape)} vs {list(s)}" for k, s in shapes.items()
+                 if k in sd and tuple(sd[k].shape) != s]:
         problems.append(f"shape mismatch {_few(wrong, 3)}")
     if absent := [k for k in unused if k not in sd]:
         problems.append(f"lacks the official unused parameters {_few(absent)}")
