@@ -2,12 +2,15 @@
 decoding, on random-weight models of a named size (the cost does not depend on the weights).
 
     python -m bench.sample [--sizes default mage_b] [--batch B] [--iterations T] [--rdm-steps S] [--threads N]
+                           [--eager]
 
 ``default``: the default run's models (RDM 512 x 4, MAGE 128/4 + 128/2, VQGAN f=4, 32 px, 8x8 tokens).
 ``mage_b``: MAGE-B (768/12 + 768/8) and the official VQGAN (ch 128, [1,1,2,2,4], 256 px, 16x16 tokens) with
 the paper's RDM (1536 x 12). On CPU it runs few decoding iterations on one small batch: the decoding cost is
 linear in the iterations (each is one forward of the same batch), so the 20-iteration rate is extrapolated
 from the measured per-iteration time, and the report says so. Guidance (rcg_cfg) doubles the decoding batch.
+``--eager`` also times our decoding loop (guidance as one 2B batch, SDPA) against a plain eager one (a second
+forward for the unconditional branch, explicit attention) on the first size, same draws, with their agreement.
 On CPU every pass is timed in this process's CPU seconds on one thread (the default ``--threads 1``): on the
 shared development machine wall time measures the neighbours, CPU time the code.
 """
@@ -15,6 +18,8 @@ shared development machine wall time measures the neighbours, CPU time the code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import time
@@ -25,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params  # noqa: E402
 from pipeline.gen.diffusion import GaussianDiffusion  # noqa: E402
-from pipeline.gen.masked_decoding import decode_tokens  # noqa: E402
+from pipeline.gen.masked_decoding import decode_tokens, gumbel  # noqa: E402
 from pipeline.gen.rcg import Models, Pixel, Rdm  # noqa: E402
-from pipeline.models.mage import MAGE, MAGE_SIZES, mage_kwargs  # noqa: E402
+from pipeline.models.mage import MAGE, MAGE_SIZES, Attention, mage_kwargs  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs, sample_reps  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 
@@ -98,6 +103,70 @@ class Clock:
         return elapsed
 
 
+@contextlib.contextmanager
+def explicit_attention():
+    """Swap MAGE's SDPA attention for softmax(q k^T / sqrt(d)) v written out (fp32, as the official)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q.float() @ k.float().transpose(-2, -1) * (c // self.num_heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v.float()).to(v.dtype).transpose(1, 2).reshape(b, n, c))
+
+    original = Attention.forward
+    Attention.forward = forward
+    try:
+        yield
+    finally:
+        Attention.forward = original
+
+
+@torch.no_grad()
+def eager_decode(model: MAGE, cond: torch.Tensor, generator: torch.Generator, num_iter: int,
+                 choice_temperature: float, guidance: float) -> torch.Tensor:
+    """MAGE's decoding written plainly (the reference for ours): the unconditional branch as a second forward
+    of its own, the slot vectors rebuilt every step, explicit attention (under :func:`explicit_attention`). The
+    same draws from ``generator`` in the same order as ``decode_tokens``, so the two agree token for token up to
+    floating-point ties."""
+    b, n = len(cond), model.seq_len
+    ids = torch.full((b, n), model.mask_id, dtype=torch.long, device=cond.device)
+    sampled = ids
+    for step in range(num_iter):
+        logits = model(ids, cond.clone()).float()
+        if guidance > 0:
+            uncond = model(ids, model.null_condition(b).clone()).float()
+            logits = logits + guidance * (step + 1) / num_iter * (logits - uncond)
+        logp = torch.log_softmax(logits, -1)
+        unknown = ids == model.mask_id
+        draw = (logp + gumbel(logp.shape, generator, cond.device)).argmax(-1)
+        sampled = torch.where(unknown, draw, ids)
+        ratio = (step + 1) / num_iter
+        n_mask = torch.floor(n * torch.full((b, 1), math.cos(math.pi / 2 * ratio), dtype=torch.float64))
+        n_mask = torch.maximum(torch.ones_like(n_mask), torch.minimum(unknown.sum(1, keepdim=True) - 1, n_mask))
+        confidence = logp.gather(-1, draw[..., None])[..., 0]
+        confidence = confidence + choice_temperature * (1 - ratio) * gumbel(confidence.shape, generator, cond.device)
+        confidence = confidence.masked_fill(~unknown, math.inf)
+        cutoff = confidence.sort(-1).values.gather(-1, n_mask.long() - 1)
+        ids = torch.where((confidence <= cutoff) & unknown.any(1, keepdim=True), model.mask_id, sampled)
+    return sampled
+
+
+def eager_vs_ours(models: Models, batch: int, iterations: int, guidance: float, device: torch.device) -> str:
+    """Decoding seconds of ``decode_tokens`` over the plain eager loop, same model, inputs and draws."""
+    mage = models.pixel.model
+    cond = mage.condition(torch.randn(batch, mage.rep_dim, generator=torch.Generator().manual_seed(1)).to(device))
+    clock, out = Clock(device), {}
+    with torch.inference_mode():
+        ours = decode_tokens(mage, cond, torch.Generator(device).manual_seed(0), num_iter=iterations,
+                             guidance=guidance)
+        out["ours"] = clock()
+        with explicit_attention():
+            eager = eager_decode(mage, cond, torch.Generator(device).manual_seed(0), iterations, 6.0, guidance)
+        out["eager"] = clock()
+    agree = (ours == eager).float().mean().item()
+    return (f"| {guidance} | {batch} | {iterations} | {1000 * out['ours'] / batch:.1f} | "
+            f"{1000 * out['eager'] / batch:.1f} | {out['eager'] / out['ours']:.2f}x | {agree:.4f} |")
+
+
 def report(size: str, row: dict, target_iterations: int, target_rdm_steps: int) -> str:
     """One table row: milliseconds per image of each pass at ``target_*`` (scaled linearly from what was run)."""
     b = row["batch"]
@@ -117,6 +186,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: 50 (default size), 1 (mage_b on CPU)")
     ap.add_argument("--iterations", type=int, default=None, help="measured decoding iterations (default: 20 / 2)")
     ap.add_argument("--rdm-steps", type=int, default=None, help="measured RDM steps (default: 250 / 25)")
+    ap.add_argument("--eager", action="store_true", help="also time our decoding loop against a plain eager one")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (0: torch's default); 1 by default: "
                     "on a shared CPU two threads ran the default MAGE 10x slower than one")
     args = ap.parse_args()
@@ -138,6 +208,16 @@ def main() -> None:
         for guidance in (0.0, 1.0):
             row = measure(models, batch, iterations, steps, guidance, device, warm_up=not small)
             print(report(size, row, 20, 250), flush=True)
+    if args.eager:
+        print(f"\ndecoding, {args.sizes[0]} size: ours (one 2B batch for guidance, SDPA) vs the plain eager loop "
+              "(CPU ms per image)")
+        print("| guidance | batch | T | ours ms | eager ms | eager / ours | tokens equal |")
+        print("|---|---|---|---|---|---|---|")
+        models = build(args.sizes[0], device)
+        small = args.sizes[0] != "default" and device.type == "cpu"
+        for guidance in (0.0, 1.0):
+            print(eager_vs_ours(models, args.batch or (1 if small else 50), args.iterations or (2 if small else 20),
+                                guidance, device), flush=True)
 
 
 if __name__ == "__main__":
