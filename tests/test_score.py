@@ -137,6 +137,8 @@ def test_bad_input_is_one_line(scored, tmp_path):
         score.run(params_for(root, reference_npz={"judge": str(tmp_path / "other.npz")}), "oracle")
     with pytest.raises(RcgError, match="score.inception_weights: file does not exist"):
         params_for(root, inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(RcgError, match="score.reference_npz.encoder: encoder is not in score.spaces"):
+        params_for(root, spaces=["judge"], reference_npz={"encoder": str(tmp_path / "other.npz")})
 
 
 def test_user_npz_replaces_the_fd_reference_only(scored, tmp_path):

@@ -436,6 +436,8 @@ class Score(Section):
             raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
         for space, path in self.reference_npz.items():
             _existing_file(path, f"score.reference_npz.{space}", info)
+            if space != "inception" and space not in self.spaces:
+                raise ValueError(f"score.reference_npz.{space}: {space} is not in score.spaces")
         if "inception" in self.reference_npz and self.inception_weights is None:
             raise ValueError("score.reference_npz.inception: needs score.inception_weights to score samples")
         return self
