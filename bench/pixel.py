@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -116,6 +117,8 @@ def main() -> None:
     bare = (bare_before + bare_after) / 2
     print(f"(1) train_pixel {stage:.1f} samples/s, bare step {bare:.1f} (before {bare_before:.1f}, after "
           f"{bare_after:.1f}): ratio {stage / bare:.2f}")
+    print(f"    peak RSS: stage process {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB, "
+          f"this one {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
     vqgan = VQGAN(**model_kwargs(defaults.tokenizer.model)).eval()
     encoder = MoCoViT(**defaults.encoder.model.model_dump()).eval()
