@@ -14,6 +14,9 @@ from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["score.spaces", "score.inception_weights", "score.prc_k", "sample.settings"]
+
 ORDER = ("baseline", "rcg", "rcg_cfg", "oracle", "class", "cluster")
 SPACES = ("judge", "encoder", "inception")  # pipeline.eval.fidelity.SPACES (not imported: a table needs no torch)
 NOTES = {

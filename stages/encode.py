@@ -16,6 +16,9 @@ from pipeline.data.views import ViewRecipe
 from pipeline.eval.encoder_eval import encoder_knn_probe
 from pipeline.models.encoder import load_encoder_file
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "views", "encode"]
+
 
 def finish(params: Params, writer: StoreWriter, stats: dict) -> dict:
     """Main rank, after every rank is done: move the store into place, probe it, write the metrics."""

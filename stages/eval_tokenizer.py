@@ -19,6 +19,9 @@ from pipeline.eval.tokenizer_eval import evaluate_tokenizer, held_out
 from pipeline.models.encoder import load_encoder_file
 from pipeline.models.vqgan import load_tokenizer
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["views", "tokenizer.eval"]
+
 
 def run(params: Params) -> dict:
     d = distributed.init()

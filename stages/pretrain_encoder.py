@@ -27,6 +27,9 @@ from pipeline.train.loop import TrainLoop
 from pipeline.train.rng import seeded_global_rng
 from pipeline.train.schedules import warmup_cosine
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "encoder"]
+
 STAGE = "pretrain_encoder"
 AUGMENT = 1  # random-stream purpose (pipeline.train.rng), beside batches' PERMUTATION = 0
 
@@ -79,14 +82,15 @@ def pretrain(params: Params, d: Dist) -> dict:
     model = model.to(device).train()
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=base_lr,
                                   weight_decay=p.weight_decay, fused=cuda)
-    identity = resume_identity(params, ["seed", "encoder.model", "encoder.train"],
+    identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
     loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
                      optimizer=optimizer, lr=warmup_cosine(base_lr, total, warmup), log_every=p.log_every,
                      checkpoint_every=p.checkpoint_every, samples_per_step=p.batch_size, bf16=p.bf16)
     sampler = StepBatches(len(shards), p.batch_size, params.seed, loop.start, total, d.rank, d.world,
                           key="encoder.train.batch_size")
-    loader = DataLoader(TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min), params.seed),
+    loader = DataLoader(TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min, hue=p.hue,
+                                                                    grayscale=p.grayscale), params.seed),
                         batch_sampler=sampler, num_workers=p.workers, pin_memory=cuda,
                         prefetch_factor=4 if p.workers else None)
     net = loop.wrap(model)

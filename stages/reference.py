@@ -21,6 +21,9 @@ from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.eval.fidelity import (LAYERS, create_extractor, extract, extractor_weights, reference_dir, save_reference,
                                     scored_spaces)
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["views.crop", "score.spaces", "score.inception_weights", "score.num_reference_images"]
+
 
 def run(params: Params) -> dict:
     device = device_for(params.runtime)

@@ -17,6 +17,10 @@ from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
 from pipeline.gen.sampling import Files, fill_samples
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["sample.settings.{item}", "sample.num_samples", "sample.batch_size", "sample.seed", "sample.rdm",
+          "sample.bf16", "sample.figures"]
+
 
 def _setting(params: Sample, name: str) -> SampleSetting:
     if name not in params.settings:

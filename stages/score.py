@@ -22,6 +22,9 @@ from pipeline.eval.fidelity import (create_extractor, extract, extractor_weights
                                     reference_dir, sample_batches, sample_resolution, score_features, scored_spaces,
                                     warning_lines)
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "score"]
+
 
 def reference_meta(params: Params, spaces: list[str], resolution: int) -> dict:
     """The reference's record, checked against the samples' resolution and the current extractors."""

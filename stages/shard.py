@@ -18,6 +18,9 @@ from pipeline.data.ingest import check_pool, image_sources, shard_split
 from pipeline.data.shards import INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, write_table
 from pipeline.data.synthetic import CLASSES
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "data", "shard"]
+
 FORMAT = "rcg-shards"
 
 

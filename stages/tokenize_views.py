@@ -9,6 +9,9 @@ from pipeline.core.runtime import device_for
 from pipeline.data.stores import open_store
 from pipeline.data.view_tokenizer import build_token_store
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["views", "tokenize"]
+
 
 def run(params: Params) -> dict:
     d = distributed.init()

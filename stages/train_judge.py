@@ -33,6 +33,9 @@ from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "views.crop", "judge"]
+
 STAGE = "train_judge"
 AUGMENT = 1  # the random stream of the augmentation, below params.seed
 
@@ -63,7 +66,7 @@ def train(model: Judge, images: torch.Tensor, labels: torch.Tensor, params: Para
     total = cfg.epochs * per_epoch
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    identity = resume_identity(params, ["seed", "views.crop", "judge.model", "judge.train"],
+    identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
     loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
                      optimizer=opt, lr=warmup_cosine(cfg.lr, total, per_epoch), log_every=cfg.log_every,

@@ -32,6 +32,9 @@ from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "pixel.checkpoint", "pixel.model", "pixel.train", "pixel.eval", "pixel.cluster"]
+
 STAGE = "train_pixel"
 EVAL = 14  # stream purpose under params.seed (pipeline.data.pixel_data has 10-13)
 

@@ -21,6 +21,9 @@ from pipeline.eval.rdm_eval import evaluate
 from pipeline.models.rdm import MODEL_FORMAT, load_official_rdm_model
 from pipeline.train.rdm import train_rdm
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "rdm"]
+
 
 # ------------------------------------------------------------------------------------------------- run
 def run(params: Params) -> dict:

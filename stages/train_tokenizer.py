@@ -32,6 +32,9 @@ from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
 from pipeline.train.rng import seeded_numpy, stream_seed
 
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["seed", "views.crop", "tokenizer.checkpoint", "tokenizer.model", "tokenizer.train"]
+
 STAGE = "train_tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
 CROP, RESTART = 1, 2  # random-stream purposes (pipeline.train.rng), beside batches' PERMUTATION = 0
@@ -105,7 +108,7 @@ def train(params: Params, out: Path) -> dict:
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tr.lr, betas=(0.5, 0.9),
                              fused=cuda)
     opt_d = torch.optim.Adam(disc.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=cuda)
-    identity = resume_identity(params, ["seed", "views.crop", "tokenizer.model", "tokenizer.train"],
+    identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
     loop = TrainLoop(STAGE, params, d, device, steps=tr.steps, identity=identity,
                      modules={"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d},

@@ -59,6 +59,15 @@ MICRO = {
                             "checkpoint_every": 3, "log_every": 2, "workers": 0},
                   "eval": {"num_images": 16, "batch_size": 8}},
     "tokenize": {"batch_size": 8, "chunk_size": 16, "workers": 0},
+    "pixel": {"model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
+                        "decoder_num_heads": 2},
+              "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2},
+              "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}},
+    "judge": {"train": {"epochs": 2, "batch_size": 16}},
+    "sample": {"num_samples": 24, "batch_size": 12, "rdm": {"steps": 10},
+               "figures": {"grid": 8, "columns": 4, "real_images": 2, "pairs": 1, "class_rows": 3, "cell": 16}},
+    "score": {"num_reference_images": 0, "kid_subset_size": 20, "kid_subsets": 10, "isc_splits": 4,
+              "min_samples": 20},
 }
 
 

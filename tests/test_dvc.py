@@ -3,6 +3,7 @@ only the stages that depend on it."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import micro_params
+from test_metrics_files import problems
 from pipeline.core.config import dump_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,34 +28,57 @@ def _dvc(cwd: Path, *args: str) -> str:
 
 
 def _project(tmp_path: Path) -> Path:
-    """A copy of the pipeline's code and dvc.yaml with micro params (artifacts at data/, metrics/)."""
+    """A git repo holding a copy of the pipeline's code and dvc.yaml with micro params (artifacts at data/,
+    metrics/), so that ``dvc exp`` works in it too."""
     ignore = shutil.ignore_patterns("__pycache__")
     for name in ["pipeline", "stages"]:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
     (tmp_path / "params.yaml").write_text(dump_yaml(micro_params(Path("."))))
-    _dvc(tmp_path, "init", "--no-scm", "-q")
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    _dvc(tmp_path, "init", "-q")
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "micro project"], cwd=tmp_path, check=True)
     return tmp_path
 
 
+def _ran(out: str) -> set[str]:
+    """Stage instances that ran (``train_pixel@rep``, ...), from dvc's output."""
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
 def test_dvc_repro_micro(tmp_path):
+    """The whole pipeline runs, a rerun is a no-op, and an RDM experiment reruns the RDM and what samples from
+    it (the two RCG settings, their scores, the table), reusing the shards, both stores and the pixel generators."""
     proj = _project(tmp_path)
-    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    params = yaml.safe_load((proj / "params.yaml").read_text())
     out = _dvc(proj, "repro")
-    for stage in stages:
-        assert f"Running stage '{stage}'" in out
+    settings = list(params["sample"]["settings"])
+    instances = ({"shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
+                  "train_judge", "reference", "compare"}
+                 | {f"train_pixel@{c}" for c in params["pixel"]["conditionings"]}
+                 | {f"{stage}@{s}" for stage in ("sample", "score") for s in settings})
+    assert _ran(out) == instances
+    assert "| rcg |" in out and "| baseline |" in out  # the comparison table ends the run
     for artifact in ["data/shards/index.parquet", "data/models/encoder.pt", "data/reps.zarr/zarr.json",
                      "data/models/rdm.pt", "data/models/tokenizer.pt", "data/tokens.zarr/zarr.json",
-                     "metrics/encoder.json", "metrics/rdm.json", "metrics/tokenizer.json"]:
+                     "data/models/pixel-rep.pt", "data/samples/rcg.zarr/zarr.json", "metrics/figures/rcg/samples.png",
+                     "metrics/encoder.json", "metrics/rdm.json", "metrics/tokenizer.json", "metrics/score/rcg.json",
+                     "metrics/compare.md"]:
         assert (proj / artifact).exists(), artifact
+    for path in sorted((proj / "metrics").rglob("*.json")):  # every metrics file is a row of a table
+        assert not problems(json.loads(path.read_text())), (path.name, problems(json.loads(path.read_text())))
     assert "Running stage" not in _dvc(proj, "repro")  # everything cached
+    subprocess.run(["git", "add", "-A"], cwd=proj, check=True)  # dvc.lock and the .gitignore entries dvc wrote
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "run"],
+                   cwd=proj, check=True)
 
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["rdm"]["train"]["steps"] += 2
-    (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _dvc(proj, "repro")
-    assert [s for s in stages if f"Running stage '{s}'" in out] == ["train_rdm"]
-
-    metrics = json.loads(_dvc(proj, "metrics", "show", "--json"))
-    shown = json.dumps(metrics)
-    assert "metrics/rdm.json" in shown and "metrics/encoder.json" in shown and "metrics/tokenizer.json" in shown
+    out = _dvc(proj, "exp", "run", "-S", f"rdm.train.steps={params['rdm']['train']['steps'] + 2}")
+    assert _ran(out) == {"train_rdm", "sample@rcg", "sample@rcg_cfg", "score@rcg", "score@rcg_cfg", "compare"}
+    table = json.loads(_dvc(proj, "exp", "show", "--json"))
+    shown = json.dumps(table)
+    for metrics in ["metrics/rdm.json", "metrics/encoder.json", "metrics/tokenizer.json", "metrics/compare.json",
+                    "metrics/score/rcg.json"]:
+        assert metrics in shown, metrics

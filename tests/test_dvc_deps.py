@@ -125,17 +125,16 @@ def test_editing_a_module_changes_exactly_the_stages_that_import_it(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path)
     _dvc(tmp_path, "init", "--no-scm", "-q")
     # Mark every stage as run with today's code: outputs faked as empty files/folders, then `dvc commit -f`.
-    for name, stage in _stages().items():
-        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
-            out = next(iter(out)) if isinstance(out, dict) else out
-            path = tmp_path / out.replace("${paths.data}", "data").replace("${paths.metrics}", "metrics")
-            if "$" in str(path):
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix:
-                path.touch()
-            else:
-                path.mkdir(exist_ok=True)
+    from dvc.repo import Repo
+
+    with Repo(str(tmp_path)) as repo:  # DVC resolves foreach instances and ${...} paths
+        outs = [Path(out.fs_path) for stage in repo.index.stages for out in stage.outs]
+    for path in outs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".pt", ".json", ".csv", ".md", ".parquet"):
+            path.touch()
+        else:
+            path.mkdir(exist_ok=True)
     _dvc(tmp_path, "commit", "-f", "-q")
     assert _changed_stages(_dvc(tmp_path, "status")) == set()
 
@@ -147,12 +146,52 @@ def test_editing_a_module_changes_exactly_the_stages_that_import_it(tmp_path):
     assert _changed_stages(_dvc(tmp_path, "status")) == expected
 
 
-def write_closures_into_dvc_yaml() -> None:
-    """Rewrite each stage's ``*.py`` deps in dvc.yaml to its import closure (other deps kept, in place):
-    ``python tests/test_dvc_deps.py`` after adding or moving imports."""
+def _tracked(key: str) -> list[str]:
+    """What dvc.yaml lists for ``key``: the key itself when it holds no how-to-run field, else its children's
+    entries (a how-to-run child left out), so a section is one line wherever it can be."""
+    from pipeline.core.config import Params, Section, what_to_compute
+
+    cls = Params
+    for part in key.split("."):
+        cls = cls.model_fields[part].annotation
+    leaves = what_to_compute(key)
+    if not (isinstance(cls, type) and issubclass(cls, Section)):
+        return leaves
+    children = [f"{key}.{name}" for name in cls.model_fields]
+    if leaves == [leaf for child in children for leaf in _leaves_of(child)]:
+        return [key]
+    return [entry for child in children if what_to_compute(child) for entry in _tracked(child)]
+
+
+def _leaves_of(key: str) -> list[str]:
+    """Every leaf under ``key``, how-to-run fields included."""
+    from pipeline.core.config import Params, Section
+
+    cls = Params
+    for part in key.split("."):
+        cls = cls.model_fields[part].annotation
+    if not (isinstance(cls, type) and issubclass(cls, Section)):
+        return [key]
+    return [leaf for name in cls.model_fields for leaf in _leaves_of(f"{key}.{name}")]
+
+
+def stage_params(stage: dict) -> list[str]:
+    """A stage's dvc.yaml ``params``: its module's ``PARAMS``, each section narrowed to its what-to-compute part
+    (:func:`_tracked`); ``{item}`` becomes the foreach variable."""
+    import importlib
+
+    variable = "${key}" if "${key}" in stage["cmd"] else "${item}"
+    keys = []
+    for key in importlib.import_module(stage_module(stage["cmd"])).PARAMS:
+        keys += [key.replace("{item}", variable)] if "{item}" in key else _tracked(key)
+    return keys
+
+
+def render_dvc_yaml() -> str:
+    """dvc.yaml with each stage's ``*.py`` deps set to its import closure (other deps kept, in place) and its
+    ``params`` to :func:`stage_params`: ``python tests/test_dvc_deps.py`` writes it after imports or PARAMS change."""
     import re
 
-    sys.path.insert(0, str(ROOT))
     text = (ROOT / "dvc.yaml").read_text().splitlines(keepends=True)
     stages = yaml.safe_load("".join(text))["stages"]
     out, current, i = [], None, 0
@@ -160,23 +199,52 @@ def write_closures_into_dvc_yaml() -> None:
         line = text[i]
         if match := re.match(r"^  ([a-z_]+):", line):
             current = match.group(1)
-        if current and re.match(r"^ +deps:\s*$", line):
-            indent = re.match(r"^( +)", line).group(1) + "  "
+        block = re.match(r"^( +)(deps|params):(.*)$", line) if current else None
+        if block is None:
             out.append(line)
             i += 1
-            others = []
-            while i < len(text) and text[i].startswith(indent + "- "):
-                if not (item := text[i].strip()[2:]).endswith(".py"):
-                    others.append(item)
-                i += 1
-            stage = stages[current].get("do", stages[current])
-            code = sorted(import_closure(ROOT, stage_module(stage["cmd"])))
-            out.extend(f"{indent}- {dep}\n" for dep in [*others, *code])
             continue
-        out.append(line)
+        indent, kind, rest = block.group(1), block.group(2), block.group(3).strip()
+        stage = stages[current].get("do", stages[current])
         i += 1
-    (ROOT / "dvc.yaml").write_text("".join(out))
+        items = []
+        if not rest:  # a block list: consume its items
+            while i < len(text) and text[i].startswith(indent + "  - "):
+                items.append(text[i].strip()[2:])
+                i += 1
+        if kind == "deps":
+            items = [d for d in items if not d.endswith(".py")] + sorted(import_closure(ROOT, stage_module(stage["cmd"])))
+        else:
+            items = stage_params(stage)
+        out.append(f"{indent}{kind}:\n")
+        out.extend(f"{indent}  - {item}\n" for item in items)
+    return "".join(out)
+
+
+def test_dvc_yaml_is_written_from_the_code():
+    """Code deps and tracked params in dvc.yaml are exactly what the code says (closures, PARAMS)."""
+    sys.path.insert(0, str(ROOT))
+    assert (ROOT / "dvc.yaml").read_text() == render_dvc_yaml(), \
+        "dvc.yaml is stale: run `python tests/test_dvc_deps.py` and review the diff"
+
+
+def test_tracked_params_exist_and_skip_how_to_run():
+    """Every key dvc.yaml tracks is in params.yaml (DVC fails otherwise), and none is a how-to-run field."""
+    from pipeline.core.config import load_params, what_to_compute
+
+    tree = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    compute = set(what_to_compute())
+    for name, stage in _definitions():
+        for key in stage["params"]:
+            if "${" in key:
+                continue
+            node = tree
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key!r} not in params.yaml"
+                node = node[part]
+            assert any(k == key or k.startswith(key + ".") for k in compute), f"{name}: {key!r} is how-to-run"
 
 
 if __name__ == "__main__":
-    write_closures_into_dvc_yaml()
+    sys.path.insert(0, str(ROOT))
+    (ROOT / "dvc.yaml").write_text(render_dvc_yaml())

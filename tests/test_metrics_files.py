@@ -17,21 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_STR = 32
 
 
-def problems(metrics: dict) -> list[str]:
-    """What keeps a metrics dict from being one row of a table: nesting, lists, nulls, sentences."""
+def problems(metrics: dict, prefix: str = "") -> list[str]:
+    """What keeps a metrics dict from being one row of a table: lists, nulls, sentences. Nested dicts are
+    columns ``a.b`` to dvc, so they are checked leaf by leaf."""
     bad = []
     for key, value in metrics.items():
+        if isinstance(value, dict) and value:
+            bad += problems(value, f"{prefix}{key}.")
+            continue
         if isinstance(value, bool) or (isinstance(value, (int, float)) and value == value):
             continue
         if isinstance(value, str) and len(value) <= MAX_STR:
             continue
-        bad.append(f"{key}: {type(value).__name__} {str(value)[:40]!r}")
+        bad.append(f"{prefix}{key}: {type(value).__name__} {str(value)[:40]!r}")
     return bad
 
 
 def test_the_check_refuses_what_a_table_cannot_show():
     assert problems({"fd": 0.4, "ratio": 1, "labelled": True, "source": "official"}) == []
-    for value in ({"steps": 250}, [8, 8], None, float("nan"), "mean over 10 draws of 2000 store reps, vs the ref"):
+    assert problems({"judge": {"fid": 1.5, "num_samples": 1000}}) == []
+    for value in ({"steps": None}, [8, 8], None, float("nan"), "mean over 10 draws of 2000 store reps, vs the ref"):
         assert len(problems({"x": value})) == 1, value
 
 

@@ -105,3 +105,18 @@ def test_two_crop_augment():
     assert not torch.equal(v1, v2)
     w1, _ = aug(img)
     assert not torch.equal(v1, w1)
+
+
+def test_two_crop_augment_colour_knobs():
+    """grayscale=1 makes every view grey; hue=0.5 turns a red image green in some first views (which never
+    solarize), hue 0.1 in none."""
+    torch.manual_seed(0)
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[0] = 230
+    grey = TwoCropAugment(32, crop_min=1.0, grayscale=1.0)
+    for v in grey(img):
+        assert torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])
+    for hue, turns_green in ((0.5, True), (0.1, False)):
+        aug = TwoCropAugment(32, crop_min=1.0, hue=hue, grayscale=0.0)
+        dominant = {int(v.mean(dim=(1, 2)).argmax()) for _ in range(40) for v in aug(img)[:1]}
+        assert (1 in dominant) == turns_green

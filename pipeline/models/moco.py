@@ -77,7 +77,7 @@ class TwoCropAugment:
     their content.
     """
 
-    def __init__(self, image_size: int, crop_min: float = 0.08):
+    def __init__(self, image_size: int, crop_min: float = 0.08, hue: float = 0.1, grayscale: float = 0.2):
         s = image_size / 224
         kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
         blur = v2.GaussianBlur(kernel, sigma=(0.1 * s, 2.0 * s))
@@ -86,8 +86,8 @@ class TwoCropAugment:
             return v2.Compose([
                 v2.ToImage(),
                 v2.RandomResizedCrop(image_size, scale=(crop_min, 1.0), antialias=True),
-                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, hue)], p=0.8),
+                v2.RandomGrayscale(p=grayscale),
                 v2.RandomApply([blur], p=blur_p),
                 v2.RandomSolarize(threshold=128, p=solarize_p),
                 v2.RandomHorizontalFlip(),
