@@ -19,6 +19,11 @@ PARAMS = ["score.spaces", "score.inception_weights", "score.prc_k", "sample.sett
 
 ORDER = ("baseline", "rcg", "rcg_cfg", "oracle", "class", "cluster")
 SPACES = ("judge", "encoder", "inception")  # pipeline.eval.fidelity.SPACES (not imported: a table needs no torch)
+
+
+def raised(space_scores: dict) -> list[str]:
+    """The warnings one space's figures carry (pipeline.eval.fidelity.raised, without importing torch)."""
+    return [name for name, on in space_scores.get("warnings", {}).items() if on]
 NOTES = {
     "judge": "judge FID / IS: FID on the judge classifier's penultimate features, IS on its class probabilities "
              "(a space RCG is not conditioned on: the headline)",
@@ -73,13 +78,14 @@ def run(params: Params) -> dict:
     rows = {name: {c[0]: row[c[0]] for c in cols} for name, row in rows.items()}
     text = table(rows, cols)
     references = sorted({f"{space}: {sc[space]['reference']}" for sc in scores.values() for space in spaces if space in sc})
-    warned = [f"{name}/{space}: {', '.join(sc[space]['warnings'])} ({sc[space]['num_samples']} samples)"
-              for name, sc in scores.items() for space in spaces if space in sc and sc[space]["warnings"]]
+    warned = [f"{name}/{space}: {', '.join(raised(sc[space]))} ({sc[space]['num_samples']} samples)"
+              for name, sc in scores.items() for space in spaces if space in sc and raised(sc[space])]
     notes = [NOTES[s] for s in spaces] + [f"reference ({'; '.join(references)}), "
                                            f"precision/recall with k = {params.score.prc_k}"]
     notes += [f"warning: {w}" for w in warned]
     md = "# Samples scored per setting\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    write_json(params.paths.metrics / "compare.json", {"headline": headline, "settings": list(rows), "rows": rows})
+    flat = {name: {k: v for k, v in row.items() if v is not None} for name, row in rows.items()}  # "-" cells: absent
+    write_json(params.paths.metrics / "compare.json", {"headline": headline, **flat})
     with atomic_file(params.paths.metrics / "compare.md") as tmp:
         tmp.write_text(md)
     log(text)

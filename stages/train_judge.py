@@ -113,7 +113,7 @@ def run(params: Params) -> dict:
     if not d.is_main:
         d.barrier()
         return summary
-    metrics = {"train_accuracy": round(accuracy(model, images, targets, device), 4), "val_accuracy": None,
+    metrics = {"train_accuracy": round(accuracy(model, images, targets, device), 4),
                "num_train": len(images), "num_val": 0, "num_classes": config["model"]["num_classes"],
                "resolution": resolution, "feature_dim": model.feature_dim, **summary}
     splits = json.loads((params.paths.shards / META_FILE).read_text()).get("splits", {})
@@ -130,4 +130,4 @@ def run(params: Params) -> dict:
     write_json(params.paths.metrics / "judge.json", metrics)
     d.barrier()
     return {"output": str(out), "metrics": str(params.paths.metrics / "judge.json"),
-            **{k: metrics[k] for k in ("train_accuracy", "val_accuracy", "seconds")}}
+            **{k: metrics[k] for k in ("train_accuracy", "val_accuracy", "seconds") if k in metrics}}

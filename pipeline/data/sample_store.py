@@ -14,7 +14,6 @@ a ``done`` record per chunk (resume, disjoint rank ranges), renamed into place w
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import RcgError
-from pipeline.core.progress import log
-from pipeline.data.stores import FORMAT_VERSION, StoreWriter, _canonical, open_store
+from pipeline.data.stores import FORMAT_VERSION, StoreWriter, open_store
 
 ARRAY = "images"
 
@@ -44,17 +42,8 @@ class SampleWriter(StoreWriter):
         self.group = zarr.open_group(str(self.partial), mode="r+")
 
     def _prepare_samples(self, image_shape: tuple[int, int, int], identity: dict, attrs: dict) -> None:
-        if self.partial.exists():
-            try:
-                old = zarr.open_group(str(self.partial), mode="r").attrs.asdict()
-            except Exception:
-                old = {}
-            if _canonical(old.get("identity", {})) == _canonical(identity) and old.get("chunk_rows") == self.chunk_rows:
-                done = int(zarr.open_array(str(self.partial / "done"), mode="r")[:].sum())
-                log(f"resuming {self.partial}: {done}/{self.num_chunks} chunks already written")
-                return
-            log(f"discarding {self.partial}: it was built from other inputs")
-            shutil.rmtree(self.partial)
+        if self.resumes(identity):
+            return
         group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
         rows = self.chunk_rows
         group.create_array(ARRAY, shape=(self.n, *image_shape), chunks=(rows, *image_shape), dtype="uint8",

@@ -45,18 +45,26 @@ class StoreWriter:
         barrier()
         self.group = zarr.open_group(str(self.partial), mode="r+")
 
+    def resumes(self, identity: dict) -> bool:
+        """True when ``<path>.partial`` was started from the same inputs (then it is resumed); otherwise any
+        partial store is discarded and the caller creates a fresh one."""
+        if not self.partial.exists():
+            return False
+        try:
+            old = zarr.open_group(str(self.partial), mode="r").attrs.asdict()
+        except Exception:
+            old = {}
+        if _canonical(old.get("identity", {})) == _canonical(identity) and old.get("chunk_rows") == self.chunk_rows:
+            done = int(zarr.open_array(str(self.partial / "done"), mode="r")[:].sum())
+            log(f"resuming {self.partial}: {done}/{self.num_chunks} chunks already written")
+            return True
+        log(f"discarding {self.partial}: it was built from other inputs")
+        shutil.rmtree(self.partial)
+        return False
+
     def _prepare(self, shape, dtype, identity, labels) -> None:
-        if self.partial.exists():
-            try:
-                old = zarr.open_group(str(self.partial), mode="r").attrs.asdict()
-            except Exception:
-                old = {}
-            if _canonical(old.get("identity", {})) == _canonical(identity) and old.get("chunk_rows") == self.chunk_rows:
-                done = int(zarr.open_array(str(self.partial / "done"), mode="r")[:].sum())
-                log(f"resuming {self.partial}: {done}/{self.num_chunks} chunks already written")
-                return
-            log(f"discarding {self.partial}: it was built from other inputs")
-            shutil.rmtree(self.partial)
+        if self.resumes(identity):
+            return
         group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
         group.create_array(self.array, shape=shape, chunks=(self.chunk_rows, *shape[1:]), dtype=dtype,
                            fill_value=0)

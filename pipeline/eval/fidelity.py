@@ -246,6 +246,9 @@ def min_samples_needed(space: str, isc_splits: int, prc_k: int) -> int:
     return max(2, prc_k + 1, isc_splits if len(LAYERS[space]) > 1 else 0)
 
 
+WARNINGS = ("few_samples", "no_reference_features", "kid_subset_reduced")
+
+
 def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: Reference,
                    feature_reference: Reference | None, isc_splits: int, kid_subsets: int, kid_subset_size: int,
                    prc_k: int, min_samples: int, seed: int) -> dict:
@@ -254,9 +257,10 @@ def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: 
     features (skipped when there are none); IS where the space has class logits. Numbers and short ids only."""
     feats = features[LAYERS[space][0]]
     m = len(feats)
-    out: dict = {"num_samples": m, "reference": fd_reference.name, "warnings": []}
+    warnings = dict.fromkeys(WARNINGS, False)  # flags, not a list: a metrics file is one row of a table
+    out: dict = {"num_samples": m, "reference": fd_reference.name, "warnings": warnings}
     if m < min_samples:
-        out["warnings"].append("few_samples")
+        warnings["few_samples"] = True
     mu, sigma = gaussian_stats(feats.numpy())
     out[FD_KEY[space]] = round(frechet_distance(mu, sigma, fd_reference.mu, fd_reference.sigma), 6)
     if len(LAYERS[space]) > 1:
@@ -264,8 +268,7 @@ def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: 
         out.update(isc=round(isc["inception_score_mean"], 6), isc_std=round(isc["inception_score_std"], 6))
     ref = feature_reference.features if feature_reference is not None else None
     if ref is None:
-        out["warnings"].append("no_reference_features")
-        out.update(kid=None, kid_std=None, precision=None, recall=None)
+        warnings["no_reference_features"] = True
         return out
     if len(ref) <= prc_k:
         raise RcgError(f"{feature_reference.name}: {len(ref)} reference features; precision/recall need more than "
@@ -273,7 +276,7 @@ def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: 
     out["feature_reference"] = feature_reference.name
     subset = min(kid_subset_size, m, len(ref))
     if subset < kid_subset_size:
-        out["warnings"].append("kid_subset_reduced")
+        warnings["kid_subset_reduced"] = True
     kid = kid_features_to_metric(feats, ref, kid_subsets=kid_subsets, kid_subset_size=subset, rng_seed=seed,
                                  verbose=False)
     # Precision/recall on equal counts (Kynkäänniemi et al.): a seeded draw of M reference points when N > M.
@@ -286,7 +289,12 @@ def score_features(space: str, features: dict[str, torch.Tensor], fd_reference: 
     return out
 
 
+def raised(space_scores: dict) -> list[str]:
+    """The warnings one space's figures carry (their ids)."""
+    return [name for name, on in space_scores.get("warnings", {}).items() if on]
+
+
 def warning_lines(setting: str, scores: dict[str, dict]) -> list[str]:
     """One line per space whose figures carry warnings, for the stage to print."""
-    return [f"warning: {setting}/{space}: {', '.join(s['warnings'])} ({s['num_samples']} samples)"
-            for space, s in scores.items() if s["warnings"]]
+    return [f"warning: {setting}/{space}: {', '.join(raised(s))} ({s['num_samples']} samples)"
+            for space, s in scores.items() if raised(s)]

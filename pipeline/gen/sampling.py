@@ -106,7 +106,7 @@ def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, d
     d.barrier()
     summary = {"rank": d.rank, "chunks": len(chunks)}
     if d.is_main:
-        writer.finalize()
+        writer.finalize({"seconds": round(time.perf_counter() - started, 2)})  # of the run that finished it
         pictures = write_figures(setting, cfg, models, files, stored, device)
         seconds = time.perf_counter() - started
         done = sum(len(writer.rows(c)) for c in chunks)
