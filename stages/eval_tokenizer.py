@@ -1,4 +1,5 @@
-"""Stage ``eval_tokenizer``: how well the tokenizer keeps what RCG needs -> ``metrics/tokenizer.json``.
+"""Stage ``eval_tokenizer``: how well the tokenizer keeps what RCG needs -> ``metrics/tokenizer.json`` and
+``metrics/figures/tokenizer/reconstructions.png`` (originals beside their reconstructions).
 
 On held-out images (the val split when there is one, else the train split), view 0: PSNR, codebook usage and
 perplexity, and the FD in the encoder's representation space between originals and reconstructions
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from pipeline.core import distributed
 from pipeline.core.artifacts import write_json
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
 from pipeline.data.views import ViewRecipe
-from pipeline.eval.tokenizer_eval import evaluate_tokenizer, held_out
+from pipeline.eval.tokenizer_eval import evaluate_tokenizer, held_out, reconstructions
+from pipeline.gen.figures import interleave, save_png
 from pipeline.models.encoder import load_encoder_file
 from pipeline.models.vqgan import load_tokenizer
 
@@ -40,8 +44,12 @@ def run(params: Params) -> dict:
         metrics = evaluate_tokenizer(tokenizer, encoder, shards, rows, ViewRecipe(**params.views.model_dump()),
                                      params.tokenizer.eval.batch_size, device)
         write_json(out, {**metrics, "tokenizer": payload["summary"].get("source")})
+        originals, recon = reconstructions(tokenizer, shards, rows[np.linspace(0, len(rows) - 1, 32).astype(int)], ViewRecipe(**params.views.model_dump()),
+                                           device)
+        picture = save_png(params.paths.metrics / "figures" / "tokenizer" / "reconstructions.png",
+                           interleave(originals, recon, columns=4, cell=64))
         summary = {"metrics": str(out), **{k: metrics[k] for k in ("psnr", "usage", "perplexity", "fd_rep",
                                                                      "fd_rep_halves")},
-                   "seconds": round(time.perf_counter() - started, 2)}
+                   "figure": str(picture), "seconds": round(time.perf_counter() - started, 2)}
     d.barrier()
     return summary

@@ -59,3 +59,16 @@ def evaluate_tokenizer(tokenizer: VQGAN, encoder: MoCoViT, shards: ShardSet, row
             "fd_rep": round(frechet_distance_between(reps, reps_rec), 6),
             "fd_rep_halves": round(frechet_distance_between(reps[0::2], reps[1::2]), 6),
             "num_images": len(rows), "split": shards.split, "grid_h": int(idx.shape[1]), "grid_w": int(idx.shape[2])}
+
+
+@torch.no_grad()
+def reconstructions(tokenizer: VQGAN, shards: ShardSet, rows: np.ndarray, recipe: ViewRecipe,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """View 0 of ``rows`` and its reconstruction, both uint8 [N, H, W, 3] (truncated, as samples are): what a
+    person looks at to see whether shape, colour and background survive tokenization."""
+    tokenizer = tokenizer.to(device).eval()
+    view0 = dataclasses.replace(recipe, count=1)
+    views = torch.stack([ViewsDataset(shards, view0)[int(i)] for i in rows])[:, 0]
+    x = views.to(device).permute(0, 3, 1, 2).float().div(255)
+    xrec = tokenizer(x)[0].clamp(0, 1)
+    return views.numpy(), (xrec * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
