@@ -52,7 +52,19 @@ def _uint8_batch(x: torch.Tensor) -> None:
                          f"{tuple(getattr(x, 'shape', ()))}")
 
 
-class JudgeExtractor(FeatureExtractorBase):
+class _ModelFileExtractor(FeatureExtractorBase):
+    """What our extractors share: plain eager models (torch-fidelity's compile path is not used)."""
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+
+class JudgeExtractor(_ModelFileExtractor):
     """torch-fidelity extractor ``rcg-judge``: penultimate features and class logits of a judge model file
     (``feature_extractor_weights_path``)."""
 
@@ -71,14 +83,6 @@ class JudgeExtractor(FeatureExtractorBase):
     def get_default_feature_layer_for_metric(metric: str) -> str:
         return {"isc": "logits", "fid": "penultimate", "kid": "penultimate", "prc": "penultimate"}[metric]
 
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _uint8_batch(x)
         feats = self.model.features(judge_input(x, self.model.img_size))
@@ -86,7 +90,7 @@ class JudgeExtractor(FeatureExtractorBase):
         return tuple(out[name].float() for name in self.features_list)
 
 
-class EncoderExtractor(FeatureExtractorBase):
+class EncoderExtractor(_ModelFileExtractor):
     """torch-fidelity extractor ``rcg-encoder``: RCG's standardised representation (as ``encode`` stores it)
     of an encoder model file (``feature_extractor_weights_path``)."""
 
@@ -106,14 +110,6 @@ class EncoderExtractor(FeatureExtractorBase):
         if metric == "isc":
             raise ValueError("rcg-encoder has no class scores: no Inception Score in the representation space")
         return "rep"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _uint8_batch(x)
