@@ -32,8 +32,9 @@ from bench.common import run_stage  # noqa: E402
 from pipeline.core.config import Params, validate  # noqa: E402
 from pipeline.data.stores import StoreWriter  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens  # noqa: E402
-from pipeline.models.encoder import VIT_SIZES, MoCoViT, represent  # noqa: E402
+from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, mage_kwargs, masked_token_loss  # noqa: E402
+from pipeline.models.mocov3_weights import VIT_SIZES  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 from pipeline.train.loop import param_groups  # noqa: E402
 

@@ -16,9 +16,9 @@ from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
 from pipeline.gen import figures as fig
-from pipeline.gen.editing import edit, fit_image, image_rep
+from pipeline.gen.editing import edit, fit_image
 from pipeline.gen.rcg import load_models
-from pipeline.models.encoder import MoCoViT, load_encoder, load_encoder_file
+from pipeline.models.encoder import MoCoViT, image_rep, load_encoder, load_encoder_file
 from pipeline.models.rdm import sample_reps
 from pipeline.train.rng import seeded_generator
 

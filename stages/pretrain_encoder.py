@@ -24,19 +24,20 @@ from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
-from pipeline.train.rng import seeded_global_rng
+from pipeline.train.rng import seeded_generator, seeded_numpy
 from pipeline.train.schedules import warmup_cosine
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "encoder"]
 
 STAGE = "pretrain_encoder"
-AUGMENT = 1  # random-stream purpose (pipeline.train.rng), beside batches' PERMUTATION = 0
+CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.train.rng), beside batches' PERMUTATION = 0
 
 
 class TwoCropDataset(Dataset):
-    """Item ``(idx, k)``: image ``idx`` as MoCo v3's two augmented views, drawn from the stream (seed, k) of the
-    global sample position k, so a resumed run (any worker count) draws the augmentations it would have drawn.
+    """Item ``(idx, k)``: image ``idx`` as MoCo v3's two random-resized crops (uint8), drawn from the stream
+    (seed, CROPS, k) of the global sample position k, so a resumed run (any worker count) draws the crops it
+    would have drawn; the rest of the augmentation runs on the batch (``TwoCropAugment.views``).
 
     The random-resized crop works on the stored image as it is, like MoCo v3 on the original file: crop
     scales are fractions of the image area, so a pre-resize to ``views.resize`` would only add a second
@@ -51,8 +52,7 @@ class TwoCropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx, k = item
-        with seeded_global_rng(self.seed, AUGMENT, k):  # torchvision transforms draw from the global RNG
-            return self.augment(decode_rgb(self.shards.read(idx)))
+        return self.augment.crops(decode_rgb(self.shards.read(idx)), seeded_numpy(self.seed, CROPS, k))
 
 
 def import_official(params: Params) -> dict:
@@ -89,15 +89,16 @@ def pretrain(params: Params, d: Dist) -> dict:
                      checkpoint_every=p.checkpoint_every, samples_per_step=p.batch_size, bf16=p.bf16)
     sampler = StepBatches(len(shards), p.batch_size, params.seed, loop.start, total, d.rank, d.world,
                           key="encoder.train.batch_size")
-    loader = DataLoader(TwoCropDataset(shards, TwoCropAugment(config["img_size"], crop_min=p.crop_min, hue=p.hue,
-                                                                    grayscale=p.grayscale), params.seed),
+    augment = TwoCropAugment(config["img_size"], crop_min=p.crop_min, hue=p.hue, grayscale=p.grayscale)
+    loader = DataLoader(TwoCropDataset(shards, augment, params.seed),
                         batch_sampler=sampler, num_workers=p.workers, pin_memory=cuda,
                         prefetch_factor=4 if p.workers else None)
     net = loop.wrap(model)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict:
         m = momentum_at(it / total, p.momentum)
-        x1, x2 = (x.to(device, non_blocking=True) for x in batch)
+        crops1, crops2 = (x.to(device, non_blocking=True) for x in batch)
+        x1, x2 = augment.views(crops1, crops2, seeded_generator(device, params.seed, VIEWS, it, d.rank))
         return {"loss": net(x1, x2, m), "m": m}
 
     result = loop.run(step, loader)

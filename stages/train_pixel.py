@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import save_model_file, write_json
+from pipeline.core.artifacts import file_sha256, load_model_file, save_model_file, write_json
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
@@ -26,6 +27,7 @@ from pipeline.data.pixel_data import PixelBatches, PixelData, load_pixel_data
 from pipeline.eval.pixel_eval import masked_token_eval
 from pipeline.models.mage import CONDITIONINGS, FORMAT, MAGE, mage_kwargs, masked_token_loss
 from pipeline.models.mage_official import load_official_mage_model
+from pipeline.models.vqgan import MODEL_FORMAT as TOKENIZER_FORMAT
 from pipeline.train.ema import EMA
 from pipeline.train.identity import resume_identity
 from pipeline.train.loop import TrainLoop, param_groups
@@ -36,7 +38,20 @@ from pipeline.train.schedules import warmup_cosine
 PARAMS = ["seed", "pixel.checkpoint", "pixel.model", "pixel.train", "pixel.eval", "pixel.cluster"]
 
 STAGE = "train_pixel"
-EVAL = 14  # stream purpose under params.seed (pipeline.data.pixel_data has 10-13)
+EVAL, CODEBOOK_INIT = 14, 15  # stream purposes under params.seed (pipeline.data.pixel_data has 10-13)
+
+
+def tokenizer_codebook(path: Path, tokens_identity: dict) -> torch.Tensor:
+    """The code vectors [K, D] of the tokenizer file that made ``tokens.zarr`` (its sha256 must be the one the
+    store records): what ``pixel.train.codebook_init`` starts the word embeddings from."""
+    if not path.exists():
+        raise RcgError(f"pixel.train.codebook_init needs the tokenizer that made the tokens: {path} is missing")
+    recorded = tokens_identity["tokenizer"]["sha256"]
+    if file_sha256(path) != recorded:
+        raise RcgError(f"pixel.train.codebook_init: {path} is not the tokenizer tokens.zarr was made with "
+                       f"(sha256 {recorded[:12]}...); rerun tokenize")
+    state = load_model_file(path, TOKENIZER_FORMAT)["state_dict"]
+    return state["quantize.embedding.weight"]
 
 
 def conditioning_input(data: PixelData, conditioning: str, rows: torch.Tensor,
@@ -53,6 +68,9 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     t = params.pixel.train
     torch.manual_seed(params.seed)  # identical init on every rank
     model = MAGE(**kwargs).to(device)
+    if t.codebook_init:
+        model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", data.identity["tokens"]),
+                                 seeded_generator("cpu", params.seed, CODEBOOK_INIT))
     lr = t.blr * t.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
     ema = EMA(model, max_decay=t.ema_decay) if t.ema_decay is not None else None

@@ -57,7 +57,7 @@ def test_dvc_repro_micro(tmp_path):
     proj = _project(tmp_path)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     out = _dvc(proj, "repro")
-    settings = list(params["sample"]["settings"])
+    settings = list(yaml.safe_load((proj / "dvc.yaml").read_text())["vars"][0]["generation"])
     instances = ({"shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
                   "train_judge", "reference", "compare"}
                  | {f"train_pixel@{c}" for c in params["pixel"]["conditionings"]}

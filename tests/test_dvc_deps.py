@@ -248,3 +248,15 @@ def test_tracked_params_exist_and_skip_how_to_run():
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     (ROOT / "dvc.yaml").write_text(render_dvc_yaml())
+
+
+def test_generation_settings_match_params():
+    """dvc.yaml's ``generation`` names settings params.yaml defines, with their generator, trained by a
+    train_pixel instance, and the RDM as the extra input exactly when the setting samples RDM reps."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    generation = yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"][0]["generation"]
+    for name, entry in generation.items():
+        setting = params["sample"]["settings"][name]
+        assert entry["generator"] == setting["generator"] in params["pixel"]["conditionings"], name
+        assert entry["needs"] == ("models/rdm.pt" if setting["reps"] == "rdm" else "reps.zarr"), name
+    assert {"rcg", "rcg_cfg", "baseline", "oracle"} <= set(generation)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models.encoder as enc
-from pipeline.models.encoder import (VIT_SIZES, MoCoViT, import_mocov3_state_dict, infer_vit_config, load_encoder,
-                              load_encoder_checkpoint, normalize_for_encoder, represent, standardize)
+from pipeline.models.encoder import (MoCoViT, load_encoder, load_encoder_checkpoint, normalize_for_encoder, represent,
+                                     standardize)
+from pipeline.models.mocov3_weights import VIT_SIZES, import_mocov3_state_dict, infer_vit_config
 from pipeline.core.artifacts import load_checkpoint
 from pipeline.core.errors import RcgError
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.encoder import VIT_SIZES, MoCoViT
+from pipeline.models.encoder import MoCoViT
+from pipeline.models.mocov3_weights import VIT_SIZES
 from pipeline.models.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
 
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
@@ -95,28 +96,47 @@ def test_sgd_steps_reduce_loss():
 
 
 def test_two_crop_augment():
-    torch.manual_seed(0)
+    import numpy as np
+    from PIL import Image
     aug = TwoCropAugment(32)
-    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
-    v1, v2 = aug(img)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    c1, c2 = aug.crops(img, np.random.default_rng(1))
+    assert c1.shape == c2.shape == (3, 32, 32) and c1.dtype == torch.uint8 and not torch.equal(c1, c2)
+    again = aug.crops(img, np.random.default_rng(1))
+    assert torch.equal(again[0], c1) and torch.equal(again[1], c2)  # a pure function of the stream
+    crops = torch.stack([c1, c2, c1])
+    v1, v2 = aug.views(crops, crops, torch.Generator().manual_seed(0))
     for v in (v1, v2):
-        assert type(v) is torch.Tensor and v.shape == (3, 32, 32) and v.dtype == torch.float32
+        assert type(v) is torch.Tensor and v.shape == (3, 3, 32, 32) and v.dtype == torch.float32
         assert v.min() >= 0 and v.max() <= 1
-    assert not torch.equal(v1, v2)
-    w1, _ = aug(img)
-    assert not torch.equal(v1, w1)
+    assert not torch.equal(v1, v2) and not torch.equal(v1[0], v1[2])  # per-sample parameters
+    w1, _ = aug.views(crops, crops, torch.Generator().manual_seed(0))
+    assert torch.equal(v1, w1)
+
+
+def test_hsv_round_trip_and_blur():
+    from pipeline.models.moco import gaussian_blur, hsv_to_rgb, rgb_to_hsv
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.allclose(hsv_to_rgb(*rgb_to_hsv(x)), x, atol=1e-5)
+    h, s, v = rgb_to_hsv(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))  # red: hue 0; green is a third turn on
+    assert torch.allclose(hsv_to_rgb(h + 1 / 3, s, v).flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 3, torch.tensor([0.5, 2.0])), flat, atol=1e-6)
+    spike = torch.zeros(1, 1, 5, 5)
+    spike[..., 2, 2] = 1
+    blurred = gaussian_blur(spike, 3, torch.tensor([1.0]))
+    assert abs(blurred.sum() - 1) < 1e-5 and blurred[0, 0, 2, 2] < 1 and blurred[0, 0, 1, 2] > 0
 
 
 def test_two_crop_augment_colour_knobs():
-    """grayscale=1 makes every view grey; hue=0.5 turns a red image green in some first views (which never
-    solarize), hue 0.1 in none."""
-    torch.manual_seed(0)
-    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    img[0] = 230
+    """grayscale=1 makes every view grey; hue=0.5 turns a red image green in some views, hue 0.1 in none."""
+    img = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    img[:, 0] = 230
     grey = TwoCropAugment(32, crop_min=1.0, grayscale=1.0)
-    for v in grey(img):
-        assert torch.allclose(v[0], v[1]) and torch.allclose(v[1], v[2])
+    for v in grey.views(img, img, torch.Generator().manual_seed(0)):
+        assert torch.allclose(v[:, 0], v[:, 1]) and torch.allclose(v[:, 1], v[:, 2])
     for hue, turns_green in ((0.5, True), (0.1, False)):
         aug = TwoCropAugment(32, crop_min=1.0, hue=hue, grayscale=0.0)
-        dominant = {int(v.mean(dim=(1, 2)).argmax()) for _ in range(40) for v in aug(img)[:1]}
+        v1, _ = aug.views(img, img, torch.Generator().manual_seed(0))  # view 1 never solarizes
+        dominant = set(v1.mean(dim=(2, 3)).argmax(1).tolist())
         assert (1 in dominant) == turns_green

@@ -300,3 +300,30 @@ def test_real_micro_stores_train_and_an_official_file_built_from_their_models_pa
     summary = train_pixel.run(params_for(workspace, f"pixel.checkpoint={path}", extra={"model": {"vocab": "official"}}),
                               "rep")
     assert (summary["encoder_check"], summary["vqgan_check"]) == ("weights", "weights")
+
+
+def test_codebook_init_starts_from_the_tokenizer_that_made_the_tokens(tmp_path):
+    torch.manual_seed(0)
+    vqgan = VQGAN(**VQ)
+    tokenizer = tmp_path / "data" / "models" / "tokenizer.pt"
+    save_model_file(tokenizer, "rcg-tokenizer", {"model": VQ}, vqgan.state_dict())
+    write_stores(tmp_path, tokenizer_file=tokenizer)
+    params = params_for(tmp_path, "pixel.train.codebook_init=true", "pixel.train.steps=1")
+    train_pixel.run(params, "rep")
+    codes = vqgan.state_dict()["quantize.embedding.weight"]
+    model = MAGE(codebook_size=K, seq_len=H * W, rep_dim=D, vocab="compact", embed_dim=16, depth=1, num_heads=2,
+                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    model.init_from_codebook(codes, torch.Generator().manual_seed(0))
+    words = model.token_emb.word_embeddings.weight[:K].detach()
+    assert abs(float(words.std()) - 0.02) < 1e-3
+    centred = codes - codes.mean(0)
+    # an orthogonal map keeps the geometry: pairwise distances are those of the code vectors, scaled
+    ratio = torch.cdist(words, words)[~torch.eye(K, dtype=torch.bool)] / torch.cdist(centred, centred)[
+        ~torch.eye(K, dtype=torch.bool)]
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    write_stores(tmp_path)  # tokens recorded as made by another tokenizer file
+    with pytest.raises(RcgError, match="is not the tokenizer tokens.zarr was made with"):
+        train_pixel.run(params_for(tmp_path, "pixel.train.codebook_init=true", "pixel.train.steps=1"), "rep")
+    tokenizer.unlink()
+    with pytest.raises(RcgError, match="tokenizer.pt is missing"):
+        train_pixel.run(params_for(tmp_path, "pixel.train.codebook_init=true", "pixel.train.steps=1"), "rep")

@@ -361,6 +361,7 @@ class PixelTrain(Section):
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: PositiveFloat | None = 3.0
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
+    codebook_init: bool = False        # word embeddings from the tokenizer's code vectors (ours; official: random)
     bf16: bool = False                 # autocast on GPU only (official: fp16); the CPU path is exact fp32
     checkpoint_every: PositiveInt = how_to_run(200)
     log_every: PositiveInt = how_to_run(20)
@@ -382,7 +383,9 @@ class PixelCluster(Section):
 
 class Pixel(Section):
     checkpoint: Path | None = None     # official RCG MAGE-B/L file: the ``rep`` generator is imported, not trained
-    conditionings: list[Literal["rep", "none", "class", "cluster"]] = ["rep", "none", "class", "cluster"]
+    # The generators dvc repro trains (train_pixel@<cond>): RCG's and the unconditional baseline's by default;
+    # class / cluster (the paper's Table 9a rows) also need their settings in dvc.yaml's ``generation``.
+    conditionings: list[Literal["rep", "none", "class", "cluster"]] = ["rep", "none"]
     model: PixelModel = PixelModel()
     train: PixelTrain = PixelTrain()
     eval: PixelEval = PixelEval()

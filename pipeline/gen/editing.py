@@ -23,7 +23,6 @@ from pipeline.core.errors import RcgError
 from pipeline.data.images import resize_short_side
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.gen.rcg import Models, to_uint8
-from pipeline.models.encoder import MoCoViT, represent
 
 
 def fit_image(image: Image.Image, size: int) -> np.ndarray:
@@ -32,12 +31,6 @@ def fit_image(image: Image.Image, size: int) -> np.ndarray:
     w, h = img.size
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return np.asarray(img.crop((left, top, left + size, top + size)))
-
-
-def image_rep(encoder: MoCoViT, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The representation [D] of a uint8 [H, W, 3] image, as the stores compute it."""
-    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float().div(255)
-    return represent(encoder, x, input_size=encoder.patch_embed.img_size[0])[0]
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
 from pipeline.gen.diffusion import GaussianDiffusion
 from pipeline.gen.masked_decoding import decode_tokens
-from pipeline.models.encoder import import_mocov3_state_dict
+from pipeline.models.mocov3_weights import import_mocov3_state_dict
 from pipeline.models.mage import MAGE, load_pixel
 from pipeline.models.mage_official import convert_official_mage
 from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder, sample_reps

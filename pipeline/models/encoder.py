@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,27 +19,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.core.artifacts import load_checkpoint, load_model_file
 from pipeline.core.errors import RcgError
+from pipeline.models.mocov3_weights import import_mocov3_state_dict, infer_vit_config
 
 MODEL_FORMAT = "rcg-encoder"  # data/models/encoder.pt, whether pretrained here or imported
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# MoCo v3's sizes (its ViT-S uses 12 heads, unlike DeiT-S's 6).
-VIT_SIZES = {
-    "small": dict(embed_dim=384, depth=12, num_heads=12),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-HEADS_BY_WIDTH = {v["embed_dim"]: v["num_heads"] for v in VIT_SIZES.values()}
-
-# RCG's ViT-L file stores these base-encoder keys under wrong names; they must be renamed, not copied.
-VITL_KEY_FIXES = {
-    "blocks.13.norm13.": "blocks.13.norm1.",
-    "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",
-    "blocks.14.norm14.": "blocks.14.norm2.",
-    "blocks.14.mlp.fc14.": "blocks.14.mlp.fc2.",
-}
-
 
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """MoCo v3's MLP: [Linear(no bias), BN, ReLU] x (n-1), Linear(no bias), BN(affine=False)."""
@@ -123,37 +107,10 @@ def represent(model: MoCoViT, images01: torch.Tensor, input_size: int | None = N
     return (rep, feature.float(), projected.float()) if return_features else rep
 
 
-def import_mocov3_state_dict(ckpt: dict) -> dict:
-    """Base-encoder weights of an official MoCo v3 / RCG file (wrapped or bare, prefixed or already stripped),
-    with ``module.base_encoder.`` stripped and the ViT-L misnamed keys renamed."""
-    if not isinstance(ckpt, dict):
-        raise RcgError(f"encoder checkpoint must be a dict, got {type(ckpt).__name__}")
-    sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
-    for prefix in ("module.base_encoder.", "base_encoder."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    fix = re.compile("^(" + "|".join(re.escape(k) for k in VITL_KEY_FIXES) + ")")
-    return {fix.sub(lambda m: VITL_KEY_FIXES[m.group(1)], k): v for k, v in sd.items()}
-
-
-def infer_vit_config(state_dict: dict, num_heads: int | None = None) -> dict:
-    """MoCoViT constructor kwargs read from tensor shapes; heads are not in the weights, so they come from
-    ``num_heads`` or the standard width -> heads map."""
-    sd = import_mocov3_state_dict(state_dict)
-    need = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "head.0.weight", "head.6.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise RcgError(f"not a MoCo v3 ViT state dict: missing {', '.join(missing)}")
-    embed_dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
-    heads = num_heads or HEADS_BY_WIDTH.get(embed_dim)
-    if heads is None:
-        raise RcgError(f"cannot infer num_heads for embed_dim {embed_dim}; give it explicitly")
-    return dict(img_size=grid * patch, patch_size=patch, embed_dim=embed_dim,
-                depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads,
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-                proj_hidden_dim=sd["head.0.weight"].shape[0], proj_dim=sd["head.6.weight"].shape[0])
+def image_rep(encoder: MoCoViT, image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The representation [D] of a uint8 [H, W, 3] image, as the stores compute it."""
+    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float().div(255)
+    return represent(encoder, x, input_size=encoder.patch_embed.img_size[0])[0]
 
 
 def _load_strict(model: nn.Module, sd: dict, source: str) -> None:

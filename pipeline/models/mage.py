@@ -172,6 +172,22 @@ class MAGE(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @torch.no_grad()
+    def init_from_codebook(self, codebook: torch.Tensor, generator: torch.Generator) -> None:
+        """Word embeddings of the codebook ids from the tokenizer's code vectors [codebook_size, D]: centred, mapped
+        to the width by a random orthogonal matrix, at the official init's scale (std 0.02). Codes that decode
+        alike then start alike, on the input side and in the output head (which scores against these
+        embeddings), so a short run need not learn from scratch what the tokenizer already knows. Ours, not
+        MAGE's (official: random init)."""
+        if codebook.shape[0] != self.codebook_size:
+            raise RcgError(f"codebook_init: the tokenizer has {codebook.shape[0]} codes, MAGE {self.codebook_size}")
+        weight = self.token_emb.word_embeddings.weight
+        dim, width = codebook.shape[1], weight.shape[1]
+        basis, _ = torch.linalg.qr(torch.randn(max(dim, width), min(dim, width), generator=generator))
+        projection = basis.T if dim <= width else basis  # [dim, width], orthonormal rows or columns
+        vectors = (codebook.float() - codebook.float().mean(0)) @ projection.to(codebook.device)
+        weight[:self.codebook_size] = (vectors * 0.02 / vectors.std()).to(weight)
+
     # ------------------------------------------------------------------------------------------ conditioning
     def null_condition(self, batch: int) -> torch.Tensor:
         """The unconditional slot vector (``fake_latent``) for ``batch`` samples: the guidance branch."""

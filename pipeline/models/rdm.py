@@ -20,7 +20,7 @@ from pipeline.core.config import Diffusion, RdmModel
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.gen.diffusion import GaussianDiffusion
-from pipeline.models.encoder import import_mocov3_state_dict, infer_vit_config
+from pipeline.models.mocov3_weights import import_mocov3_state_dict, infer_vit_config
 from pipeline.train.ema import EMA
 
 MODEL_FORMAT = "rcg-rdm"  # data/models/rdm.pt, trained here or imported

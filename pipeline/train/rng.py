@@ -7,9 +7,6 @@ named by a tuple of ints, usually ``(params.seed, PURPOSE, step or index, rank .
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import numpy as np
 import torch
 
@@ -28,12 +25,3 @@ def seeded_generator(device: torch.device | str, *entropy: int) -> torch.Generat
 def seeded_numpy(*entropy: int) -> np.random.Generator:
     """A numpy generator for the stream ``entropy`` (data-loader side: permutations, crops)."""
     return np.random.default_rng(stream_seed(*entropy))
-
-
-@contextlib.contextmanager
-def seeded_global_rng(*entropy: int) -> Iterator[None]:
-    """For library code that can only draw from torch's global CPU RNG (torchvision transforms): inside the block
-    that RNG is the stream ``entropy``; the caller's state is restored after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(*entropy))
-        yield
