@@ -15,7 +15,7 @@ def test_params_yaml_is_the_schema_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet256_vitb", "imagenet256_vitl",
+@pytest.mark.parametrize("name", ["default", "cifar10", "cifar10_cpu", "imagenet256_vitb", "imagenet256_vitl",
                                   "imagenet256_vitb_mage"])
 def test_presets_validate(name):
     p = preset(name)

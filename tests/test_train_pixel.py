@@ -266,7 +266,8 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={good}"), "rep")
 
 
-@pytest.mark.parametrize("name", ["imagenet256_vitb", "imagenet256_vitb_mage", "imagenet256_vitl", "cifar10"])
+@pytest.mark.parametrize("name", ["imagenet256_vitb", "imagenet256_vitb_mage", "imagenet256_vitl", "cifar10",
+                                  "cifar10_cpu"])
 def test_presets_name_the_pixel_architecture(name):
     import yaml
     from pipeline.core.config import PRESETS_DIR, preset
