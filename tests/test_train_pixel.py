@@ -24,9 +24,12 @@ from stages import train_pixel
 from conftest import MICRO, micro_params
 
 N, V, H, W, K, D, CLASSES = 48, 2, 4, 4, 32, 16, 4
-PIXEL = {"pixel": {"model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
+# Every conditioning; the random init (most stores here come without a tokenizer file: codebook_init has its test).
+PIXEL = {"pixel": {"conditionings": ["rep", "none", "class", "cluster"],
+                   "model": {"embed_dim": 16, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1,
                              "decoder_num_heads": 2},
-                   "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2},
+                   "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2,
+                             "codebook_init": False},
                    "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}}}
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
 ENCODER = MoCoViT(**MICRO["encoder"]["model"])  # stands in for the encoder the rep store was made with
@@ -238,12 +241,18 @@ def official_file(root: Path, model: MAGE, encoder: dict, vqgan: dict, grid: lis
     return path
 
 
-def test_official_file_imported_and_checked_against_the_stores(tmp_path):
+def stores_with_a_tokenizer(root: Path) -> tuple[VQGAN, Path]:
+    """A VQGAN saved as data/models/tokenizer.pt and stores that record it as the tokenizer of their tokens."""
     torch.manual_seed(0)
     vqgan = VQGAN(**VQ)
-    tokenizer = tmp_path / "data" / "models" / "tokenizer.pt"
+    tokenizer = root / "data" / "models" / "tokenizer.pt"
     save_model_file(tokenizer, "rcg-tokenizer", {"model": VQ}, vqgan.state_dict())
-    write_stores(tmp_path, tokenizer_file=tokenizer)
+    write_stores(root, tokenizer_file=tokenizer)
+    return vqgan, tokenizer
+
+
+def test_official_file_imported_and_checked_against_the_stores(tmp_path):
+    vqgan, tokenizer = stores_with_a_tokenizer(tmp_path)
     arch = {"vocab": "official", "embed_dim": 16, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16,
             "decoder_depth": 1, "decoder_num_heads": 2}
     model = MAGE(codebook_size=K, seq_len=H * W, rep_dim=D, **arch)
@@ -304,11 +313,7 @@ def test_real_micro_stores_train_and_an_official_file_built_from_their_models_pa
 
 
 def test_codebook_init_starts_from_the_tokenizer_that_made_the_tokens(tmp_path):
-    torch.manual_seed(0)
-    vqgan = VQGAN(**VQ)
-    tokenizer = tmp_path / "data" / "models" / "tokenizer.pt"
-    save_model_file(tokenizer, "rcg-tokenizer", {"model": VQ}, vqgan.state_dict())
-    write_stores(tmp_path, tokenizer_file=tokenizer)
+    vqgan, tokenizer = stores_with_a_tokenizer(tmp_path)
     params = params_for(tmp_path, "pixel.train.codebook_init=true", "pixel.train.steps=1")
     train_pixel.run(params, "rep")
     codes = vqgan.state_dict()["quantize.embedding.weight"]

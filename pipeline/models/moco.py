@@ -77,7 +77,7 @@ class TwoCropAugment:
     grayscale, blur, solarize, flip), as tensor ops with per-sample parameters.
 
     Per image, torchvision's transforms cost ~9 ms a pair at 32 px, which made the augmentation, not the ViT, the
-    cost of pretraining on a CPU; batched they cost well under 1% of it. Differences from torchvision's
+    cost of pretraining on a CPU; batched they cost ~0.75 ms a pair (bench/RESULTS.md). Differences from torchvision's
     ``ColorJitter``: its four adjustments run in a fixed order (brightness, contrast, saturation, hue) instead
     of a random one per image. Blur sigma (0.1-2.0 at 224 px) and kernel (~10% of the side) scale with
     ``image_size``, so small images keep their content.
