@@ -210,8 +210,8 @@ class Diffusion(Section):
 
 
 class RdmTrain(Section):
-    # Default: 4000 steps of 128 with warm-up + cosine (FD ratio 1.64 on the built-in reps, vs 1.81 for 2000 of 256
-    # at equal compute and 2.05 at half the lr; bench/RESULTS.md).
+    # Default: 4000 steps of 128 with warm-up + cosine: FD ratio 1.64-1.75 on the built-in reps, vs 1.81-2.36 for
+    # 2000 of 256 at the same lr (~0.8x the seconds); one run's ratio moves by ~0.5 (bench/RESULTS.md).
     steps: PositiveInt = 4000
     batch_size: PositiveInt = 128    # global: split evenly across DDP ranks (official: 4 GPUs x 128 = 512)
     blr: PositiveFloat = 3.2e-5      # lr = blr * batch_size (official rule, no /256; official blr 1e-6)
