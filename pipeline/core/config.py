@@ -413,8 +413,8 @@ class JudgeModel(Section):
 
 
 class JudgeTrain(Section):
-    """Supervised training on the train split's labels (stages/train_judge.py); ~20 s on 2 CPU cores (4 epochs
-    gave val accuracy 0.908, 8 give ~0.99: a judge that knows the classes is worth 10 s)."""
+    """Supervised training on the train split's labels (stages/train_judge.py); ~25 s on 2 CPU cores (4 epochs
+    gave val accuracy 0.908, 8 give 0.992: a judge that knows the classes is worth 15 s)."""
     epochs: PositiveInt = 8
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3           # AdamW, one-cycle: linear warm-up over the first epoch, cosine to 0
