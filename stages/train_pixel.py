@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import file_sha256, load_model_file, save_model_file, write_json
+from pipeline.core.artifacts import load_model_file, save_model_file, write_json
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
+from pipeline.data.alignment import check_tokenizer
 from pipeline.data.pixel_data import PixelBatches, PixelData, load_pixel_data
 from pipeline.eval.pixel_eval import masked_token_eval
 from pipeline.models.mage import CONDITIONINGS, FORMAT, MAGE, mage_kwargs, masked_token_loss
@@ -41,15 +42,12 @@ STAGE = "train_pixel"
 EVAL, CODEBOOK_INIT = 14, 15  # stream purposes under params.seed (pipeline.data.pixel_data has 10-13)
 
 
-def tokenizer_codebook(path: Path, tokens_identity: dict) -> torch.Tensor:
+def tokenizer_codebook(path: Path, tokens_path: Path, tokens_identity: dict) -> torch.Tensor:
     """The code vectors [K, D] of the tokenizer file that made ``tokens.zarr`` (its sha256 must be the one the
     store records): what ``pixel.train.codebook_init`` starts the word embeddings from."""
     if not path.exists():
         raise RcgError(f"pixel.train.codebook_init needs the tokenizer that made the tokens: {path} is missing")
-    recorded = tokens_identity["tokenizer"]["sha256"]
-    if file_sha256(path) != recorded:
-        raise RcgError(f"pixel.train.codebook_init: {path} is not the tokenizer tokens.zarr was made with "
-                       f"(sha256 {recorded[:12]}...); rerun tokenize")
+    check_tokenizer(tokens_identity, tokens_path, path)
     state = load_model_file(path, TOKENIZER_FORMAT)["state_dict"]
     return state["quantize.embedding.weight"]
 
@@ -69,7 +67,8 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     torch.manual_seed(params.seed)  # identical init on every rank
     model = MAGE(**kwargs).to(device)
     if t.codebook_init:
-        model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", data.identity["tokens"]),
+        model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", params.paths.tokens,
+                                                    data.identity["tokens"]),
                                  seeded_generator("cpu", params.seed, CODEBOOK_INIT))
     lr = t.blr * t.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)

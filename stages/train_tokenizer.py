@@ -31,6 +31,7 @@ from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
 from pipeline.train.rng import seeded_numpy, stream_seed
+from pipeline.train.schedules import warmup_cosine
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "views.crop", "tokenizer.checkpoint", "tokenizer.model", "tokenizer.train"]
@@ -112,6 +113,7 @@ def train(params: Params, out: Path) -> dict:
                                shards=shards_identity(params.paths.shards))
     loop = TrainLoop(STAGE, params, d, device, steps=tr.steps, identity=identity,
                      modules={"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d},
+                     lr=warmup_cosine(tr.lr, tr.steps) if tr.cosine else None, lr_optimizers=(opt_g, opt_d),
                      log_every=tr.log_every, checkpoint_every=tr.checkpoint_every, samples_per_step=tr.batch_size,
                      bf16=tr.bf16)
     counts = loop.extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart

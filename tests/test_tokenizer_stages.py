@@ -81,6 +81,16 @@ def test_training_writes_a_loadable_model_and_curves(trained):
     assert not torch.equal(init.encoder.conv_in.weight, model.encoder.conv_in.weight)
 
 
+def test_cosine_decays_the_learning_rate(workspace):
+    """tokenizer.train.cosine: the lr both optimisers get falls from lr at the first step to ~0 at the last."""
+    params = params_for(workspace, "tokenizer.train.cosine=true", "tokenizer.train.log_every=1")
+    train_tokenizer.run(params)
+    with open(params.paths.plots / "train_tokenizer.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    base = params.tokenizer.train.lr
+    assert lrs[0] == base and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.1 * base
+
+
 def test_codebook_ema_follows_assigned_means():
     q = VectorQuantizer(4, 2)
     weight = q.embedding.weight.requires_grad_(False)

@@ -226,8 +226,11 @@ class RdmTrain(Section):
 
 
 class RdmSample(Section):
-    steps: PositiveInt = 250
-    eta: float = Field(1.0, ge=0)
+    """The RDM's DDIM sampler. Official RCG: 250 steps, eta 1 (the ImageNet and cifar10 presets pin it). The
+    default, deterministic DDIM at 100 steps, is 2.5x cheaper and no worse on the default run's RDM: FD ratio
+    1.44 (mean of 5 eval seeds) vs 1.58, rcg judge FID 42.08 vs 42.29 (bench/RESULTS.md)."""
+    steps: PositiveInt = 100
+    eta: float = Field(0.0, ge=0)
     temperature: PositiveFloat = 1.0
 
 
@@ -285,6 +288,7 @@ class TokenizerTrain(Section):
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 8           # global: split evenly across DDP ranks
     lr: PositiveFloat = 2e-3              # Adam(0.5, 0.9) for the VQGAN and the discriminator
+    cosine: bool = False                  # half-cycle cosine decay of both lrs to 0 over the steps; False: constant
     disc_start: NonNegativeInt = 1500     # the PatchGAN's hinge loss joins from this step (warm-up before)
     disc_weight: float = Field(0.1, ge=0)
     disc_ndf: PositiveInt = 16            # PatchGAN width (taming: 64) and stride-2 layers (taming: 3, for

@@ -13,15 +13,22 @@ from pipeline.core.errors import RcgError
 from pipeline.data.stores import open_store
 
 
+def check_tokenizer(tokens_identity: dict, tokens_path: str | Path, tokenizer_path: str | Path) -> None:
+    """Raise RcgError unless the token store with identity ``tokens_identity`` was made by ``tokenizer_path``."""
+    recorded = tokens_identity["tokenizer"]["sha256"]
+    if recorded != file_sha256(tokenizer_path):
+        raise RcgError(f"{tokens_path} was made by another tokenizer than {tokenizer_path} "
+                       f"(its sha256 is {recorded[:12]}...); rerun `rcg tokenize`")
+
+
 def check_aligned(tokens_path: str | Path, reps_path: str | Path,
                   tokenizer_path: str | Path | None = None) -> tuple[int, int]:
     """Raise RcgError naming what differs unless both stores describe the same images and views (and, given the
     tokenizer model file a consumer will decode with, unless the tokens were made by that file); -> (N, V)."""
     tokens, reps = open_store(Path(tokens_path), "tokens"), open_store(Path(reps_path), "reps")
     have_t, have_r = tokens.attrs.asdict()["identity"], reps.attrs.asdict()["identity"]
-    if tokenizer_path is not None and have_t["tokenizer"]["sha256"] != file_sha256(tokenizer_path):
-        raise RcgError(f"{tokens_path} was made by another tokenizer than {tokenizer_path} "
-                       f"(its sha256 is {have_t['tokenizer']['sha256'][:12]}...); rerun `rcg tokenize`")
+    if tokenizer_path is not None:
+        check_tokenizer(have_t, tokens_path, tokenizer_path)
     differ = [k for k in ("views", "index") if have_t.get(k) != have_r.get(k)]
     if differ:
         details = "; ".join(f"{k}: tokens {have_t.get(k)!r} vs reps {have_r.get(k)!r}" for k in differ)
