@@ -187,7 +187,8 @@ def test_two_passes_are_deterministic_per_seed(files):
     assert not (a.reps == c.reps).all() and not torch.equal(a.tokens, c.tokens)
     # the first pass is the RDM's own sampler on the same stream: the reps are exactly its samples
     gen = rcg.chunk_generator(torch.device("cpu"), 0, 5)
-    reps = sample_reps(models.rdm.model, models.rdm.diffusion, torch.zeros(3, dtype=torch.long), steps=10, generator=gen)
+    reps = sample_reps(models.rdm.model, models.rdm.diffusion, torch.zeros(3, dtype=torch.long), steps=10,
+                       eta=sampler.eta, generator=gen)
     assert np.array_equal(a.reps, reps.numpy())
     # the VQGAN pass: the tokens' decoding, truncated (not rounded) to uint8
     x = models.tokenizer.decode_indices(a.tokens)

@@ -70,7 +70,7 @@ def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
     payload = load_model_file(tmp_path / "data" / "models" / "rdm.pt", "rcg-rdm")  # weights_only=True
     assert payload["config"]["model"] == rdm_kwargs(params.rdm.model)
     assert payload["config"]["store"] == identity()
-    assert payload["config"]["sample"] == {"steps": 10, "eta": 1.0, "temperature": 1.0}
+    assert payload["config"]["sample"] == {"steps": 10, "eta": 0.0, "temperature": 1.0}
     ema = payload["ema_state_dict"]
     assert int(ema["num_updates"]) == 20
     raw = payload["state_dict"]
