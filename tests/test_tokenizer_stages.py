@@ -69,7 +69,7 @@ def test_training_writes_a_loadable_model_and_curves(trained):
     assert payload["config"]["model"] == train_tokenizer.model_kwargs(params.tokenizer.model)
     summary = payload["summary"]
     assert summary["source"] == "trained" and summary["steps"] == 6
-    assert set(summary["final"]) == set(train_tokenizer.CURVES) | {"lr"}  # the default cosine lr is logged
+    assert set(summary["final"]) == set(train_tokenizer.CURVES)
     with open(params.paths.plots / "train_tokenizer.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
