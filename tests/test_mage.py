@@ -128,6 +128,17 @@ def test_loss_counts_masked_positions_only():
     assert accuracy == (logits.argmax(-1) == tokens)[masked].float().mean()
 
 
+def test_loss_through_a_compiled_wrapper():
+    """runtime.compile hands the loss a torch.compile wrapper as ``net``: it must be called, not truth-tested
+    (an OptimizedModule has no len()). The eager backend traces the same graph without a C++ build."""
+    model = tiny().eval()
+    tokens, reps = torch.randint(32, (6, 16)), torch.randn(6, 8)
+    plain, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(3))
+    compiled, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(3),
+                                    net=torch.compile(model, backend="eager"))
+    assert torch.allclose(plain, compiled)
+
+
 def test_rep_drop_rate_and_conditionings():
     model = tiny()
     seen = []

@@ -266,7 +266,7 @@ def masked_token_loss(model: MAGE, tokens: torch.Tensor, c: torch.Tensor | None,
     null = torch.rand(b, generator=generator, device=device) < model.rep_drop_prob
     cond = model.condition(c, null=null, batch=b)
     masked, dropped, _ = model.sample_masks(b, generator, device)
-    logits = (net or model)(tokens.masked_fill(masked, model.mask_id), cond, dropped)
+    logits = (model if net is None else net)(tokens.masked_fill(masked, model.mask_id), cond, dropped)
     ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
                          label_smoothing=model.label_smoothing).view(b, -1)
     weight = masked.float()
