@@ -333,14 +333,16 @@ class Tokenize(Section):
 # -------------------------------------------------------------------------------------------- pixel
 class PixelModel(Section):
     """MAGE (pipeline.models.mage); codebook size, token grid and rep size come from the stores. Default: a small
-    CPU size for the default run's 8x8 tokens; MAGE-B is 768/12/12 with a 768/8/16 decoder (presets)."""
+    CPU size for the default run's 8x8 tokens, width 64 (0.4M params): at the default run's few CPU minutes a
+    model this size, trained for 2.2x the steps, beats width 128 in every row (bench/RESULTS.md); MAGE-B is
+    768/12/12 with a 768/8/16 decoder (presets)."""
     vocab: Literal["official", "compact"] = "compact"  # official: codebook + 1000 + 1 ids (needed by official files)
-    embed_dim: PositiveInt = 128
+    embed_dim: PositiveInt = 64
     depth: PositiveInt = 4
-    num_heads: PositiveInt = 4
-    decoder_embed_dim: PositiveInt = 128
+    num_heads: PositiveInt = 2
+    decoder_embed_dim: PositiveInt = 64
     decoder_depth: PositiveInt = 2
-    decoder_num_heads: PositiveInt = 4
+    decoder_num_heads: PositiveInt = 2
     mlp_ratio: PositiveFloat = 4.0
     dropout: float = Field(0.0, ge=0, lt=1)           # attention probs, projections, MLP, embedding (official 0.1,
                                                       # the ImageNet presets' value; a short CPU run does not overfit)
@@ -362,13 +364,13 @@ class PixelModel(Section):
 
 class PixelTrain(Section):
     """MAGE's recipe (RCG_REFERENCE.md 3.4): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
-    cosine to 0, clip 3.0. Default: ~10 epochs of the built-in set, a few minutes on 2 CPU cores; ImageNet: batch
+    cosine to 0, clip 3.0. Default: ~22 epochs of the built-in set, ~5 minutes on 2 CPU cores; ImageNet: batch
     4096, blr 1.5e-4, 200-800 epochs."""
-    steps: PositiveInt = 600
+    steps: PositiveInt = 1300
     batch_size: PositiveInt = 64       # global: split evenly across DDP ranks (and accumulation micro-batches)
     accum_steps: PositiveInt = 1       # gradient accumulation: each rank runs batch_size / world / accum at a time
-    blr: PositiveFloat = 1.2e-2        # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
-    warmup_steps: NonNegativeInt = 50  # linear warm-up from 0 (official: 10 epochs)
+    blr: PositiveFloat = 1.8e-2        # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
+    warmup_steps: NonNegativeInt = 100  # linear warm-up from 0 (official: 10 epochs)
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: PositiveFloat | None = 3.0
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
