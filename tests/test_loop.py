@@ -259,7 +259,6 @@ def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, m
     """``runtime.compile`` routes every training stage's model through ``TrainLoop.wrap``'s ``torch.compile``.
     Traced with the eager backend (no C++ build, same arithmetic), each stage must train exactly the weights it
     trains uncompiled: the compiled wrapper is called where the model is, and nothing else changes."""
-    from pipeline.core.artifacts import load_model_file
     from stages import (encode, pretrain_encoder, tokenize_views, train_judge, train_pixel, train_rdm,
                         train_tokenizer)
     real_compile = torch.compile
@@ -281,10 +280,8 @@ def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, m
         for stage in (pretrain_encoder, encode, train_rdm, train_tokenizer, tokenize_views, train_judge):
             stage.run(params)
         train_pixel.run(params, "rep")
-        weights[mode] = {}
-        for name, file in files.items():
-            payload = torch.load(params.paths.models / file, weights_only=True)
-            weights[mode][name] = payload["state_dict"]
+        weights[mode] = {name: torch.load(params.paths.models / file, weights_only=True)["state_dict"]
+                         for name, file in files.items()}
     assert len(compiled) == 5, compiled  # one wrap per training stage
     for name in files:
         plain, traced = weights["false"][name], weights["true"][name]
