@@ -49,7 +49,7 @@ def test_store_layout_identity_and_metrics(workspace):
     shards = ShardSet(params.paths.shards)
     assert arr.shape == (48, 2, 16) and arr.dtype == np.float32 and arr.chunks == (16, 2, 16)
     assert summary["shape"] == [48, 2, 16] and summary["images"] == 48
-    assert group["labels"][:].tolist() == shards.labels
+    assert group["labels"][:].tolist() == shards.labels.tolist()
     ident = group.attrs["identity"]
     assert ident["encoder"]["sha256"] == file_sha256(params.paths.models / "encoder.pt")
     assert ident["encoder"]["config"] == {"model": params.encoder.model.model_dump()}

@@ -14,6 +14,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -192,39 +193,64 @@ def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), path)
 
 
+class KeyColumn:
+    """The sample keys of a split as one fixed-width bytes array (24 bytes a row for :func:`key_for` keys), not
+    1.28M Python strings: ``keys[i]`` is the ``str`` key of row ``i``."""
+
+    def __init__(self, keys: pa.Array):
+        self._bytes = np.asarray(keys.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=bytes)
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def __getitem__(self, idx: int) -> str:
+        return self._bytes[idx].decode()
+
+
 class ShardSet:
-    """Random access to one split of a shard folder: ``len``, ``labels``, ``keys``, ``read(idx)``."""
+    """Random access to one split of a shard folder: ``len``, ``labels``, ``keys``, ``read(idx)``.
+
+    The index is held as a few numpy columns (52 bytes a row: 67 MB at 1.28M images, against ~340 MB of Python
+    objects), never as Python lists: a forked loader worker then shares these pages with its parent (no reference
+    count is ever written into them) and a spawned one unpickles flat buffers. Only the columns a reader needs
+    are read from the parquet file.
+    """
 
     def __init__(self, shards_dir: str | Path, split: str = "train"):
         self.dir = Path(shards_dir)
         index_path = self.dir / INDEX_FILE
         if not index_path.is_file():
             raise RcgError(f"no shard index at {index_path}: run the shard stage first (rcg shard)")
-        table = pq.read_table(index_path, filters=[("split", "=", split)])
+        table = pq.read_table(index_path, columns=["key", "label", "shard", "offset", "nbytes"],
+                              filters=[("split", "=", split)], read_dictionary=["shard"]).unify_dictionaries()
         if table.num_rows == 0:
             raise RcgError(f"{index_path} has no rows for split {split!r}")
         self.split = split
-        cols = table.to_pydict()
-        self.keys: list[str] = cols["key"]
-        self.labels: list[int] = cols["label"]
-        self._shard, self._offset, self._nbytes = cols["shard"], cols["offset"], cols["nbytes"]
+        self.keys = KeyColumn(table.column("key").combine_chunks())
+        self.labels: np.ndarray = table.column("label").to_numpy()  # int64 [N]
+        shard = table.column("shard").combine_chunks()  # dictionary-encoded: int32 codes + the few shard names
+        self._shard_names: list[str] = shard.dictionary.to_pylist()
+        self._shard = shard.indices.to_numpy().astype(np.int32)
+        self._offset = table.column("offset").to_numpy()
+        self._nbytes = table.column("nbytes").to_numpy()
         self._files: dict[str, object] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.labels)
 
     def read(self, idx: int) -> bytes:
         """The stored image bytes of row ``idx`` (one seek, one read)."""
         if os.getpid() != self._pid:  # forked loader worker: never share file offsets with the parent
             self._files, self._pid = {}, os.getpid()
-        name = self._shard[idx]
+        name = self._shard_names[self._shard[idx]]
         f = self._files.get(name)
         if f is None:
             f = self._files[name] = open(self.dir / name, "rb")
-        f.seek(self._offset[idx])
-        data = f.read(self._nbytes[idx])
-        if len(data) != self._nbytes[idx]:
+        nbytes = int(self._nbytes[idx])
+        f.seek(int(self._offset[idx]))
+        data = f.read(nbytes)
+        if len(data) != nbytes:
             raise RcgError(f"shard {self.dir / name} is truncated at sample {idx} ({self.keys[idx]})")
         return data
 
