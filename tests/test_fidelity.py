@@ -151,6 +151,25 @@ def test_reference_npz_round_trip_and_feature_size(tmp_path):
         load_reference(tmp_path / "nomu.npz", 3, "judge")
 
 
+def test_adm_reference_batch_reads_only_the_statistics(tmp_path, monkeypatch):
+    """ADM's VIRTUAL_imagenet256_labeled.npz holds its images (arr_0, ~2 GB) beside mu/sigma and the sFID
+    statistics: only mu and sigma are read. Here arr_0 is an object array, which allow_pickle=False refuses to
+    load, so any read of it fails; the spy records every key read."""
+    np.savez(tmp_path / "adm.npz", arr_0=np.array([{"images": "decoy"}] * 4, dtype=object),
+             mu=np.full(6, 0.5, np.float64), sigma=np.eye(6), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    read = []
+    real = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: read.append(key) or real(self, key))
+    ref = load_reference(tmp_path / "adm.npz", 6, "inception")
+    assert sorted(read) == ["mu", "sigma"] and ref.features is None and np.array_equal(ref.mu, np.full(6, 0.5))
+    feats = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+    save_reference(tmp_path / "ours.npz", feats)
+    read.clear()
+    assert load_reference(tmp_path / "ours.npz", 6, "judge", features=False).features is None
+    assert sorted(read) == ["mu", "sigma"]
+    assert torch.equal(load_reference(tmp_path / "ours.npz", 6, "judge").features, feats)
+
+
 def test_figures_without_reference_features_skip_kid_and_prc():
     feats = {"rep": torch.randn(20, 4, generator=torch.Generator().manual_seed(0))}
     ref = Reference("npz:x", np.zeros(4), np.eye(4), None)

@@ -198,27 +198,32 @@ def short_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:48]
 
 
-def load_reference(path: Path, dim: int, space: str, name: str | None = None) -> Reference:
-    """A reference ``.npz`` (ours or ADM's ``mu``/``sigma``), checked against the space's feature size."""
+def load_reference(path: Path, dim: int, space: str, name: str | None = None, features: bool = True) -> Reference:
+    """A reference ``.npz`` (ours or ADM's ``mu``/``sigma``), checked against the space's feature size.
+
+    Reads ``mu``, ``sigma`` and (when ``features``) the ``features`` array, nothing else: ADM's reference batch
+    also holds its ~2 GB of images (``arr_0``) and the sFID statistics, which no figure here uses."""
     path = Path(path)
     if not path.is_file():
         raise RcgError(f"reference statistics not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        with np.load(path, allow_pickle=False) as npz:  # lazy: an array is read when its key is
+            names = set(npz.files)
+            if "mu" not in names or "sigma" not in names:
+                raise RcgError(f"{path}: a reference .npz needs 'mu' and 'sigma' (has {sorted(names)})")
+            mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+            if mu.shape != (dim,) or sigma.shape != (dim, dim):
+                raise RcgError(f"{path}: {list(mu.shape)} / {list(sigma.shape)} statistics, but the {space} space "
+                               f"has {dim}-d features")
+            stored = npz["features"] if features and "features" in names else None
+    except RcgError:
+        raise
     except Exception as exc:
         raise RcgError(f"{path}: not a readable .npz: {str(exc).splitlines()[0]}") from exc
-    if "mu" not in arrays or "sigma" not in arrays:
-        raise RcgError(f"{path}: a reference .npz needs 'mu' and 'sigma' (has {sorted(arrays)})")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
-    if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise RcgError(f"{path}: {list(mu.shape)} / {list(sigma.shape)} statistics, but the {space} space has "
-                       f"{dim}-d features")
-    features = arrays.get("features")
-    if features is not None and (features.ndim != 2 or features.shape[1] != dim):
-        raise RcgError(f"{path}: features {list(features.shape)} do not match the {dim}-d {space} space")
+    if stored is not None and (stored.ndim != 2 or stored.shape[1] != dim):
+        raise RcgError(f"{path}: features {list(stored.shape)} do not match the {dim}-d {space} space")
     return Reference(name or f"npz:{short_name(path)}", mu, sigma,
-                     None if features is None else torch.from_numpy(features.astype(np.float32)))
+                     None if stored is None else torch.from_numpy(stored.astype(np.float32)))
 
 
 def scored_spaces(cfg: Score) -> list[str]:
