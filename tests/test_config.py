@@ -47,6 +47,13 @@ def test_imagenet_preset_has_official_sizes():
     assert (mage.resize, mage.crop, mage.flip, mage.count) == (292, 256, False, 1)
 
 
+def test_mage_preset_resizes_the_originals():
+    """MAGE's recipe resizes the original image to 292 before the 256 crop: its shards keep the original bytes
+    rather than 256 px copies that the views would upsample."""
+    p = preset("imagenet256_vitb_mage")
+    assert p.shard.resize_short_side is None and p.views.resize == 292
+
+
 @pytest.mark.parametrize("override, fragment", [
     (["rdm.model.model_channels=-4"], "rdm.model.model_channels"),
     (["rdm.train.stepz=3"], "rdm.train.stepz: unknown key"),
@@ -58,6 +65,8 @@ def test_imagenet_preset_has_official_sizes():
     (["tokenizer.model.n_embed=70000"], "uint16"),
     (["views.crop=64", "views.resize=32"], "views.crop"),
     (["shard.reencode_format=gif"], "shard.reencode_format"),
+    (["shard.resize_short_side=256", "views.resize=292", "views.crop=256"],
+     "views.resize (292) is above shard.resize_short_side (256)"),
 ])
 def test_bad_params_name_the_key(override, fragment):
     with pytest.raises(RcgError, match="invalid params") as err:

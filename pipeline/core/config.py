@@ -567,6 +567,17 @@ class Params(Section):
     score: Score = Score()
     runtime: Runtime = how_to_run(Runtime())
 
+    @model_validator(mode="after")
+    def _check_views_fit_shards(self) -> "Params":
+        """Views resized above the shard's short side upsample images the shard stage already shrank: every rep,
+        token and reference image comes out blurrier than the recipe's one resize of the original."""
+        short = self.shard.resize_short_side
+        if short is not None and self.views.resize > short:
+            raise ValueError(f"views.resize ({self.views.resize}) is above shard.resize_short_side ({short}): the "
+                             f"views would upsample shrunk images; shard at >= {self.views.resize} or keep the "
+                             "originals (shard.resize_short_side: null)")
+        return self
+
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data: what a stage records beside its outputs."""
         return self.model_dump(mode="json")[name]
@@ -609,8 +620,9 @@ def _format_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        # A validator that names its own key already says where; otherwise prefix the location.
-        lines.append(msg if key and msg.startswith(key.split(".")[0] + ".") else f"{key or 'params'}: {msg}")
+        # A validator that names its own key already says where (a check across sections, at the top level,
+        # always does); otherwise prefix the location.
+        lines.append(msg if not key or msg.startswith(key.split(".")[0] + ".") else f"{key}: {msg}")
     return "invalid params: " + "; ".join(lines)
 
 
