@@ -46,7 +46,7 @@ def setting(name: str) -> tuple[Params, int, int]:
     if name == "imagenet":
         tree["rdm"]["train"]["batch_size"] = 128  # one GPU's share of the official global 4 x 128
     tree["runtime"]["device"] = "auto"
-    return validate(tree, check_paths=False), p.views.count, p.views.crop
+    return validate(tree), p.views.count, p.views.crop
 
 
 def cached_rate(params: Params, store: RepStore, device: torch.device, steps: int) -> float:
@@ -58,7 +58,7 @@ def cached_rate(params: Params, store: RepStore, device: torch.device, steps: in
             tree = params.model_dump(mode="json")
             tree["paths"] = {"data": tmp + "/data", "metrics": tmp + "/metrics"}
             tree["rdm"]["train"].update(steps=n, log_every=max(1, steps // 4), checkpoint_every=10 ** 9)
-            seconds.append(train_rdm(validate(tree, check_paths=False), store, stats, device, Dist())[3]["seconds"])
+            seconds.append(train_rdm(validate(tree), store, stats, device, Dist())[3]["seconds"])
     return (steps - 1) * params.rdm.train.batch_size / (seconds[1] - seconds[0])
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,17 +48,65 @@ def _guarded(command: str, debug: bool, fn):
 STAGE_MODULES = {"tokenize": "tokenize_views"}
 
 
+# The stages that share their work across ranks under torchrun, each with the test for a run of it that is an
+# import of an official checkpoint (rank 0's work alone, on one process): runtime.launcher runs the rest under it.
+DISTRIBUTED_STAGES = {
+    "pretrain_encoder": lambda params, item: params.encoder.checkpoint is not None,
+    "encode": lambda params, item: False,
+    "train_rdm": lambda params, item: params.rdm.checkpoint is not None,
+    "train_tokenizer": lambda params, item: params.tokenizer.checkpoint is not None,
+    "tokenize": lambda params, item: False,
+    "train_pixel": lambda params, item: params.pixel.checkpoints.get(item) is not None,
+    "train_judge": lambda params, item: False,
+    "sample": lambda params, item: False,
+}
+LAUNCHED = "RCG_LAUNCHED"  # set in the processes a launcher starts, which never launch again
+
+
+def launch_command(launcher: str, name: str, item: str | None, params_file: Path, overrides: list[str],
+                   debug: bool) -> list[str]:
+    """``runtime.launcher`` running ``python -m stages.cli`` with this very stage command."""
+    argv = [*shlex.split(launcher), "-m", "stages.cli", name.replace("_", "-"),
+            *([item] if item is not None else []), "--params", str(params_file)]
+    for assignment in overrides:
+        argv += ["--set", assignment]
+    return argv + (["--debug"] if debug else [])
+
+
+def _relaunch(name: str, params, item: str | None, params_file: Path, overrides: list[str], debug: bool) -> None:
+    """Become ``runtime.launcher`` running this stage (never returns) when one is set, the stage shares its work
+    across ranks and this process was not started by a launcher (torchrun sets WORLD_SIZE); else do nothing."""
+    launcher = params.runtime.launcher
+    if (not launcher or "WORLD_SIZE" in os.environ or LAUNCHED in os.environ or name not in DISTRIBUTED_STAGES
+            or DISTRIBUTED_STAGES[name](params, item)):
+        return
+    argv = launch_command(launcher, name, item, params_file, overrides, debug)
+    if shutil.which(argv[0]) is None:
+        raise RcgError(f"runtime.launcher: {argv[0]!r} is not on PATH (launcher {launcher!r})")
+    typer.echo(f"rcg {name.replace('_', '-')}: running under {shlex.join(argv)}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, {**os.environ, LAUNCHED: "1"})
+
+
 def run_stage(name: str, params_file: Path, overrides: list[str] | None, debug: bool, item: str | None = None) -> None:
     """Run ``stages.<name>.run(params)``, or ``run(params, item)`` for a stage with one instance per item
-    (``train_pixel@rep`` in dvc.yaml is ``rcg train-pixel rep``)."""
+    (``train_pixel@rep`` in dvc.yaml is ``rcg train-pixel rep``), under ``runtime.launcher`` when one is set; the
+    process group the stage joins is destroyed when it ends."""
+    from pipeline.core import distributed
     from pipeline.core.config import load_params
+    from pipeline.core.locks import locked_outputs, stage_outputs
     from pipeline.core.runtime import configure
 
     def go():
         params = load_params(params_file, overrides or [])
+        _relaunch(name, params, item, params_file, overrides or [], debug)
         configure(params.runtime)
         module = importlib.import_module(f"stages.{STAGE_MODULES.get(name, name)}")
-        return module.run(params) if item is None else module.run(params, item)
+        command = name.replace("_", "-") + (f" {item}" if item is not None else "")
+        with locked_outputs(stage_outputs(name, params.paths, item), command):  # before any work
+            with distributed.stage_scope():
+                return module.run(params) if item is None else module.run(params, item)
 
     summary = _guarded(name.replace("_", "-"), debug, go)
     typer.echo(json.dumps(summary, indent=2, default=str))

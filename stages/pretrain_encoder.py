@@ -15,6 +15,7 @@ from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
+from pipeline.core.errors import require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb
@@ -111,6 +112,7 @@ def pretrain(params: Params, d: Dist) -> dict:
 
 
 def run(params: Params) -> dict:
+    require_file(params.encoder.checkpoint, "encoder.checkpoint")
     d = distributed.init()
     if params.encoder.checkpoint is None:
         return pretrain(params, d)

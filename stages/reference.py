@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.core.artifacts import atomic_dir, file_sha256, write_json
 from pipeline.core.config import Params
+from pipeline.core.errors import require_file
 from pipeline.core.progress import progress
 from pipeline.core.runtime import device_for
 from pipeline.data.eval_images import ShardImages, evenly_spaced
@@ -26,6 +27,7 @@ PARAMS = ["views.crop", "score.spaces", "score.inception_weights", "score.num_re
 
 
 def run(params: Params) -> dict:
+    require_file(params.score.inception_weights, "score.inception_weights")
     device = device_for(params.runtime)
     cfg = params.score
     spaces = scored_spaces(cfg)

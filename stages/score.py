@@ -14,7 +14,7 @@ import time
 
 from pipeline.core.artifacts import file_sha256, write_json
 from pipeline.core.config import Params
-from pipeline.core.errors import RcgError
+from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.sample_store import open_samples
@@ -48,6 +48,9 @@ def run(params: Params, item: str) -> dict:
     if item not in params.sample.settings:
         raise RcgError(f"score: unknown setting {item!r} (sample.settings: {', '.join(params.sample.settings)})")
     cfg = params.score
+    require_file(cfg.inception_weights, "score.inception_weights")
+    for space, npz in cfg.reference_npz.items():
+        require_file(npz, f"score.reference_npz.{space}")
     device = device_for(params.runtime)
     spaces = scored_spaces(cfg)
     path = params.paths.data / "samples" / f"{item}.zarr"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import atomic_dir, write_json
 from pipeline.core.config import Params
+from pipeline.core.errors import require_dir
 from pipeline.core.progress import log
 from pipeline.data.ingest import check_pool, image_sources, shard_split
 from pipeline.data.shards import INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, write_table
@@ -25,6 +26,9 @@ FORMAT = "rcg-shards"
 
 
 def run(params: Params) -> dict:
+    if params.data.source == "folder":
+        require_dir(params.data.folder, "data.folder")
+        require_dir(params.data.val_folder, "data.val_folder")
     out_dir = params.paths.shards
     start = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

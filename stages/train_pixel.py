@@ -20,7 +20,7 @@ from pipeline.core import distributed
 from pipeline.core.artifacts import load_model_file, save_model_file, write_json
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
-from pipeline.core.errors import RcgError
+from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.alignment import check_tokenizer
@@ -110,6 +110,7 @@ def run(params: Params, item: str) -> dict:
         raise RcgError(f"train_pixel: unknown conditioning {item!r} (one of {', '.join(CONDITIONINGS)})")
     if conditioning not in params.pixel.conditionings:
         raise RcgError(f"train_pixel: {item!r} is not in pixel.conditionings {params.pixel.conditionings}")
+    require_file(params.pixel.checkpoint if conditioning == "rep" else None, "pixel.checkpoint")
     d = distributed.init()
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()

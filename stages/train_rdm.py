@@ -13,7 +13,7 @@ import time
 from pipeline.core import distributed
 from pipeline.core.artifacts import save_model_file, write_json
 from pipeline.core.config import Params
-from pipeline.core.errors import RcgError
+from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.rep_store import load_store, store_stats
@@ -27,6 +27,7 @@ PARAMS = ["seed", "rdm"]
 
 # ------------------------------------------------------------------------------------------------- run
 def run(params: Params) -> dict:
+    require_file(params.rdm.checkpoint, "rdm.checkpoint")
     d = distributed.init()
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()

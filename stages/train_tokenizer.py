@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file
 from pipeline.core.config import Params
-from pipeline.core.errors import RcgError
+from pipeline.core.errors import RcgError, require_file
 from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb, resize_short_side
 from pipeline.data.shards import ShardSet
@@ -189,6 +189,7 @@ def restart_dead_codes(quantizer: VectorQuantizer, ema: CodebookEMA, z_flat: tor
 
 
 def run(params: Params) -> dict:
+    require_file(params.tokenizer.checkpoint, "tokenizer.checkpoint")
     out = params.paths.models / "tokenizer.pt"
     if params.tokenizer.checkpoint is not None:
         d = distributed.init()

@@ -131,7 +131,7 @@ def test_wrong_architecture_checkpoint_names_fields_keys_and_shapes(workspace):
 
 def test_bad_input(workspace):
     with pytest.raises(RcgError, match="encoder.checkpoint: file does not exist: .*missing.pth"):
-        micro_params(workspace, [f"encoder.checkpoint={workspace / 'missing.pth'}"])
+        pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={workspace / 'missing.pth'}"]))
     not_moco = workspace / "other.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, not_moco)
     with pytest.raises(RcgError, match="does not match the encoder architecture: .*missing keys"):

@@ -136,8 +136,6 @@ def test_bad_input_is_one_line(scored, tmp_path):
     np.savez(tmp_path / "other.npz", mu=np.zeros(7), sigma=np.eye(7))
     with pytest.raises(RcgError, match=r"\[7\] / \[7, 7\] statistics, but the judge space has 128-d"):
         score.run(params_for(root, reference_npz={"judge": str(tmp_path / "other.npz")}), "oracle")
-    with pytest.raises(RcgError, match="score.inception_weights: file does not exist"):
-        params_for(root, inception_weights=str(tmp_path / "missing.pth"))
     with pytest.raises(RcgError, match="score.reference_npz.encoder: encoder is not in score.spaces"):
         params_for(root, spaces=["judge"], reference_npz={"encoder": str(tmp_path / "other.npz")})
 

@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -41,11 +43,32 @@ def load_checkpoint(path: str | Path, safe_globals: tuple = ()) -> Any:
     path = Path(path)
     if not path.is_file():
         raise RcgError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise RcgError(f"cannot load checkpoint {path}: the file is empty (0 bytes), e.g. cut off by a full disk "
+                       "or a killed copy; write it again")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise RcgError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    except pickle.UnpicklingError as exc:
+        raise RcgError(f"cannot load checkpoint {path}: {_refusal(exc)}") from exc
+    except Exception as exc:  # torch raises several types for corrupt files, some with an empty message
+        raise RcgError(f"cannot load checkpoint {path}: {_first_line(exc)} (the file is damaged or not a "
+                       "PyTorch checkpoint)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's first non-empty line, or its type name when it has no message (torch's EOFError)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else f"{type(exc).__name__} (no message)"
+
+
+def _refusal(exc: BaseException) -> str:
+    """torch's weights-only refusal is a page of advice; keep the one sentence that says what was refused."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (f"it holds an object of type {found.group(1)}, which weights_only loading refuses (only tensors, "
+                "containers and allow-listed types are unpickled; the file was not loaded)")
+    return f"weights_only loading refused it: {_first_line(exc)}"
 
 
 def save_model_file(path: str | Path, fmt: str, config: dict, state_dict: dict,
@@ -58,8 +81,16 @@ def save_model_file(path: str | Path, fmt: str, config: dict, state_dict: dict,
                "summary": summary or {}}
     if ema_state_dict is not None:
         payload["ema_state_dict"] = {k: v.detach().cpu().contiguous() for k, v in ema_state_dict.items()}
-    with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically through a Python file, so a failed write (a full disk) surfaces as the OSError
+    it is, named by :func:`atomic_file`, instead of torch's ``enforce fail ... unexpected pos``."""
+    import torch
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_model_file(path: str | Path, fmt: str) -> dict:
@@ -83,8 +114,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _naming_write_errors(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -99,20 +131,40 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        yield tmp
-        replace_dir(tmp, path)
+        with _naming_write_errors(path, tmp):
+            yield tmp
+            replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def _naming_write_errors(path: Path, tmp: Path) -> Iterator[None]:
+    """An OSError while writing ``tmp`` (ENOSPC, EIO, EROFS carry no file name) becomes one line naming the
+    output ``path``; errors about other files keep their own names."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
+            raise
+        raise RcgError(f"cannot write {path}: {exc.strerror or exc} (nothing was replaced; "
+                       "free space or fix the folder, then rerun)") from exc
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` onto ``dst``, replacing any previous ``dst`` (old one removed after the swap)."""
+    """Move folder ``src`` onto ``dst``, all or nothing: a previous ``dst`` is set aside, and put back when the
+    second rename fails, so a finished output is never lost (it is removed only after the swap)."""
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
+                      ValidationError, field_validator, model_validator)
 from pydantic.fields import FieldInfo
 
 from pipeline.core.errors import RcgError
@@ -37,20 +37,6 @@ def how_to_run(default: Any) -> Any:
 
 def _is_how_to_run(info: FieldInfo) -> bool:
     return isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("how") == "run"
-
-
-def _checking_paths(info: ValidationInfo) -> bool:
-    return not (info.context or {}).get("skip_path_checks", False)
-
-
-def _existing_file(path: Path | None, key: str, info: ValidationInfo) -> None:
-    if path is not None and _checking_paths(info) and not Path(path).is_file():
-        raise ValueError(f"{key}: file does not exist: {path}")
-
-
-def _existing_dir(path: Path | None, key: str, info: ValidationInfo) -> None:
-    if path is not None and _checking_paths(info) and not Path(path).is_dir():
-        raise ValueError(f"{key}: folder does not exist: {path}")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -88,11 +74,9 @@ class Data(Section):
     builtin: BuiltinData = BuiltinData()
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Data":
+    def _check(self) -> "Data":
         if self.source == "folder" and self.folder is None:
             raise ValueError("data.folder: required when data.source is 'folder'")
-        _existing_dir(self.folder, "data.folder", info)
-        _existing_dir(self.val_folder, "data.val_folder", info)
         return self
 
 
@@ -171,11 +155,6 @@ class Encoder(Section):
     model: EncoderModel = EncoderModel()
     train: EncoderTrain = EncoderTrain()
 
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Encoder":
-        _existing_file(self.checkpoint, "encoder.checkpoint", info)
-        return self
-
 
 class Encode(Section):
     batch_size: PositiveInt = 256
@@ -251,8 +230,7 @@ class Rdm(Section):
     eval: RdmEval = RdmEval()
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Rdm":
-        _existing_file(self.checkpoint, "rdm.checkpoint", info)
+    def _check(self) -> "Rdm":
         if self.sample.steps > self.diffusion.timesteps:
             raise ValueError("rdm.sample.steps must be <= rdm.diffusion.timesteps")
         return self
@@ -316,11 +294,6 @@ class Tokenizer(Section):
     model: TokenizerModel = TokenizerModel()
     train: TokenizerTrain = TokenizerTrain()
     eval: TokenizerEval = TokenizerEval()
-
-    @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Tokenizer":
-        _existing_file(self.checkpoint, "tokenizer.checkpoint", info)
-        return self
 
 
 class Tokenize(Section):
@@ -406,8 +379,7 @@ class Pixel(Section):
     cluster: PixelCluster = PixelCluster()
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Pixel":
-        _existing_file(self.checkpoint, "pixel.checkpoint", info)
+    def _check(self) -> "Pixel":
         if self.train.batch_size % self.train.accum_steps:
             raise ValueError(f"pixel.train.batch_size ({self.train.batch_size}) must be divisible by "
                              f"pixel.train.accum_steps ({self.train.accum_steps})")
@@ -457,12 +429,10 @@ class Score(Section):
     min_samples: PositiveInt = 1000  # fewer samples: every figure of the setting carries a 'few_samples' warning
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "Score":
-        _existing_file(self.inception_weights, "score.inception_weights", info)
+    def _check(self) -> "Score":
         if not self.spaces and self.inception_weights is None:
             raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
-        for space, path in self.reference_npz.items():
-            _existing_file(path, f"score.reference_npz.{space}", info)
+        for space in self.reference_npz:
             if space != "inception" and space not in self.spaces:
                 raise ValueError(f"score.reference_npz.{space}: {space} is not in score.spaces")
         if "inception" in self.reference_npz and self.inception_weights is None:
@@ -672,9 +642,11 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def validate(tree: dict, check_paths: bool = True) -> Params:
+def validate(tree: dict) -> Params:
+    """The schema's checks only: files and folders are checked by the stage that reads them
+    (:func:`pipeline.core.errors.require_file`), so a stage runs while files it never reads are still missing."""
     try:
-        return Params.model_validate(tree, context={"skip_path_checks": not check_paths})
+        return Params.model_validate(tree)
     except ValidationError as err:
         raise RcgError(_format_error(err)) from None
 
@@ -687,13 +659,16 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
     return validate(tree)
 
 
-def preset(name: str) -> Params:
-    """A full Params from a named overlay in pipeline/presets/."""
+def preset(name: str, overrides: list[str] = ()) -> Params:
+    """A full Params from a named overlay in pipeline/presets/, plus ``key=value`` overrides."""
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
         raise RcgError(f"unknown preset {name!r} (known: {known})")
-    return validate(read_yaml(path), check_paths=False)
+    tree = read_yaml(path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return validate(tree)
 
 
 def dump_yaml(params: Params) -> str:

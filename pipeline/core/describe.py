@@ -25,13 +25,18 @@ def _shards(path: Path) -> dict:
 
 def _store(path: Path) -> dict:
     import zarr
+
+    from pipeline.data.stores import chunk_damage
     group = zarr.open_group(str(path), mode="r")
     attrs = group.attrs.asdict()
     arrays = {name: {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
               for name, arr in group.arrays()}
     done = group["done"][:] if "done" in group else None
-    out = {"kind": "zarr store", "path": str(path), "complete": attrs.get("complete"), "arrays": arrays,
-           "identity": attrs.get("identity")}
+    damage = chunk_damage(path, attrs)
+    out = {"kind": "zarr store", "path": str(path), "complete": bool(attrs.get("complete")) and damage is None,
+           "arrays": arrays, "identity": attrs.get("identity")}
+    if damage:
+        out["damage"] = damage
     if done is not None:
         out["chunks_done"] = f"{int(done.sum())}/{len(done)}"
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import RcgError
-from pipeline.data.stores import FORMAT_VERSION, StoreWriter, open_store
+from pipeline.data.stores import FORMAT_VERSION, StoreWriter, chunk_write_errors, open_store
 
 ARRAY = "images"
 
@@ -65,12 +65,13 @@ class SampleWriter(StoreWriter):
             raise RcgError(f"chunk {chunk}: expected {len(r)} uint8 images, got {images.shape[0]} {images.dtype}")
         if (reps is None) != (self.rep_dim is None) or (labels is None) == self.with_labels:
             raise RcgError(f"chunk {chunk}: the conditioning does not match the store's arrays")
-        self.group[ARRAY][r.start:r.stop] = images
-        if reps is not None:
-            self.group["reps"][r.start:r.stop] = reps.astype(np.float32)
-        if labels is not None:
-            self.group["labels"][r.start:r.stop] = labels.astype(np.int64)
-        self.group["done"][chunk] = 1
+        with chunk_write_errors(self.partial, chunk):
+            self.group[ARRAY][r.start:r.stop] = images
+            if reps is not None:
+                self.group["reps"][r.start:r.stop] = reps.astype(np.float32)
+            if labels is not None:
+                self.group["labels"][r.start:r.stop] = labels.astype(np.int64)
+            self.group["done"][chunk] = 1
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.artifacts import atomic_file, load_checkpoint
+from pipeline.core.artifacts import load_checkpoint, save_torch
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 
@@ -35,8 +35,7 @@ class TrainState:
                  "modules": {name: m.state_dict() for name, m in modules.items()}, "extra": extra or {}}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        with atomic_file(self.path) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, self.path)
 
     def load(self, modules: dict[str, object]) -> tuple[int, dict]:
         """Restore into ``modules`` and return (step, extra); (0, {}) when there is nothing to resume."""
