@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 import torch
 import typer
 import yaml
+from PIL import Image
 from zarr.storage import LocalStore
 
 from conftest import micro_params
@@ -28,6 +31,7 @@ from pipeline.core.config import dump_yaml
 from pipeline.core.describe import describe
 from pipeline.core.errors import RcgError
 from pipeline.core.locks import STAGE_OUTPUTS, locked_outputs, lock_path, stage_outputs
+from pipeline.data.images import ImagePolicy, check_image
 from pipeline.data.sample_store import SampleWriter, open_samples
 from pipeline.data.stores import StoreWriter, open_store, partial_path
 from pipeline.train.state import TrainState
@@ -284,9 +288,10 @@ def test_an_empty_model_file_says_it_is_empty(tmp_path):
 
 def test_a_truncated_checkpoint_names_the_cause_even_when_torch_gives_none(tmp_path):
     path = tmp_path / "encoder.pt"
-    torch.save({"w": torch.ones(100)}, path)
-    path.write_bytes(path.read_bytes()[:7])
-    with pytest.raises(RcgError, match=f"cannot load checkpoint {path}: .*damaged or not a PyTorch checkpoint"):
+    torch.save({"w": torch.ones(100)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:5])  # torch raises EOFError('')
+    with pytest.raises(RcgError, match=f"cannot load checkpoint {path}: EOFError \\(no message\\) \\(the file is "
+                                       "damaged or not a PyTorch checkpoint\\)"):
         load_checkpoint(path)
 
 
@@ -303,3 +308,122 @@ def test_the_weights_only_refusal_is_one_whole_sentence(tmp_path):
     assert message == (f"cannot load checkpoint {path}: it holds an object of type test_integrity.NotAllowed, which "
                        "weights_only loading refuses (only tensors, containers and allow-listed types are "
                        "unpickled; the file was not loaded)")
+
+
+# ------------------------------------------------------------------------------------------ image modes
+def encoded(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def png_rgb16(values: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (PIL cannot write one)."""
+    h, w, _ = values.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def tiff_rgb16(values: np.ndarray) -> bytes:
+    """A 16-bit RGB TIFF, one uncompressed strip (PIL cannot write one)."""
+    h, w, _ = values.shape
+    data = values.astype("<u2").tobytes()
+    entries = [(256, w), (257, h), (258, None), (259, 1), (262, 2), (273, None), (277, 3), (278, h), (279, len(data)),
+               (284, 1)]
+    bits_at = 8 + 2 + 12 * len(entries) + 4
+    out = b"II*\0" + struct.pack("<IH", 8, len(entries))
+    for tag, value in entries:
+        if tag == 258:
+            out += struct.pack("<HHII", tag, 3, 3, bits_at)
+        elif tag in (273, 279):
+            out += struct.pack("<HHII", tag, 4, 1, bits_at + 6 if tag == 273 else value)
+        else:
+            out += struct.pack("<HHIHH", tag, 3, 1, value, 0)
+    return out + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255
+    return np.round(rgb * a + 255 * (1 - a))
+
+
+RNG = np.random.default_rng(24)
+GRAY = RNG.integers(0, 256, (16, 12)).astype(np.uint8)
+ALPHA = RNG.integers(0, 256, (16, 12)).astype(np.uint8)
+RGB = RNG.integers(0, 256, (16, 12, 3)).astype(np.uint8)
+DEEP = RNG.integers(0, 65536, (16, 12)).astype(np.uint16)
+DEEP_RGB = RNG.integers(0, 65536, (16, 12, 3)).astype(np.uint16)
+CMYK = RNG.integers(0, 256, (16, 12, 4)).astype(np.uint8)
+PALETTE = RNG.integers(0, 256, (256, 3)).astype(np.uint8)
+INDEX = RNG.integers(0, 8, (16, 12)).astype(np.uint8)
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    y, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
+    return np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                     y + 1.772 * (cb - 128)], -1).round().clip(0, 255)
+
+
+def gray3(values) -> np.ndarray:
+    return np.repeat(np.asarray(values, dtype=np.float64)[..., None], 3, -1)
+
+
+def palette_case() -> tuple[bytes, np.ndarray]:
+    img = Image.fromarray(INDEX, "P")
+    img.putpalette(PALETTE.tobytes())
+    expected = PALETTE[INDEX].astype(np.float64)
+    expected[INDEX == 3] = 255  # index 3 is transparent: the viewer's white shows through
+    return encoded(img, "PNG", transparency=3), expected
+
+
+def exif_rotated_jpeg() -> tuple[bytes, np.ndarray]:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    data = encoded(Image.fromarray(RGB), "JPEG", quality=95, exif=exif.tobytes())
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+    return data, np.rot90(stored, k=-1)
+
+
+MODE_CASES = {  # name: (file bytes, the RGB a viewer shows, tolerance)
+    "1": lambda: (encoded(Image.fromarray(GRAY > 127), "PNG"), gray3((GRAY > 127) * 255), 0),
+    "L": lambda: (encoded(Image.fromarray(GRAY), "PNG"), gray3(GRAY), 0),
+    "LA": lambda: (encoded(Image.fromarray(np.stack([GRAY, ALPHA], -1), "LA"), "PNG"),
+                   on_white(gray3(GRAY), ALPHA), 1),
+    "P with transparency": lambda: (*palette_case(), 0),
+    "RGBA": lambda: (encoded(Image.fromarray(np.concatenate([RGB, ALPHA[..., None]], -1), "RGBA"), "PNG"),
+                     on_white(RGB.astype(np.float64), ALPHA), 1),
+    "I;16 (16-bit gray PNG)": lambda: (encoded(Image.fromarray(DEEP), "PNG"), gray3(np.round(DEEP / 257)), 0),
+    "I;16B (big-endian TIFF)": lambda: (encoded(Image.frombytes("I;16B", (12, 16), DEEP.astype(">u2").tobytes()),
+                                                "TIFF"), gray3(np.round(DEEP / 257)), 0),
+    "I (32-bit TIFF)": lambda: (encoded(Image.fromarray(DEEP.astype(np.int32)), "TIFF"),
+                                gray3(np.round(DEEP / 257)), 0),
+    "F (float TIFF, 0..1)": lambda: (encoded(Image.fromarray((DEEP / 65535).astype(np.float32)), "TIFF"),
+                                     gray3(np.round(DEEP / 257)), 0),
+    "CMYK": lambda: (encoded(Image.fromarray(CMYK, "CMYK"), "TIFF"),
+                     np.round((255 - CMYK[..., :3].astype(np.float64)) * (255 - CMYK[..., 3:]) / 255), 1),
+    "YCbCr": lambda: (encoded(Image.fromarray(RGB, "YCbCr"), "TIFF"), ycbcr_to_rgb(RGB), 1),
+    "16-bit RGB PNG": lambda: (png_rgb16(DEEP_RGB), np.round(DEEP_RGB / 257), 1),
+    "16-bit RGB TIFF": lambda: (tiff_rgb16(DEEP_RGB), np.round(DEEP_RGB / 257), 1),
+    "EXIF-rotated JPEG": lambda: (*exif_rotated_jpeg(), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_every_mode_becomes_the_rgb_a_viewer_shows(case):
+    data, expected, tolerance = MODE_CASES[case]()
+    accepted = check_image(data, ImagePolicy())
+    assert not isinstance(accepted, str), accepted
+    got = np.asarray(Image.open(io.BytesIO(accepted.data)), dtype=np.float64)
+    assert got.shape == expected.shape and (accepted.width, accepted.height) == (got.shape[1], got.shape[0])
+    assert np.abs(got - expected).max() <= tolerance, case
+
+
+def test_a_sixteen_bit_png_keeps_its_brightness():
+    """The issue's probe: a 16-bit gray PNG spanning 0..65416 stored with mean ~253 and 99% of pixels at 255."""
+    ramp = np.linspace(0, 65416, 64 * 64).reshape(64, 64).astype(np.uint16)
+    stored = np.asarray(Image.open(io.BytesIO(check_image(encoded(Image.fromarray(ramp), "PNG"), ImagePolicy()).data)))
+    assert abs(stored.mean() - ramp.mean() / 257) < 0.5 and (stored == 255).mean() < 0.01

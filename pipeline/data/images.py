@@ -1,8 +1,9 @@
 """Decode-and-validate for the shard stage: every file is fully decoded once, then kept or converted.
 
-A file is kept byte-for-byte when it is an 8-bit RGB JPEG or PNG and no resize is asked for; anything
-else that decodes (grayscale, CMYK, palette, RGBA, 16-bit, other formats) becomes RGB and is re-encoded.
-Every failure is a reason string for ``rejects.parquet``, never an exception.
+A file is kept byte-for-byte when it is an upright 8-bit RGB JPEG or PNG without transparency and no resize
+is asked for; anything else that decodes (grayscale, CMYK, YCbCr, palette, alpha, 16-bit and 32-bit integer,
+float, other formats, an EXIF rotation) becomes the 8-bit RGB picture a viewer shows (:func:`to_rgb8`) and is
+re-encoded. Every failure is a reason string for ``rejects.parquet``, never an exception.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode to grey
 Image.MAX_IMAGE_PIXELS = None            # our own max_pixels check runs first, on the header
 
 KEEP_AS_IS = {("JPEG", "RGB"): "jpg", ("PNG", "RGB"): "png"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+EXIF_ORIENTATION = 0x0112
 
 
 def _reason(prefix: str, exc: Exception) -> str:
@@ -49,6 +54,31 @@ class Accepted:
 def _is_8bit_rgb_png(img: Image.Image) -> bool:
     """PIL opens 16-bit RGB PNGs as mode 'RGB' too; only the raw mode tells them apart."""
     return all(tile[3] == "RGB" for tile in img.tile)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a viewer shows for any PIL mode: the EXIF orientation applied; 16-bit (and 32-bit
+    integer, read as 16-bit) samples scaled by 255/65535 and float samples read as 0..1, never clipped at 255 (a
+    16-bit PNG would turn almost white); transparency (alpha, a palette's or a colour key) composited on white;
+    CMYK, YCbCr, 1-bit and palettes through PIL's conversions."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+        scale = 255 / 65535 if img.mode != "F" else 255.0
+        values = np.asarray(img, dtype=np.float64) * scale
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if "transparency" in img.info and img.mode not in ALPHA_MODES:
+        img = img.convert("RGBA")
+    if img.mode in ALPHA_MODES:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+        alpha = rgba[..., 3:]
+        rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    return img.convert("RGB")
+
+
+def _needs_conversion(img: Image.Image) -> bool:
+    """A JPEG/PNG decoded as RGB that still does not show as stored: a colour key or an EXIF rotation."""
+    return "transparency" in img.info or img.getexif().get(EXIF_ORIENTATION, 1) != 1
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
@@ -86,10 +116,13 @@ def check_image(data: bytes, policy: ImagePolicy) -> Accepted | str:
             img.load()
     except Exception as exc:
         return _reason("corrupt or truncated image", exc)
-    keep_ext = KEEP_AS_IS.get((fmt, mode)) if raw_is_rgb8 else None
+    keep_ext = KEEP_AS_IS.get((fmt, mode)) if raw_is_rgb8 and not _needs_conversion(img) else None
     if keep_ext and policy.resize_short_side is None:
         return Accepted(data, keep_ext, w, h, hashlib.sha256(data).hexdigest())
-    rgb = img.convert("RGB")
+    try:
+        rgb = to_rgb8(img)
+    except Exception as exc:  # a mode PIL cannot bring to RGB (LAB, HSV, multi-channel TIFF)
+        return _reason(f"cannot convert mode {mode} to RGB", exc)
     if policy.resize_short_side is not None:
         rgb = resize_short_side(rgb, policy.resize_short_side)
     out = io.BytesIO()
