@@ -3,7 +3,7 @@
 One instance per conditioning (``pixel.conditionings``): ``rep`` (RCG), ``none`` (the unconditional MAGE baseline:
 the same network, the slot always ``fake_latent``), ``class`` (store labels) and ``cluster`` (k-means ids of the
 stored reps). No image is decoded and neither the VQGAN nor the encoder runs: a step gathers (tokens[i, v],
-reps[i, v]) pairs from memory. With ``pixel.checkpoint`` set, the ``rep`` generator is the official RCG MAGE file,
+reps[i, v]) pairs from the memory-mapped stores. With ``pixel.checkpoint`` set, the ``rep`` generator is the official RCG MAGE file,
 checked against the stores and evaluated instead of trained. Writes ``data/models/pixel-<cond>.pt``, the curves
 ``metrics/plots/train_pixel-<cond>.csv`` and ``metrics/pixel-<cond>.json``.
 """
@@ -56,7 +56,7 @@ def conditioning_input(data: PixelData, conditioning: str, rows: torch.Tensor,
                        views: torch.Tensor) -> torch.Tensor | None:
     """What the slot is built from: reps[i, v] (rep), labels[i] (class/cluster), nothing (none)."""
     if conditioning == "rep":
-        return data.reps[rows, views]
+        return data.reps_at(rows, views)
     return data.labels[rows] if conditioning in ("class", "cluster") else None
 
 
@@ -87,7 +87,7 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     def step(micro: tuple, it: int) -> dict:
         rows, views, gen = micro
         c = conditioning_input(data, conditioning, rows, views)
-        loss, accuracy = masked_token_loss(model, data.tokens[rows, views].long(), c, gen, net=net)
+        loss, accuracy = masked_token_loss(model, data.tokens_at(rows, views), c, gen, net=net)
         return {"loss": loss, "accuracy": accuracy}
 
     def stream():
@@ -141,7 +141,7 @@ def run(params: Params, item: str) -> dict:
         views = torch.zeros_like(rows)  # view 0: the centre crop
         scope = ema.swapped_in(model) if ema is not None else contextlib.nullcontext()
         with scope:
-            metrics.update(masked_token_eval(model, data.tokens[rows, views].long(),
+            metrics.update(masked_token_eval(model, data.tokens_at(rows, views),
                                              conditioning_input(data, conditioning, rows, views), p.eval.mask_ratio,
                                              seeded_generator(device, params.seed, EVAL), p.eval.batch_size))
     summary["eval_seconds"] = round(time.perf_counter() - tic, 2)

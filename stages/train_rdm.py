@@ -32,7 +32,7 @@ def run(params: Params) -> dict:
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()
     store = load_store(params.paths.reps, params.rdm.model, device)
-    stats = store_stats(store.reps)
+    stats = store_stats(store.reps, device=device)
     if params.rdm.checkpoint is not None:
         if d.world > 1:
             raise RcgError("importing rdm.checkpoint needs no torchrun: run it on one process")

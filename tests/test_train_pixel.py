@@ -46,20 +46,23 @@ def params_for(root: Path, *overrides: str, extra: dict | None = None):
 
 
 def write_stores(root: Path, index: str = "a" * 64, views: int = V, seed: int = 0, nan_row: int | None = None,
-                 tokenizer_file: Path | None = None) -> None:
-    """A token store and a rep store as tokenize / encode write them (identity layout included), made of random
-    tokens whose first id tells the class: enough for the pixel stage to have something to learn."""
+                 tokenizer_file: Path | None = None, n: int = N, bad_token: tuple[int, ...] | None = None) -> None:
+    """A token store and a rep store of ``n`` images as tokenize / encode write them (identity layout included),
+    made of random tokens whose first id tells the class: enough for the pixel stage to have something to learn.
+    ``bad_token``: a (row, view, y, x) that holds the id K, one past the codebook."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(N) % CLASSES
-    tokens = rng.integers(0, K, (N, views, H, W)).astype(np.uint16)
-    reps = rng.standard_normal((N, views, D)).astype(np.float32)
+    labels = np.arange(n) % CLASSES
+    tokens = rng.integers(0, K, (n, views, H, W)).astype(np.uint16)
+    reps = rng.standard_normal((n, views, D)).astype(np.float32)
     tokens[:, :, 0, 0] = labels[:, None]
     reps[:, :, 0] += labels[:, None]
-    pair = np.arange(N * views).reshape(N, views)  # which (image, view) a token grid / rep is: they must meet
+    pair = np.arange(n * views).reshape(n, views)  # which (image, view) a token grid / rep is: they must meet
     tokens[:, :, 0, 1], reps[:, :, 1] = pair % K, pair
     if nan_row is not None:
         reps[nan_row, 0, 3] = np.nan
-    shared = {"views": {"count": views, "crop": 16}, "index": {"sha256": index, "split": "train", "rows": N}}
+    if bad_token is not None:
+        tokens[bad_token] = K
+    shared = {"views": {"count": views, "crop": 16}, "index": {"sha256": index, "split": "train", "rows": n}}
     tok_sha = file_sha256(tokenizer_file) if tokenizer_file else "b" * 64
     stores = {"tokens": ({**shared, "tokenizer": {"sha256": tok_sha, "config": {"model": VQ}}, "grid": [H, W],
                           "codebook_size": K}, tokens, "uint16"),

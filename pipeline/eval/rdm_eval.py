@@ -32,8 +32,8 @@ def gaussian_draws(stats: tuple[np.ndarray, np.ndarray], m: int, draws: int, gen
 def draw_reps(store: RepStore, m: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """M (image, view) pairs drawn i.i.d. with replacement: (reps [M, D], rows [M])."""
     n, v, _ = store.shape
-    rows = torch.randint(n, (m,), generator=gen, device=store.reps.device)
-    return store.reps[rows, torch.randint(v, (m,), generator=gen, device=store.reps.device)], rows
+    rows = torch.randint(n, (m,), generator=gen, device=store.device)
+    return store.gather(rows, torch.randint(v, (m,), generator=gen, device=store.device)), rows
 
 
 def _fd(draw: torch.Tensor, ref: tuple[np.ndarray, np.ndarray]) -> float:
@@ -68,7 +68,7 @@ def evaluate(rdm: Rdm, seed: int, model: RDM, ema: EMA | None, store: RepStore, 
         if keep.sum() < ev.knn_k:
             raise RcgError(f"rdm.eval.num_samples ({m}) leaves fewer than rdm.eval.knn_k ({ev.knn_k}) of the "
                            f"store's {n} images undrawn for the k-NN class-agreement bank; lower it")
-        bank = (store.reps[keep, 0], store.labels[keep])
+        bank = (store.reps[keep.cpu(), 0].to(device), store.labels[keep])
     labels = store.labels[rows] if rdm.model.class_cond else torch.zeros_like(rows)
 
     diffusion = GaussianDiffusion(**rdm.diffusion.model_dump()).to(device)
