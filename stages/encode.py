@@ -34,7 +34,7 @@ def finish(params: Params, writer: StoreWriter, stats: dict) -> dict:
 
 
 def run(params: Params) -> dict:
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     writer, stats = build_rep_store(params, d, device_for(params.runtime, d.local_rank))
     d.barrier()
     summary = finish(params, writer, stats) if d.is_main else stats

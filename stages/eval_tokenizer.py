@@ -28,7 +28,7 @@ PARAMS = ["views", "tokenizer.eval"]
 
 
 def run(params: Params) -> dict:
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     out = params.paths.metrics / "tokenizer.json"
     summary = {}
     if d.is_main:

@@ -113,7 +113,7 @@ def pretrain(params: Params, d: Dist) -> dict:
 
 def run(params: Params) -> dict:
     require_file(params.encoder.checkpoint, "encoder.checkpoint")
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     if params.encoder.checkpoint is None:
         return pretrain(params, d)
     summary = import_official(params) if d.is_main else {}

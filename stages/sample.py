@@ -43,7 +43,7 @@ def dvc_files(params: Params, name: str) -> Files:
 
 def run(params: Params, item: str) -> dict:
     """``rcg sample SETTING``: the DVC stage instance ``sample@SETTING``."""
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     setting = _setting(params.sample, item)
     return fill_samples(item, setting, params.sample, dvc_files(params, item),
                         device_for(params.runtime, d.local_rank), d)
@@ -54,7 +54,7 @@ def run_files(params: Params, item: str, out: Path, pixel: Path, tokenizer: Path
     """Offline ``rcg sample SETTING --out DIR --pixel FILE --tokenizer FILE [--rdm FILE] [--reps STORE]
     [--shards DIR]``: any model files (ours or official), outside the DVC graph, into ``DIR/<setting>.zarr`` and
     ``DIR/figures/<setting>/``; the setting and counts come from the params as in the stage."""
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     setting = _setting(params.sample, item)
     for path, flag in ((pixel, "--pixel"), (tokenizer, "--tokenizer"), (rdm, "--rdm"), (reps, "--reps"),
                        (shards, "--shards")):

@@ -14,7 +14,7 @@ PARAMS = ["views", "tokenize"]
 
 
 def run(params: Params) -> dict:
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     writer, stats = build_token_store(params, d, device_for(params.runtime, d.local_rank))
     d.barrier()
     summary = stats

@@ -93,7 +93,7 @@ def accuracy(model: Judge, images: torch.Tensor, labels: torch.Tensor, device: t
 
 
 def run(params: Params) -> dict:
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     device = device_for(params.runtime, d.local_rank)
     shards = ShardSet(params.paths.shards, "train")
     labels = np.asarray(shards.labels)

@@ -64,7 +64,7 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
           device: torch.device) -> tuple[MAGE, EMA | None, dict]:
     """Train (or resume) MAGE on the store pairs with the MAGE recipe; -> (model, EMA or None, loop summary)."""
     t = params.pixel.train
-    torch.manual_seed(params.seed)  # identical init on every rank
+    torch.manual_seed(params.seed)  # identical init on every rank (the loop then seeds dropout per rank and step)
     model = MAGE(**kwargs).to(device)
     if t.codebook_init:
         model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", params.paths.tokens,
@@ -111,7 +111,7 @@ def run(params: Params, item: str) -> dict:
     if conditioning not in params.pixel.conditionings:
         raise RcgError(f"train_pixel: {item!r} is not in pixel.conditionings {params.pixel.conditionings}")
     require_file(params.pixel.checkpoint if conditioning == "rep" else None, "pixel.checkpoint")
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()
     p, paths = params.pixel, params.paths

@@ -28,7 +28,7 @@ PARAMS = ["seed", "rdm"]
 # ------------------------------------------------------------------------------------------------- run
 def run(params: Params) -> dict:
     require_file(params.rdm.checkpoint, "rdm.checkpoint")
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()
     store = load_store(params.paths.reps, params.rdm.model, device)

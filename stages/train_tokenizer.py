@@ -87,7 +87,7 @@ def _all_reduce_(t: torch.Tensor, d: distributed.Dist) -> torch.Tensor:
 
 def train(params: Params, out: Path) -> dict:
     tk, tr = params.tokenizer, params.tokenizer.train
-    d = distributed.init()
+    d = distributed.init(params.runtime)
     device = device_for(params.runtime, d.local_rank)
     kwargs = model_kwargs(tk.model)
     n_embed = kwargs["n_embed"]
@@ -192,7 +192,7 @@ def run(params: Params) -> dict:
     require_file(params.tokenizer.checkpoint, "tokenizer.checkpoint")
     out = params.paths.models / "tokenizer.pt"
     if params.tokenizer.checkpoint is not None:
-        d = distributed.init()
+        d = distributed.init(params.runtime)
         summary = import_official(params, out) if d.is_main else {"output": str(out)}
         d.barrier()
         return summary

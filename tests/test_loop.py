@@ -113,10 +113,11 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = distributed.init()
+    params = micro_params(Path(root))
+    d = distributed.init(params.runtime)
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
-    loop = TrainLoop("toy", micro_params(Path(root)), d, CPU, steps=3, identity={}, modules={"model": model},
+    loop = TrainLoop("toy", params, d, CPU, steps=3, identity={}, modules={"model": model},
                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1), accum=2, log_every=1,
                      checkpoint_every=3, samples_per_step=8)
     net = loop.wrap(model)

@@ -518,6 +518,13 @@ class Runtime(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: NonNegativeInt = 0  # torch intra-op threads; 0 = torch's default
     compile: bool = False        # torch.compile the model wherever the training loop runs it
+    # `rcg <stage>` reruns a stage that shares its work across ranks under this command when it is not already
+    # under torchrun, so that `dvc repro` trains on every GPU: e.g. "torchrun --nproc-per-node 8", or on each of
+    # several nodes "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
+    launcher: str | None = None
+    # how long a rank waits at a barrier while rank 0 works alone (k-NN probe, RDM eval, figures, accuracy
+    # passes); the barriers run on a CPU (gloo) group, so NCCL's own watchdog never sees these waits
+    barrier_timeout_minutes: PositiveInt = 180
 
 
 class Params(Section):

@@ -4,7 +4,8 @@ A saved training state is reused only when the run that wrote it would compute t
 what-to-compute params (every key under the sections the stage names, minus the fields the schema marks
 ``how_to_run``: workers, cadences, threads, the runtime section) and the same input content (the shard index hash,
 the stores' identities, upstream model-file hashes). A change of any of them starts training over; a change of how
-to run resumes.
+to run resumes, and so does a change of the number of ranks (pipeline.train.loop says what is then not
+bit-identical).
 """
 
 from __future__ import annotations

@@ -16,6 +16,19 @@ The step function ``step_fn(batch, it) -> logs`` returns a dict of scalars (0-d 
 ``accum``) and steps; without one the step does its own backward and updates (the tokenizer: two optimizers and
 a codebook EMA) and may use :meth:`TrainLoop.autocast`. Logged values are averaged over each log interval with
 one host sync per interval, then over ranks.
+
+Randomness inside the step that takes no generator (dropout) draws from torch's global stream, which the loop
+seeds before every iteration from (seed, iteration, rank): each rank draws its own dropout masks (the official
+recipe seeds seed + rank), and iteration ``it`` draws the same ones whether the run is fresh or resumed. Stages
+seed the initial weights with ``params.seed`` alone, so every rank starts from the same model.
+
+Resume across world sizes: the world size is not part of the resume identity, so a run killed on 8 GPUs continues
+on 4 (or 1) from its last checkpoint with the same global batch, lr schedule and data order (the step-indexed
+batchers cut one global batch per iteration and give each rank its slice). It is then not bit-identical to an
+uninterrupted run on one world size: whatever is drawn per rank (dropout masks, the views and noise streams the
+batchers seed with the rank) is drawn in other slices, the gradient all-reduce sums in another order (float
+rounding), and BatchNorm without SyncBatchNorm (MoCo's heads under gloo) normalises over per-rank batches of
+another size.
 """
 
 from __future__ import annotations
@@ -34,8 +47,11 @@ from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
 from pipeline.train.ema import EMA
+from pipeline.train.rng import stream_seed
 from pipeline.train.schedules import Schedule, set_lr
 from pipeline.train.state import CurveLog, TrainState
+
+DROPOUT = 16  # the stream purpose of the per-iteration global seed (pipeline.train.rng), below params.seed
 
 Logs = Mapping[str, "torch.Tensor | float"]
 StepFn = Callable[[Any, int], Logs]
@@ -58,8 +74,8 @@ class TrainLoop:
     ``state_dict``/``load_state_dict``); ``optimizer`` and ``ema`` are added when not among them. They are restored
     here, so :attr:`start` (the iteration to resume at) and :attr:`extra` (what ``extra_state`` returned at the
     last checkpoint) are known before :meth:`run`. ``identity`` is the resume identity
-    (pipeline.train.identity.resume_identity); the world size is added to it. ``samples_per_step`` is the global
-    number of samples per update, for ``samples_per_s``.
+    (pipeline.train.identity.resume_identity): without the world size, which may change between a kill and the
+    resume. ``samples_per_step`` is the global number of samples per update, for ``samples_per_s``.
     """
 
     def __init__(self, name: str, params: Params, d: Dist, device: torch.device, *, steps: int, identity: dict,
@@ -71,7 +87,7 @@ class TrainLoop:
             raise RcgError(f"{name}: the loop's EMA needs both ema and ema_model")
         if accum < 1 or (accum > 1 and optimizer is None):
             raise RcgError(f"{name}: gradient accumulation ({accum}) needs the loop's optimizer")
-        self.name, self.d, self.device, self.steps = name, d, device, steps
+        self.name, self.d, self.device, self.steps, self.seed = name, d, device, steps, params.seed
         self.log_every, self.checkpoint_every, self.samples_per_step = log_every, checkpoint_every, samples_per_step
         self.optimizer, self.lr, self.grad_clip, self.accum = optimizer, lr, grad_clip, accum
         self.lr_optimizers = list(lr_optimizers) or ([optimizer] if optimizer is not None else [])
@@ -83,7 +99,7 @@ class TrainLoop:
         for key, obj in (("optimizer", optimizer), ("ema", ema)):
             if obj is not None and all(obj is not m for m in self.modules.values()):
                 self.modules[key] = obj
-        self.state = TrainState(params.paths.state / f"{name}.pt", {**identity, "world": d.world})
+        self.state = TrainState(params.paths.state / f"{name}.pt", identity)
         self.start, self.extra = self.state.load(self.modules)
         self.final: dict[str, float] = self.extra.get("final", {})  # the last logged figures
         self._ddp: DistributedDataParallel | None = None
@@ -166,6 +182,7 @@ class TrainLoop:
         tic = time.perf_counter()
         done = self.start
         for it, batch in zip(range(self.start, self.steps), batches):
+            torch.manual_seed(stream_seed(self.seed, DROPOUT, it, self.d.rank))
             if self.lr is not None:
                 lr = self.lr(it)
                 for opt in self.lr_optimizers:

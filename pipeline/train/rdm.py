@@ -35,7 +35,7 @@ def train_rdm(params: Params, store: RepStore, stats: tuple[np.ndarray, np.ndarr
     cfg, t = params.rdm, params.rdm.train
     if t.batch_size % d.world:
         raise RcgError(f"rdm.train.batch_size ({t.batch_size}) must be divisible by the {d.world} ranks")
-    torch.manual_seed(params.seed)  # identical init on every rank
+    torch.manual_seed(params.seed)  # identical init on every rank (the loop then seeds dropout per rank and step)
     kwargs = rdm_kwargs(cfg.model)
     model = RDM(**kwargs)
     model.whitening.fit(*(torch.from_numpy(a) for a in stats), cfg.model.whiten_power, cfg.model.whiten_eps)
