@@ -217,6 +217,26 @@ def test_launch_command_reruns_the_same_stage_command_under_the_launcher():
                     "--set", "pixel.train.steps=3", "--set", "seed=1", "--debug"]
 
 
+def test_only_a_distributed_stage_outside_torchrun_that_is_no_import_is_relaunched(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(cli.os, "execvpe", lambda file, argv, env: launched.append((file, argv, env[cli.LAUNCHED])))
+    for key in ("WORLD_SIZE", cli.LAUNCHED):
+        monkeypatch.delenv(key, raising=False)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    params = micro_params(tmp_path, [f"runtime.launcher={torchrun} --nproc-per-node 2"])
+    cli._relaunch("train_rdm", params, None, Path("p.yaml"), [], False)
+    assert launched == [(torchrun, cli.launch_command(params.runtime.launcher, "train_rdm", None, Path("p.yaml"), [],
+                                                      False), "1")]
+    launched.clear()
+    cli._relaunch("score", params, "rcg", Path("p.yaml"), [], False)  # one process's work
+    imports = micro_params(tmp_path, [f"runtime.launcher={torchrun}", "rdm.checkpoint=official.pth"])
+    cli._relaunch("train_rdm", imports, None, Path("p.yaml"), [], False)  # an import: rank 0's work alone
+    cli._relaunch("train_rdm", micro_params(tmp_path), None, Path("p.yaml"), [], False)  # no launcher
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli._relaunch("train_rdm", params, None, Path("p.yaml"), [], False)  # already under torchrun
+    assert launched == []
+
+
 def test_the_launcher_is_how_to_run_and_a_missing_one_is_one_line(tmp_path):
     assert not [key for key in what_to_compute() if key.startswith("runtime")]
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
