@@ -9,11 +9,14 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from pipeline.core.errors import RcgError
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Params
 
 app = typer.Typer(help="RCG pipeline: run any stage alone (dvc repro runs them all).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -145,8 +148,6 @@ for _name, _help in [
     _stage_command(_name, _help)
 _item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",
                     "Train the MAGE pixel generator on data/tokens.zarr + data/reps.zarr (or import the official one).")
-_item_stage_command("score", "Sample setting: rcg, rcg_cfg, baseline, oracle, class or cluster.",
-                    "Score a setting's samples (judge, encoder, Inception) -> metrics/score/<setting>.json.")
 
 
 @app.command()
@@ -183,6 +184,27 @@ def make_builtin(out: Path, count: int = 100, size: int = 32, seed: int = 0, spl
 FileOpt = Annotated[Optional[Path], typer.Option(help="A model file (ours or official); default: the project's.")]
 OfflineFile = Annotated[Optional[Path], typer.Option(help="Offline: a model file, ours or official (--rdm for RDM "
                                                           "reps only).")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Offline: take the settings from this preset (e.g. "
+                                                       "imagenet256_vitb: RCG's official sampler) instead of --params.")]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def offline_params(params_file: Path, preset_name: str | None, overrides: list[str] | None) -> tuple[Params, str]:
+    """The params of an offline command and where they came from (for its log): ``--preset NAME``, else the params
+    file (``params.yaml`` when it exists here), else the built-in defaults; ``--set`` on top of either."""
+    from pipeline.core.config import load_params, preset
+    overrides = overrides or []
+    if preset_name is not None:
+        if params_file != DEFAULT_PARAMS:
+            raise RcgError("--preset and --params both give the settings: give one")
+        params, source = preset(preset_name, overrides), f"preset {preset_name}"
+    elif params_file.exists() or params_file != DEFAULT_PARAMS:
+        params, source = load_params(params_file, overrides), f"params file {params_file}"
+    else:
+        params = load_params(None, overrides)
+        source = ("the built-in defaults, the default CPU run's (no params.yaml here; --preset imagenet256_vitb "
+                  "gives RCG's official sampler)")
+    return params, source + "".join(f" + --set {o}" for o in overrides)
 
 
 @app.command()
@@ -193,21 +215,22 @@ def sample(setting: Annotated[str, typer.Argument(help="A name in sample.setting
                                                             "OUT/figures/<setting>/ from the files given.")] = None,
            pixel: OfflineFile = None, tokenizer: OfflineFile = None, rdm: OfflineFile = None,
            reps: Annotated[Optional[Path], typer.Option(help="Offline: a reps.zarr (oracle reps, figures).")] = None,
-           shards: Annotated[Optional[Path], typer.Option(help="Offline: a shard folder (figures).")] = None) -> None:
+           shards: Annotated[Optional[Path], typer.Option(help="Offline: a shard folder (figures).")] = None,
+           preset: PresetOpt = None) -> None:
     """Generate one setting's images -> data/samples/<setting>.zarr + metrics/figures/<setting>/ (or, with --out,
-    from any model files given by path, outside the DVC graph)."""
+    from any model files given by path, outside the DVC graph, with the sampler of --preset or --params)."""
     if out is None:
-        if any(v is not None for v in (pixel, tokenizer, rdm, reps, shards)):
-            _fail("sample", "--pixel/--tokenizer/--rdm/--reps/--shards are for the offline mode: add --out DIR", 2)
+        if any(v is not None for v in (pixel, tokenizer, rdm, reps, shards, preset)):
+            _fail("sample", "--pixel/--tokenizer/--rdm/--reps/--shards/--preset are for the offline mode: add --out DIR",
+                  2)
         return run_stage("sample", params, set_, debug, setting)
 
     def go():
-        from pipeline.core.config import load_params
         from stages.sample import run_files
         if pixel is None or tokenizer is None:
             raise RcgError("the offline mode (--out) needs --pixel FILE and --tokenizer FILE")
-        p = load_params(params if params.exists() or params != Path("params.yaml") else None, set_ or [])
-        return run_files(p, setting, out, pixel, tokenizer, rdm, reps, shards)
+        p, source = offline_params(params, preset, set_)
+        return run_files(p, setting, out, pixel, tokenizer, rdm, reps, shards, source)
 
     typer.echo(json.dumps(_guarded("sample", debug, go), indent=2, default=str))
 
@@ -222,16 +245,59 @@ def edit(image: Path, box: Annotated[str, typer.Option(help="x0,y0,x1,y1 in pixe
          pixel: FileOpt = None, tokenizer: FileOpt = None, encoder: FileOpt = None, rdm: FileOpt = None,
          iterations: int = 20, temperature: float = 6.0, guidance: float = 0.0, seed: int = 0,
          composite: Annotated[bool, typer.Option(help="Keep the input's pixels outside the generated tokens.")] = True,
-         params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False) -> None:
+         params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False,
+         preset: PresetOpt = None) -> None:
     """Regenerate a box of IMAGE conditioned on its own rep (default), another image's, or an RDM sample."""
     def go():
-        from pipeline.core.config import load_params
         from stages.edit import run
-        p = load_params(params if params.exists() or params != Path("params.yaml") else None, set_ or [])
+        p, _ = offline_params(params, preset, set_)
         return run(p, image, box, out, rep_from, rep_from_rdm, pixel, tokenizer, encoder, rdm, iterations,
                    temperature, guidance, seed, composite)
 
     typer.echo(json.dumps(_guarded("edit", debug, go), indent=2, default=str))
+
+
+@app.command()
+def score(setting: Annotated[Optional[str], typer.Argument(help="Sample setting: rcg, rcg_cfg, baseline, oracle, "
+                                                                "class or cluster (the DVC stage).")] = None,
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False,
+          samples: Annotated[Optional[Path], typer.Option(help="Offline: a sample store (.zarr) or a folder of "
+                                                               "PNG/JPEG images to score instead of a setting.")] = None,
+          reference_npz: Annotated[Optional[list[str]], typer.Option(
+              help="Offline: [SPACE=]FILE, a reference .npz (mu, sigma; optional features) per space scored; "
+                   "SPACE is judge, encoder or inception (the default: ADM's reference batch). Repeatable.")] = None,
+          inception_weights: Annotated[Optional[Path], typer.Option(
+              help="Offline: torch-fidelity's Inception weights file (default: score.inception_weights).")] = None,
+          judge: FileOpt = None, encoder: FileOpt = None,
+          out: Annotated[Optional[Path], typer.Option(help="Offline: also write the figures to this JSON file.")] = None,
+          preset: PresetOpt = None) -> None:
+    """Score a setting's samples (judge, encoder, Inception) -> metrics/score/<setting>.json; or, with --samples,
+    any sample store or image folder against reference .npz files given by path (outside the DVC graph)."""
+    offline = (reference_npz, inception_weights, judge, encoder, out, preset)
+    if samples is None:
+        if any(v is not None for v in offline):
+            _fail("score", "--reference-npz/--inception-weights/--judge/--encoder/--out/--preset are for the offline "
+                           "mode: add --samples PATH", 2)
+        if setting is None:
+            _fail("score", "give a SETTING (the DVC stage) or --samples PATH (offline)", 2)
+        return run_stage("score", params, set_, debug, setting)
+    if setting is not None:
+        _fail("score", f"--samples scores the store or folder given: drop the setting {setting!r}", 2)
+
+    def go():
+        from pipeline.eval.fidelity import SPACES
+        from stages.score import run_files
+        references = {}
+        for entry in reference_npz or []:
+            space, sep, path = entry.partition("=")
+            if not sep or space not in SPACES:
+                space, path = "inception", entry
+            references[space] = Path(path)
+        given = {"inception": inception_weights, "judge": judge, "encoder": encoder}
+        p, _ = offline_params(params, preset, set_)
+        return run_files(p, samples, references, {s: w for s, w in given.items() if w is not None}, out)
+
+    typer.echo(json.dumps(_guarded("score", debug, go), indent=2, default=str))
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 from pipeline.core import distributed
 from pipeline.core.config import Params, Sample, SampleSetting
 from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
-from pipeline.gen.sampling import Files, fill_samples
+from pipeline.gen.sampling import Files, fill_samples, sampler_summary
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["sample.settings.{item}", "sample.num_samples", "sample.batch_size", "sample.seed", "sample.rdm",
@@ -45,15 +46,18 @@ def run(params: Params, item: str) -> dict:
     """``rcg sample SETTING``: the DVC stage instance ``sample@SETTING``."""
     d = distributed.init(params.runtime)
     setting = _setting(params.sample, item)
-    return fill_samples(item, setting, params.sample, dvc_files(params, item),
-                        device_for(params.runtime, d.local_rank), d)
+    files = dvc_files(params, item)
+    log(f"sample {item}: {sampler_summary(setting, params.sample)} (from the params' sample section)")
+    return fill_samples(item, setting, params.sample, files, device_for(params.runtime, d.local_rank), d)
 
 
 def run_files(params: Params, item: str, out: Path, pixel: Path, tokenizer: Path, rdm: Path | None = None,
-              reps: Path | None = None, shards: Path | None = None) -> dict:
+              reps: Path | None = None, shards: Path | None = None, params_source: str = "the params") -> dict:
     """Offline ``rcg sample SETTING --out DIR --pixel FILE --tokenizer FILE [--rdm FILE] [--reps STORE]
     [--shards DIR]``: any model files (ours or official), outside the DVC graph, into ``DIR/<setting>.zarr`` and
-    ``DIR/figures/<setting>/``; the setting and counts come from the params as in the stage."""
+    ``DIR/figures/<setting>/``; the setting, the sampler and the counts come from the params as in the stage
+    (``params_source`` says where they came from, in the log line that gives them). Reads only the files given:
+    the paths in the params are not used."""
     d = distributed.init(params.runtime)
     setting = _setting(params.sample, item)
     for path, flag in ((pixel, "--pixel"), (tokenizer, "--tokenizer"), (rdm, "--rdm"), (reps, "--reps"),
@@ -64,6 +68,7 @@ def run_files(params: Params, item: str, out: Path, pixel: Path, tokenizer: Path
         raise RcgError(f"setting {item!r} samples RDM reps: give --rdm FILE")
     if setting.reps == "stored" and reps is None:
         raise RcgError(f"setting {item!r} conditions on stored reps: give --reps STORE")
+    log(f"sample {item}: {sampler_summary(setting, params.sample)} (from {params_source})")
     files = Files(Path(pixel), Path(tokenizer), Path(rdm) if rdm is not None and setting.reps == "rdm" else None,
                   reps, shards, Path(out) / f"{item}.zarr", Path(out) / "figures" / item)
     return fill_samples(item, setting, params.sample, files, device_for(params.runtime, d.local_rank), d)

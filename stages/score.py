@@ -4,44 +4,109 @@ Per scored space (pipeline.eval.fidelity): the judge's FID and IS (the headline:
 conditioned on), the encoder's FD (which favours representation-conditioned generators), Inception's FID and IS
 when its weights are given; KID and precision/recall in each. The Fréchet distance is against the reference's
 statistics (or the user's ``score.reference_npz``), KID and precision/recall against its features. Every space
-records its sample count, its reference and its warnings.
+records its sample count, its reference and its warnings. A space with ``score.reference_npz`` needs nothing
+from ``rcg reference``: ADM's reference batch alone gives Inception FID and IS (KID and precision/recall need
+reference features, which ADM's file does not hold, so they come from ``rcg reference`` when it has run).
+
+:func:`run_files` is the offline ``rcg score --samples PATH``: any sample store or folder of images, against
+reference ``.npz`` files given by path, outside the DVC graph (RCG's 50k-sample FID/IS of an official
+checkpoint, without retraining anything).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from pipeline.core.artifacts import file_sha256, write_json
-from pipeline.core.config import Params
+from pipeline.core.config import Params, Score
 from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
-from pipeline.data.sample_store import open_samples
-from pipeline.eval.fidelity import (create_extractor, extract, extractor_weights, load_reference, min_samples_needed,
-                                    reference_dir, sample_batches, sample_resolution, score_features, scored_spaces,
-                                    warning_lines)
+from pipeline.eval.fidelity import (SPACES, Reference, SampleSource, create_extractor, extract, extractor_weights,
+                                    feature_dims, load_reference, min_samples_needed, open_sample_source,
+                                    reference_dir, score_features, scored_spaces, warning_lines)
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "score"]
 
+# Where the offline mode's extractor weights come from, for its messages.
+WEIGHT_FLAGS = {"judge": "--judge", "encoder": "--encoder", "inception": "--inception-weights"}
 
-def reference_meta(params: Params, spaces: list[str], resolution: int) -> dict:
-    """The reference's record, checked against the samples' resolution and the current extractors."""
+# A space's two references: the Fréchet distance's statistics, and the features KID and precision/recall use.
+References = dict[str, tuple[Reference, Reference | None]]
+
+
+def check_enough(source: SampleSource, spaces: list[str], cfg: Score) -> None:
+    need = max(min_samples_needed(s, cfg.isc_splits, cfg.prc_k) for s in spaces)
+    if source.count < need:
+        raise RcgError(f"{source.path} holds {source.count} samples; the metrics need at least {need} "
+                       "(score.isc_splits, score.prc_k + 1)")
+
+
+def reference_meta(params: Params, spaces: list[str], resolution: int) -> dict | None:
+    """The reference stage's record, checked against the samples' resolution and the current extractors; None
+    when it has not run and every space has its own ``score.reference_npz``."""
     path = reference_dir(params) / "meta.json"
+    needed = [s for s in spaces if s not in params.score.reference_npz]
     if not path.is_file():
-        raise RcgError(f"no reference statistics at {path.parent}: run `rcg reference` first")
+        if needed:
+            raise RcgError(f"no reference statistics at {path.parent}: run `rcg reference` first (or give "
+                           f"score.reference_npz.{needed[0]})")
+        return None
     meta = json.loads(path.read_text())
     if meta["resolution"] != resolution:
         raise RcgError(f"the samples are {resolution}x{resolution} but the reference in {path.parent} is "
                        f"{meta['resolution']}x{meta['resolution']} (views.crop): generate and score at one size")
     for s in spaces:
         if s not in meta["spaces"]:
-            raise RcgError(f"{path.parent} has no {s} statistics: rerun `rcg reference`")
+            if s in needed:
+                raise RcgError(f"{path.parent} has no {s} statistics: rerun `rcg reference`")
+            continue
         if meta["spaces"][s]["weights_sha256"] != file_sha256(extractor_weights(params, s)):
             raise RcgError(f"{path.parent}/{s}.npz was computed with another {extractor_weights(params, s)}: "
                            "rerun `rcg reference`")
     return meta
+
+
+def npz_references(paths: dict[str, Path], dims: dict[str, int], ours: References | None = None) -> References:
+    """Each space's references: the given ``.npz`` for the Fréchet distance; for KID and precision/recall our
+    reference's features when there are any (``ours``), else the ``.npz``'s own ``features`` if it holds them."""
+    out = dict(ours or {})
+    for s, path in paths.items():
+        ours_features = out.get(s, (None, None))[1]
+        given = load_reference(path, dims[s], s, features=ours_features is None)
+        out[s] = (given, ours_features if ours_features is not None else
+                  (given if given.features is not None else None))
+    return out
+
+
+def stage_references(params: Params, spaces: list[str], meta: dict | None, dims: dict[str, int]) -> References:
+    ours = {}
+    for s in spaces:
+        if meta is not None and s in meta["spaces"]:
+            ref = load_reference(reference_dir(params) / f"{s}.npz", dims[s], s, f"train:{meta['num_images']}")
+            ours[s] = (ref, ref)
+    return npz_references({s: p for s, p in params.score.reference_npz.items() if s in spaces}, dims, ours)
+
+
+def score_source(source: SampleSource, spaces: list[str], weights: dict[str, Path], reference_of, params: Params
+                 ) -> tuple[dict, float]:
+    """Every space's figures for ``source``: the extractors, their references (``reference_of(dims)``, loaded
+    before the samples go through), the features, the metrics; -> (space -> figures, seconds)."""
+    cfg, device = params.score, device_for(params.runtime)
+    extractors = {s: create_extractor(s, weights[s], device) for s in spaces}
+    references = reference_of(feature_dims(extractors, source.resolution, device))
+    started = time.perf_counter()
+    features = extract(extractors, source.batches(cfg.batch_size), device)
+    scores = {s: score_features(s, features[s], *references[s], cfg.isc_splits, cfg.kid_subsets,
+                                cfg.kid_subset_size, cfg.prc_k, cfg.min_samples, params.seed) for s in spaces}
+    return scores, time.perf_counter() - started
+
+
+def headline(scores: dict) -> dict:
+    return {f"{s}_{k}": v[k] for s, v in scores.items() for k in ("fid", "fd", "isc") if k in v}
 
 
 def run(params: Params, item: str) -> dict:
@@ -51,37 +116,55 @@ def run(params: Params, item: str) -> dict:
     require_file(cfg.inception_weights, "score.inception_weights")
     for space, npz in cfg.reference_npz.items():
         require_file(npz, f"score.reference_npz.{space}")
-    device = device_for(params.runtime)
     spaces = scored_spaces(cfg)
     path = params.paths.data / "samples" / f"{item}.zarr"
     if not path.exists():
         raise RcgError(f"no sample store at {path}: run `rcg sample {item}` first")
-    samples = open_samples(path)
-    count, resolution = len(samples), sample_resolution(samples.images, path)
-    need = max(min_samples_needed(s, cfg.isc_splits, cfg.prc_k) for s in spaces)
-    if count < need:
-        raise RcgError(f"{samples.path} holds {count} samples; the metrics need at least {need} "
-                       "(score.isc_splits, score.prc_k + 1)")
-    meta = reference_meta(params, spaces, resolution)
-    extractors = {s: create_extractor(s, extractor_weights(params, s), device) for s in spaces}
-    started = time.perf_counter()
-    features = extract(extractors, sample_batches(samples.images, cfg.batch_size), device)
-    ours_name = f"train:{meta['num_images']}"
-    scores = {}
-    for s in spaces:
-        dim = meta["spaces"][s]["dim"]
-        ours = load_reference(reference_dir(params) / f"{s}.npz", dim, s, ours_name)
-        fd_ref = load_reference(cfg.reference_npz[s], dim, s) if s in cfg.reference_npz else ours
-        scores[s] = score_features(s, features[s], fd_ref, ours, cfg.isc_splits, cfg.kid_subsets,
-                                   cfg.kid_subset_size, cfg.prc_k, cfg.min_samples, params.seed)
-    seconds = time.perf_counter() - started
-    metrics = {"setting": item, "num_samples": count, "resolution": resolution,
+    source = open_sample_source(path)
+    check_enough(source, spaces, cfg)
+    meta = reference_meta(params, spaces, source.resolution)
+    weights = {s: extractor_weights(params, s) for s in spaces}
+    scores, seconds = score_source(source, spaces, weights,
+                                   lambda dims: stage_references(params, spaces, meta, dims), params)
+    metrics = {"setting": item, "num_samples": source.count, "resolution": source.resolution,
                "seconds": round(seconds, 2), **scores}
-    if "seconds" in samples.attrs:  # what the sample stage took (absent for stores written without the record)
-        metrics["sample_seconds"] = samples.attrs["seconds"]
+    if "seconds" in source.attrs:  # what the sample stage took (absent for stores written without the record)
+        metrics["sample_seconds"] = source.attrs["seconds"]
     out = params.paths.metrics / "score" / f"{item}.json"
     write_json(out, metrics)
     for line in warning_lines(item, scores):
         log(line)
-    return {"output": str(out), "num_samples": count, "seconds": metrics["seconds"],
-            **{f"{s}_{k}": scores[s][k] for s in spaces for k in ("fid", "fd", "isc") if k in scores[s]}}
+    return {"output": str(out), "num_samples": source.count, "seconds": metrics["seconds"], **headline(scores)}
+
+
+def run_files(params: Params, samples: Path, reference_npz: dict[str, Path], weights: dict[str, Path],
+              out: Path | None = None) -> dict:
+    """Offline ``rcg score --samples PATH --reference-npz [SPACE=]FILE [--inception-weights W] [--out JSON]``: a
+    sample store or a folder of PNG/JPEG images, scored in each space given a reference ``.npz`` (the flags, else
+    ``score.reference_npz``), by the extractor weights given (else ``score.inception_weights`` and the project's
+    judge/encoder model files); the metric settings (counts, KID subsets, k, seed) come from the params."""
+    references = {**params.score.reference_npz, **reference_npz}
+    if not references:
+        raise RcgError("give --reference-npz FILE (e.g. ADM's VIRTUAL_imagenet256_labeled.npz: Inception FID and "
+                       "IS) or --reference-npz SPACE=FILE (judge, encoder, inception)")
+    spaces = [s for s in SPACES if s in references]
+    files = {s: weights.get(s) or extractor_weights(params, s) for s in spaces}
+    for s in spaces:
+        require_file(references[s], f"--reference-npz {s}")
+        if files[s] is None:
+            raise RcgError(f"scoring in the {s} space needs {WEIGHT_FLAGS[s]} FILE (torch-fidelity's "
+                           "weights-inception-2015-12-05-6726825d.pth)")
+        require_file(files[s], WEIGHT_FLAGS[s])
+    source = open_sample_source(samples)
+    check_enough(source, spaces, params.score)
+    log(f"score {source.path}: {source.count} images {source.resolution}x{source.resolution} in "
+        f"{', '.join(spaces)} against {', '.join(str(references[s]) for s in spaces)}")
+    scores, seconds = score_source(source, spaces, files,
+                                   lambda dims: npz_references({s: references[s] for s in spaces}, dims), params)
+    metrics = {"samples": str(source.path), "num_samples": source.count, "resolution": source.resolution,
+               "seconds": round(seconds, 2), **scores}
+    if out is not None:
+        write_json(out, metrics)
+    for line in warning_lines(source.path.name, scores):
+        log(line)
+    return {"output": None if out is None else str(out), **headline(scores), **metrics}

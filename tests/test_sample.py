@@ -461,6 +461,47 @@ def test_cli_offline_sample_and_edit(files, tmp_path):
     assert res.exit_code == 2 and "another encoder" in res.output
 
 
+def test_cli_offline_sample_uses_only_its_files_and_says_which_sampler(files, tmp_path, monkeypatch):
+    """``rcg sample --out``: a params file naming data and checkpoints that do not exist (relative, from another
+    folder) still samples, since only the files given are read; ``--preset`` applies the preset's sampler; without
+    either (and no params.yaml here) the built-in defaults apply; the log says which settings and from where."""
+    from typer.testing import CliRunner
+
+    from pipeline.core.config import dump_yaml
+    from stages.cli import app
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    params = tmp_path / "params.yaml"
+    params.write_text(dump_yaml(micro_params(tmp_path, [
+        "data.source=folder", "data.folder=imagenet/train", "encoder.checkpoint=pretrained/vitb.pth.tar",
+        "tokenizer.checkpoint=pretrained/vqgan.ckpt", "sample.num_samples=2", "sample.batch_size=2",
+        "sample.figures.cell=16", "sample.settings.rcg.iterations=3"])))
+    model_files = ["--pixel", str(files["rep"]), "--tokenizer", str(files["tokenizer"]), "--rdm", str(files["rdm"])]
+    small = ["--set", "sample.num_samples=2", "--set", "sample.batch_size=2", "--set", "runtime.device=cpu"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["sample", "rcg", "--params", str(params), "--out", str(tmp_path / "a"), *model_files])
+    assert res.exit_code == 0, res.output
+    assert ("sample rcg: MAGE 3 decoding steps at temperature 6, guidance 0; RDM DDIM 10 steps, eta 0, temperature "
+            f"1; 2 samples, seed 0 (from params file {params})") in res.stderr
+    res = runner.invoke(app, ["sample", "rcg", "--preset", "imagenet256_vitb", "--out", str(tmp_path / "b"),
+                              *model_files, *small])
+    assert res.exit_code == 0, res.output
+    assert ("MAGE 20 decoding steps at temperature 6, guidance 0; RDM DDIM 250 steps, eta 1, temperature 1; "
+            "2 samples, seed 0 (from preset imagenet256_vitb + --set sample.num_samples=2") in res.stderr
+    assert open_samples(tmp_path / "b" / "rcg.zarr").attrs["settings"]["iterations"] == 20
+    res = runner.invoke(app, ["sample", "rcg", "--out", str(tmp_path / "c"), *model_files, *small])
+    assert res.exit_code == 0, res.output
+    assert "MAGE 10 decoding steps" in res.stderr and "RDM DDIM 100 steps, eta 0" in res.stderr
+    assert "from the built-in defaults" in res.stderr and "--preset imagenet256_vitb" in res.stderr
+    res = runner.invoke(app, ["sample", "rcg", "--preset", "imagenet256_vitb", "--params", str(params), "--out",
+                              str(tmp_path / "d"), *model_files])
+    assert res.exit_code == 2 and "--preset and --params both give the settings" in res.output
+    res = runner.invoke(app, ["sample", "rcg", "--preset", "imagenet256_vitb"])
+    assert res.exit_code == 2 and "offline mode: add --out DIR" in res.output
+
+
 def test_official_mage_file_samples_and_its_vqgan_is_checked(files, tmp_path):
     """An official-layout rep-conditioned MAGE (MAGE-small widths: heads inferred) embedding our tokenizer."""
     import argparse

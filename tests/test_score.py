@@ -197,3 +197,107 @@ def test_cli_score_bad_input_is_one_line(scored, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"rcg score: error: no sample store at {root}/data/samples/cluster.zarr: run `rcg sample cluster` first"]
+
+
+def adm_like(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """An npz laid out as ADM's reference batch: images (arr_0, here an object array that allow_pickle=False
+    refuses to load, so a read of it fails), mu/sigma and the sFID statistics."""
+    np.savez(path, arr_0=np.array([{"images": "decoy"}], dtype=object), mu=mu, sigma=sigma,
+             mu_s=np.zeros(3), sigma_s=np.eye(3))
+    return path
+
+
+def test_score_with_only_a_reference_npz(scored, tmp_path):
+    """No `rcg reference` (no meta.json): a space with score.reference_npz scores from the npz alone (Fréchet
+    distance and IS; no reference features, so no KID or precision/recall); a space without one still asks for it."""
+    root = scored[0]
+    work = tmp_path / "proj"
+    for part in ("samples", "models"):
+        shutil.copytree(root / "data" / part, work / "data" / part)
+    with np.load(root / "data" / "reference" / "judge.npz") as npz:
+        adm = adm_like(tmp_path / "adm.npz", npz["mu"], npz["sigma"])
+    out = score.run(params_for(work, spaces=["judge"], reference_npz={"judge": str(adm)}), "oracle")
+    judged = json.loads(Path(out["output"]).read_text())["judge"]
+    ours = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
+    assert judged["reference"] == "npz:adm" and judged["fid"] == ours["fid"] and judged["isc"] == ours["isc"]
+    assert "kid" not in judged and raised(judged) == ["few_samples", "no_reference_features"]
+    with pytest.raises(RcgError, match="no reference statistics at .*: run `rcg reference` first \\(or give "
+                                       "score.reference_npz.encoder\\)"):
+        score.run(params_for(work, reference_npz={"judge": str(adm)}), "oracle")
+
+
+def test_cli_offline_score_of_a_folder_and_a_store(scored, tmp_path):
+    """``rcg score --samples`` outside the graph: a folder of PNGs and the store they came from score the same
+    against a reference npz given by path (ours, with features: KID and precision/recall too); an ADM-style npz
+    gives FID and IS; the figures go to --out as JSON."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    root, params = scored[0], scored[1]
+    path = tmp_path / "params.yaml"
+    path.write_text(dump_yaml(params))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(val_images(root)):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    ref, judge = root / "data" / "reference" / "judge.npz", root / "data" / "models" / "judge.pt"
+    runner, common = CliRunner(), ["--params", str(path), "--judge", str(judge)]
+    res = runner.invoke(app, ["score", "--samples", str(folder), "--reference-npz", f"judge={ref}", *common,
+                              "--out", str(tmp_path / "folder.json")])
+    assert res.exit_code == 0, res.output
+    from_folder = json.loads((tmp_path / "folder.json").read_text())
+    assert json.loads(res.stdout)["judge_fid"] == from_folder["judge"]["fid"] and from_folder["num_samples"] == 16
+    res = runner.invoke(app, ["score", "--samples", str(root / "data" / "samples" / "oracle.zarr"),
+                              "--reference-npz", f"judge={ref}", *common])
+    assert res.exit_code == 0, res.output
+    from_store = json.loads(res.stdout)
+    stage = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
+    for key in ("fid", "isc", "kid", "precision", "recall"):
+        assert from_folder["judge"][key] == from_store["judge"][key] == stage[key]
+    with np.load(ref) as npz:
+        adm = adm_like(tmp_path / "adm.npz", npz["mu"], npz["sigma"])
+    res = runner.invoke(app, ["score", "--samples", str(folder), "--reference-npz", f"judge={adm}", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["judge"]["reference"] == "npz:adm" and "kid" not in json.loads(res.stdout)["judge"]
+    for args, message in (
+            (["--samples", str(folder), *common], "give --reference-npz FILE"),
+            (["--samples", str(folder), "--reference-npz", str(adm), *common], "needs --inception-weights FILE"),
+            (["--samples", str(folder), "--reference-npz", f"judge={tmp_path / 'no.npz'}", *common],
+             "--reference-npz judge: file does not exist"),
+            (["oracle", "--samples", str(folder)], "drop the setting 'oracle'"),
+            (["oracle", "--out", str(tmp_path / "x.json")], "offline mode: add --samples PATH"),
+            (["--samples", str(tmp_path / "empty"), "--reference-npz", f"judge={ref}", *common],
+             "is not a sample store")):
+        res = runner.invoke(app, ["score", *args])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "zz-small.png")
+    res = runner.invoke(app, ["score", "--samples", str(folder), "--reference-npz", f"judge={ref}", *common])
+    assert res.exit_code == 2 and "images of two sizes (00000.png is 16x16, zz-small.png 8x8)" in res.output
+
+
+@pytest.mark.slow  # ~30 s on 2 busy CPU cores: Inception at 299 px
+def test_cli_offline_score_against_adm_reference_batch(scored, tmp_path, monkeypatch):
+    """The official-checkpoint evaluation: ``rcg score --samples DIR --reference-npz ADM.npz --inception-weights
+    W`` gives Inception FID and IS from the npz's mu/sigma alone (its images are never read)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    root = scored[0]
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the built-in defaults, but for --set
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, image in enumerate(val_images(root)[:6]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    adm = adm_like(tmp_path / "VIRTUAL_imagenet256_labeled.npz", np.zeros(2048), np.eye(2048))
+    weights = write_random_inception(tmp_path / "weights-inception.pth")
+    res = CliRunner().invoke(app, ["score", "--samples", str(folder), "--reference-npz", str(adm),
+                                   "--inception-weights", str(weights), "--set", "score.isc_splits=2",
+                                   "--out", str(tmp_path / "scores.json")])
+    assert res.exit_code == 0, res.output
+    inc = json.loads((tmp_path / "scores.json").read_text())["inception"]
+    assert inc["num_samples"] == 6 and inc["reference"] == "npz:VIRTUAL_imagenet256_labeled" and inc["fid"] > 0
+    assert inc["isc"] >= 1 and "kid" not in inc and json.loads(res.stdout)["inception_fid"] == inc["fid"]

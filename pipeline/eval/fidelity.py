@@ -19,10 +19,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -33,6 +34,8 @@ from torch_fidelity.utils import create_feature_extractor
 from pipeline.core.artifacts import load_checkpoint
 from pipeline.core.config import Params, Score
 from pipeline.core.errors import RcgError
+from pipeline.data.images import decode_rgb
+from pipeline.data.sample_store import open_samples
 from pipeline.eval.metrics import frechet_distance, gaussian_stats
 from pipeline.models.encoder import load_encoder_file, represent
 from pipeline.models.judge import judge_input, load_judge_file
@@ -145,6 +148,15 @@ def create_extractor(space: str, weights: Path, device: torch.device) -> Feature
 
 
 @torch.no_grad()
+def feature_dims(extractors: dict[str, FeatureExtractorBase], resolution: int,
+                 device: torch.device) -> dict[str, int]:
+    """The size of each space's scored features (its first layer), from one blank image: known before the samples
+    go through, so a reference of the wrong size is refused before that work."""
+    blank = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8, device=device)
+    return {s: fe.convert_features_tuple_to_dict(fe(blank))[LAYERS[s][0]].shape[1] for s, fe in extractors.items()}
+
+
+@torch.no_grad()
 def extract(extractors: dict[str, FeatureExtractorBase], batches: Iterable[torch.Tensor],
             device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Every batch (uint8 [B, 3, R, R]) through every extractor: space -> layer -> float32 [N, D] on the CPU."""
@@ -174,6 +186,67 @@ def sample_batches(images, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, images.shape[0], batch_size):
         block = np.asarray(images[start:start + batch_size])
         yield torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every PNG/JPEG under ``folder`` (any depth), in sorted path order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_resolution(files: list[Path], folder: Path) -> int:
+    """R of a folder of R x R images, from their headers (nothing is decoded): every image must have that size."""
+    if not files:
+        raise RcgError(f"{folder}: no PNG or JPEG images")
+    sizes = {}
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                sizes.setdefault(img.size, file)
+        except OSError as exc:
+            raise RcgError(f"{file}: not a readable image: {str(exc).splitlines()[0]}") from exc
+        if len(sizes) > 1:
+            (a, first), (b, other) = sizes.items()
+            raise RcgError(f"{folder}: images of two sizes ({first.name} is {a[0]}x{a[1]}, {other.name} "
+                           f"{b[0]}x{b[1]}): scoring compares images of one size")
+    w, h = next(iter(sizes))
+    if w != h:
+        raise RcgError(f"{folder}: the images are {w}x{h}; scoring compares square images")
+    return w
+
+
+def folder_batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """Image files decoded to RGB as uint8 [B, 3, R, R] batches, in order."""
+    for start in range(0, len(files), batch_size):
+        block = np.stack([np.asarray(decode_rgb(f.read_bytes())) for f in files[start:start + batch_size]])
+        yield torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class SampleSource:
+    """Images to score: a sample store or a folder of image files, as uint8 [B, 3, R, R] batches."""
+    path: Path
+    count: int
+    resolution: int
+    batches: Callable[[int], Iterator[torch.Tensor]]  # batch size -> batches
+    attrs: dict  # a sample store's record (settings, models, seconds); empty for a folder
+
+
+def open_sample_source(path: Path) -> SampleSource:
+    """A sample store (``rcg sample``'s ``.zarr``, from the graph or the offline mode) or a folder of PNG/JPEG
+    images of one square size (samples made by any other code)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RcgError(f"--samples: {path} is not a sample store (.zarr) or a folder of PNG/JPEG images")
+    if path.suffix == ".zarr" or (path / "zarr.json").is_file():
+        store = open_samples(path)
+        return SampleSource(path, len(store), sample_resolution(store.images, path),
+                            lambda batch_size: sample_batches(store.images, batch_size), store.attrs)
+    files = image_files(path)
+    return SampleSource(path, len(files), folder_resolution(files, path),
+                        lambda batch_size: folder_batches(files, batch_size), {})
 
 
 # -------------------------------------------------------------------------------------- reference

@@ -69,6 +69,16 @@ def open_stored_reps(path: Path | None) -> StoredReps | None:
     return StoredReps(group["reps"], group["reps"].shape[-1], (identity.get("encoder") or {}).get("weights_sha256"))
 
 
+def sampler_summary(setting: SampleSetting, cfg: Sample) -> str:
+    """The settings that decide what a run draws, in one line for the log (the default run's sampler and RCG's
+    official one differ: 10 vs 20 decoding steps, RDM DDIM 100 steps at eta 0 vs 250 at eta 1)."""
+    rdm = cfg.rdm
+    return (f"MAGE {setting.iterations} decoding steps at temperature {setting.temperature:g}, guidance "
+            f"{setting.guidance:g}" + (f"; RDM DDIM {rdm.steps} steps, eta {rdm.eta:g}, temperature "
+                                       f"{rdm.temperature:g}" if setting.reps == "rdm" else "")
+            + f"; {cfg.num_samples} samples, seed {cfg.seed}")
+
+
 def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, device: torch.device,
                  d: Dist) -> dict:
     """Fill (or resume) the sample store of one setting, then (main rank) its figures; -> the summary."""
