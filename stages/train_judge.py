@@ -2,9 +2,10 @@
 
 The judge sees the images exactly as scoring hands them to it (centre crops at views.crop, uint8, see
 pipeline.data.eval_images), with random flips and small shifts in training. Its val-split accuracy says how much its
-features are worth as a yardstick. Trained by the shared loop (AdamW, a one-epoch warm-up then cosine; resumable);
-the whole train split sits in memory as uint8, which suits a judge of small images (ImageNet-scale runs score
-with Inception instead).
+features are worth as a yardstick. Trained by the shared loop (AdamW, a one-epoch warm-up then cosine; resumable).
+The images stream from the shards: step ``it`` decodes the batch that :class:`pipeline.train.batches.StepBatches`
+names (in loader workers), so memory holds a few batches at any split size (ImageNet at 256 px would be ~250 GB
+as uint8), and a resumed run, with any worker count, trains on what the killed one would have.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
 from pipeline.core.artifacts import file_sha256, save_model_file, write_json
@@ -40,11 +41,19 @@ STAGE = "train_judge"
 AUGMENT = 1  # the random stream of the augmentation, below params.seed
 
 
-def load_split(shards: ShardSet, resolution: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as uint8 [N, 3, R, R] centre crops and int64 labels [N]."""
-    loader = DataLoader(ShardImages(shards, resolution), batch_size=256, num_workers=workers)
-    images = torch.cat(list(progress(loader, desc=f"judge: {shards.split} images", unit="batch")))
-    return images, torch.as_tensor(shards.labels, dtype=torch.long)
+class LabelledCrops(Dataset):
+    """Item ``(idx, k)`` of a :class:`StepBatches` batch: image ``idx``'s uint8 [3, R, R] centre crop and its label
+    (the augmentation is drawn per batch, from the step, in :func:`train`)."""
+
+    def __init__(self, shards: ShardSet, resolution: int):
+        self.images, self.labels = ShardImages(shards, resolution), shards.labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        idx, _ = item
+        return self.images[idx], int(self.labels[idx])
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -58,11 +67,11 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i]:dy[i] + r, dx[i]:dx[i] + r] for i in range(b)]).to(torch.uint8)
 
 
-def train(model: Judge, images: torch.Tensor, labels: torch.Tensor, params: Params, d: Dist,
-          device: torch.device) -> dict:
-    """Train ``model`` in place with the shared loop (resumable; step-indexed batches); returns its summary."""
+def train(model: Judge, shards: ShardSet, resolution: int, params: Params, d: Dist, device: torch.device) -> dict:
+    """Train ``model`` in place with the shared loop (resumable; step-indexed batches streamed from ``shards`` at
+    ``resolution``); returns its summary."""
     cfg = params.judge.train
-    per_epoch = math.ceil(len(images) / cfg.batch_size)
+    per_epoch = math.ceil(len(shards) / cfg.batch_size)
     total = cfg.epochs * per_epoch
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -71,25 +80,33 @@ def train(model: Judge, images: torch.Tensor, labels: torch.Tensor, params: Para
     loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
                      optimizer=opt, lr=warmup_cosine(cfg.lr, total, per_epoch), log_every=cfg.log_every,
                      checkpoint_every=cfg.checkpoint_every, samples_per_step=cfg.batch_size)
-    sampler = StepBatches(len(images), cfg.batch_size, params.seed, loop.start, total, d.rank, d.world,
+    sampler = StepBatches(len(shards), cfg.batch_size, params.seed, loop.start, total, d.rank, d.world,
                           key="judge.train.batch_size")
+    loader = DataLoader(LabelledCrops(shards, resolution), batch_sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     net = loop.wrap(model)
 
-    def step(idx: torch.Tensor, it: int) -> dict:
-        x = augment(images[idx], seeded_generator("cpu", params.seed, AUGMENT, it, d.rank))
+    def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict:
+        images, labels = batch
+        x = augment(images, seeded_generator("cpu", params.seed, AUGMENT, it, d.rank))
         logits = net(judge_input(x.to(device), model.img_size))
-        return {"loss": F.cross_entropy(logits, labels[idx].to(device), label_smoothing=cfg.label_smoothing)}
+        return {"loss": F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing)}
 
-    return {**loop.run(step, (torch.tensor([i for i, _ in items]) for items in sampler)), "epochs": cfg.epochs}
+    return {**loop.run(step, loader), "epochs": cfg.epochs}
 
 
 @torch.no_grad()
-def accuracy(model: Judge, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+def accuracy(model: Judge, shards: ShardSet, resolution: int, workers: int, device: torch.device,
              batch: int = 500) -> float:
+    """Top-1 accuracy of ``model`` on a whole split, streamed ``batch`` images at a time."""
     model.eval()
-    correct = sum((model(judge_input(images[i:i + batch].to(device), model.img_size)).argmax(1).cpu()
-                   == labels[i:i + batch]).sum().item() for i in range(0, len(images), batch))
-    return correct / len(images)
+    loader = DataLoader(ShardImages(shards, resolution), batch_size=batch, num_workers=workers)
+    labels = torch.as_tensor(shards.labels, dtype=torch.long)
+    correct = 0
+    for i, images in enumerate(progress(loader, desc=f"judge: {shards.split} accuracy", unit="batch")):
+        predicted = model(judge_input(images.to(device), model.img_size)).argmax(1).cpu()
+        correct += (predicted == labels[i * batch:i * batch + len(images)]).sum().item()
+    return correct / len(shards)
 
 
 def run(params: Params) -> dict:
@@ -104,24 +121,22 @@ def run(params: Params) -> dict:
     cfg = params.judge
     if resolution < 2 ** cfg.model.stages:
         raise RcgError(f"judge.model.stages ({cfg.model.stages}) halves views.crop ({resolution} px) below one pixel")
-    images, targets = load_split(shards, resolution, cfg.train.workers)
     config = {"model": {"img_size": resolution, "num_classes": int(labels.max()) + 1, **cfg.model.model_dump()}}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(params.seed)
         model = Judge(**config["model"])
-    summary = train(model, images, targets, params, d, device)
+    summary = train(model, shards, resolution, params, d, device)
     if not d.is_main:
         d.barrier()
         return summary
-    metrics = {"train_accuracy": round(accuracy(model, images, targets, device), 4),
-               "num_train": len(images), "num_val": 0, "num_classes": config["model"]["num_classes"],
+    metrics = {"train_accuracy": round(accuracy(model, shards, resolution, cfg.train.workers, device), 4),
+               "num_train": len(shards), "num_val": 0, "num_classes": config["model"]["num_classes"],
                "resolution": resolution, "feature_dim": model.feature_dim, **summary}
     splits = json.loads((params.paths.shards / META_FILE).read_text()).get("splits", {})
     if "val" in splits:
         val = ShardSet(params.paths.shards, "val")
-        val_images, val_labels = load_split(val, resolution, cfg.train.workers)
-        metrics.update(val_accuracy=round(accuracy(model, val_images, val_labels, device), 4),
-                       num_val=len(val_images))
+        metrics.update(val_accuracy=round(accuracy(model, val, resolution, cfg.train.workers, device), 4),
+                       num_val=len(val))
     else:
         log("train_judge: no val split; metrics/judge.json reports the train accuracy only")
     out = params.paths.models / "judge.pt"

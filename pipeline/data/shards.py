@@ -46,18 +46,23 @@ def _sorted_entries(path: str) -> list[os.DirEntry]:
         return sorted(it, key=lambda e: os.fsencode(e.name))
 
 
-def scan_folder(root: Path) -> tuple[list[str], list[Candidate], list[tuple[str, str]], list[str]]:
+def scan_folder(root: Path, labels: str = "auto"
+                ) -> tuple[list[str], list[Candidate], list[tuple[str, str]], list[str]]:
     """Walk ``root`` deterministically. Returns (classes, candidates, rejects, warnings).
 
-    Layout follows torchvision's ImageFolder: subfolders are classes (index = sorted order) and their
-    images may sit at any depth; a folder with no subfolders is flat and unlabelled. Every regular file
-    found is either a candidate or a reject, so accepted + rejected = found holds downstream.
+    With ``labels`` "auto" the layout follows torchvision's ImageFolder: subfolders are classes (index = sorted
+    order) and their images may sit at any depth; a folder with no subfolders is flat and unlabelled. "folders"
+    requires class subfolders; "none" walks every subfolder as a plain folder, unlabelled (data.labels). Every
+    regular file found is either a candidate or a reject, so accepted + rejected = found holds downstream.
     """
     root = Path(root)
     if not root.is_dir():
         raise RcgError(f"not a folder: {root}")
     top = _sorted_entries(str(root))
-    class_dirs = [e for e in top if e.is_dir() and not e.name.startswith(".")]
+    class_dirs = [e for e in top if e.is_dir() and not e.name.startswith(".")] if labels != "none" else []
+    if labels == "folders" and not class_dirs:
+        raise RcgError(f"{root}: data.labels is 'folders' but the folder has no class subfolders (data.labels: "
+                       "auto or none for a folder without classes)")
     candidates: list[Candidate] = []
     rejects: list[tuple[str, str]] = []
     warnings: list[str] = []
@@ -227,7 +232,7 @@ class ShardSet:
             raise RcgError(f"{index_path} has no rows for split {split!r}")
         self.split = split
         self.keys = KeyColumn(table.column("key").combine_chunks())
-        self.labels: np.ndarray = table.column("label").to_numpy()  # int64 [N]
+        self.labels: np.ndarray = table.column("label").to_numpy().copy()  # int64 [N], writable (torch takes it)
         shard = table.column("shard").combine_chunks()  # dictionary-encoded: int32 codes + the few shard names
         self._shard_names: list[str] = shard.dictionary.to_pylist()
         self._shard = shard.indices.to_numpy().astype(np.int32)
