@@ -1,7 +1,8 @@
 """Stage ``pretrain_encoder``: ``data/models/encoder.pt``, the frozen encoder every later stage reads.
 
 With ``encoder.checkpoint`` set, the official MoCo v3 file is imported and must be the architecture
-``encoder.model`` names. Without one, MoCo v3 trains an encoder on the shards. Either way the file holds what RCG
+``encoder.model`` names; the curve ``metrics/plots/pretrain_encoder.csv`` is then a header alone (nothing
+trained). Without one, MoCo v3 trains an encoder on the shards. Either way the file holds what RCG
 keeps of MoCo v3, the base encoder with its projector, in the "rcg-encoder" format.
 """
 
@@ -27,6 +28,7 @@ from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
 from pipeline.train.rng import seeded_generator, seeded_numpy
 from pipeline.train.schedules import warmup_cosine
+from pipeline.train.state import CurveLog
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "encoder"]
@@ -62,6 +64,7 @@ def import_official(params: Params) -> dict:
     summary = {"source": "official", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
     out = params.paths.models / "encoder.pt"
     save_model_file(out, MODEL_FORMAT, {"model": config}, model.state_dict(), summary=summary)
+    CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     return {"output": str(out), **summary}
 
 

@@ -3,9 +3,11 @@
 One instance per conditioning (``pixel.conditionings``): ``rep`` (RCG), ``none`` (the unconditional MAGE baseline:
 the same network, the slot always ``fake_latent``), ``class`` (store labels) and ``cluster`` (k-means ids of the
 stored reps). No image is decoded and neither the VQGAN nor the encoder runs: a step gathers (tokens[i, v],
-reps[i, v]) pairs from the memory-mapped stores. With ``pixel.checkpoint`` set, the ``rep`` generator is the official RCG MAGE file,
-checked against the stores and evaluated instead of trained. Writes ``data/models/pixel-<cond>.pt``, the curves
-``metrics/plots/train_pixel-<cond>.csv`` and ``metrics/pixel-<cond>.json``.
+reps[i, v]) pairs from the memory-mapped stores. With ``pixel.checkpoints.<cond>`` set, the generator is an
+official file instead (``rep``: RCG's rep-conditioned MAGE, ``none``: LTH14/mage's unconditional MAGE), checked
+against the stores and evaluated, not trained. Writes ``data/models/pixel-<cond>.pt``, the curves
+``metrics/plots/train_pixel-<cond>.csv`` (a header alone for an import, which trains nothing) and
+``metrics/pixel-<cond>.json``.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from pipeline.train.identity import resume_identity
 from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
+from pipeline.train.state import CurveLog
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
-PARAMS = ["seed", "pixel.checkpoint", "pixel.model", "pixel.train", "pixel.eval", "pixel.cluster"]
+PARAMS = ["seed", "pixel.checkpoints.{item}", "pixel.model", "pixel.train", "pixel.eval", "pixel.cluster"]
 
 STAGE = "train_pixel"
 EVAL, CODEBOOK_INIT = 14, 15  # stream purposes under params.seed (pipeline.data.pixel_data has 10-13)
@@ -110,7 +113,8 @@ def run(params: Params, item: str) -> dict:
         raise RcgError(f"train_pixel: unknown conditioning {item!r} (one of {', '.join(CONDITIONINGS)})")
     if conditioning not in params.pixel.conditionings:
         raise RcgError(f"train_pixel: {item!r} is not in pixel.conditionings {params.pixel.conditionings}")
-    require_file(params.pixel.checkpoint if conditioning == "rep" else None, "pixel.checkpoint")
+    checkpoint = params.pixel.checkpoints[conditioning]
+    require_file(checkpoint, f"pixel.checkpoints.{conditioning}")
     d = distributed.init(params.runtime)
     device = device_for(params.runtime, d.local_rank)
     started = time.perf_counter()
@@ -120,13 +124,14 @@ def run(params: Params, item: str) -> dict:
     num_labels = data.num_labels if conditioning in ("class", "cluster") else 0
     kwargs = mage_kwargs(p.model, data.codebook_size, data.tokens.shape[2], data.reps.shape[2], conditioning,
                          num_labels)
-    if p.checkpoint is not None and conditioning == "rep":
+    if checkpoint is not None:
         if d.world > 1:
-            raise RcgError("importing pixel.checkpoint needs no torchrun: run it on one process")
-        model, summary = load_official_mage_model(p.checkpoint, kwargs, data.identity["reps"], str(paths.reps),
+            raise RcgError(f"importing pixel.checkpoints.{conditioning} needs no torchrun: run it on one process")
+        model, summary = load_official_mage_model(checkpoint, kwargs, data.identity["reps"], str(paths.reps),
                                                   data.identity["tokens"], str(paths.tokens),
                                                   paths.models / "tokenizer.pt")
         model, ema = model.to(device), None
+        CurveLog(paths.plots / f"{STAGE}-{conditioning}.csv", [])  # what dvc.yaml declares; no training rows
     else:
         model, ema, summary = train(params, data, kwargs, conditioning, d, device)
     if not d.is_main:

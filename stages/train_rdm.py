@@ -1,9 +1,9 @@
 """Stage ``train_rdm``: the Representation Diffusion Model, trained on the cached ``reps.zarr`` and evaluated.
 
 Reads the store into memory (``pipeline.data.rep_store``), trains the RDM on it or, with ``rdm.checkpoint``
-set, imports an official one (``pipeline.models.rdm.load_official_rdm_model``), scores its samples
-(``pipeline.eval.rdm_eval``) and writes ``rdm.pt`` and ``metrics/rdm.json``. The reps are mapped into the RDM's
-(optionally whitened) space on the way in, and samples back on the way out.
+set, imports an official one (``pipeline.models.rdm.load_official_rdm_model``; its curve CSV is then a header
+alone), scores its samples (``pipeline.eval.rdm_eval``) and writes ``rdm.pt`` and ``metrics/rdm.json``. The reps
+are mapped into the RDM's (optionally whitened) space on the way in, and samples back on the way out.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pipeline.core.runtime import device_for
 from pipeline.data.rep_store import load_store, store_stats
 from pipeline.eval.rdm_eval import evaluate
 from pipeline.models.rdm import MODEL_FORMAT, load_official_rdm_model
-from pipeline.train.rdm import train_rdm
+from pipeline.train.rdm import STAGE, train_rdm
+from pipeline.train.state import CurveLog
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "rdm"]
@@ -39,6 +40,7 @@ def run(params: Params) -> dict:
         model, ema, kwargs, summary = load_official_rdm_model(params.rdm.checkpoint, params.rdm.model,
                                                               params.rdm.diffusion, store.identity,
                                                               str(store.path), device)
+        CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     else:
         model, ema, kwargs, summary = train_rdm(params, store, stats, device, d)
     if not d.is_main:

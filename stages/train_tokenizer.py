@@ -32,6 +32,7 @@ from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
 from pipeline.train.rng import seeded_numpy, stream_seed
 from pipeline.train.schedules import warmup_cosine
+from pipeline.train.state import CurveLog
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "views.crop", "tokenizer.checkpoint", "tokenizer.model", "tokenizer.train"]
@@ -64,7 +65,8 @@ class RandomCrops(Dataset):
 
 
 def import_official(params: Params, out: Path) -> dict:
-    """Check the official file against ``tokenizer.model`` field by field, then save it as an rcg model file."""
+    """Check the official file against ``tokenizer.model`` field by field, then save it as an rcg model file
+    (and the curve CSV dvc.yaml declares, a header alone: nothing is trained)."""
     path = params.tokenizer.checkpoint
     model = load_official_vqgan(path)
     inferred = infer_vqgan_config(model.state_dict())
@@ -76,6 +78,7 @@ def import_official(params: Params, out: Path) -> dict:
                        f"set tokenizer.model to the file's architecture")
     summary = {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path)}
     save_model_file(out, FORMAT, {"model": wanted}, model.state_dict(), summary=summary)
+    CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     return {"output": str(out), **summary, "model": wanted}
 
 

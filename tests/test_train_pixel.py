@@ -1,4 +1,3 @@
-import argparse
 import csv
 import json
 import os
@@ -18,10 +17,10 @@ from pipeline.data.pixel_data import PixelBatches, load_pixel_data
 from pipeline.data.stores import StoreWriter
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.mage import MAGE, load_pixel, masked_token_loss
-from pipeline.models.mage_official import official_unused_shapes
 from pipeline.models.vqgan import VQGAN
 from stages import train_pixel
 from conftest import MICRO, micro_params
+from official_files import rep_mage_file
 
 N, V, H, W, K, D, CLASSES = 48, 2, 4, 4, 32, 16, 4
 # Every conditioning; the random init (most stores here come without a tokenizer file: codebook_init has its test).
@@ -233,15 +232,8 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
 
 
 # ------------------------------------------------------------------------------------ official file
-def official_file(root: Path, model: MAGE, encoder: dict, vqgan: dict, grid: list[int] = (H, W)) -> Path:
-    sd = dict(model.state_dict())
-    cfg = {"embed_dim": 16, "decoder_embed_dim": 16, "seq_len": grid[0] * grid[1]}
-    sd.update({k: torch.zeros(s) for k, s in official_unused_shapes(cfg).items()})
-    sd.update({f"pretrained_encoder.{k}": v for k, v in encoder.items()})
-    sd.update({f"vqgan.{k}": v for k, v in vqgan.items()})
-    path = root / "mage-official.pth"
-    torch.save({"model": sd, "model_ema": None, "epoch": 1, "args": argparse.Namespace(temp=6.0)}, path)
-    return path
+def official_file(root: Path, model: MAGE, encoder: dict, vqgan: dict) -> Path:
+    return rep_mage_file(root / "mage-official.pth", model, encoder, vqgan)
 
 
 def stores_with_a_tokenizer(root: Path) -> tuple[VQGAN, Path]:
@@ -260,7 +252,7 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
             "decoder_depth": 1, "decoder_num_heads": 2}
     model = MAGE(codebook_size=K, seq_len=H * W, rep_dim=D, **arch)
     good = official_file(tmp_path, model, ENCODER.state_dict(), vqgan.state_dict())
-    params = params_for(tmp_path, f"pixel.checkpoint={good}", extra={"model": {"vocab": "official"}})
+    params = params_for(tmp_path, f"pixel.checkpoints.rep={good}", extra={"model": {"vocab": "official"}})
     summary = train_pixel.run(params, "rep")
     assert (summary["source"], summary["encoder_check"], summary["vqgan_check"]) == ("official", "weights", "weights")
     loaded = load_pixel(params.paths.models / "pixel-rep.pt")[0]
@@ -269,13 +261,15 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
     other_vq = VQGAN(**VQ).state_dict()
     bad = official_file(tmp_path, model, ENCODER.state_dict(), other_vq)
     with pytest.raises(RcgError, match="another tokenizer .*same architecture, different weights"):
-        train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={bad}", extra={"model": {"vocab": "official"}}), "rep")
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),
+                        "rep")
     other_enc = MoCoViT(**MICRO["encoder"]["model"]).state_dict()
     bad = official_file(tmp_path, model, other_enc, vqgan.state_dict())
     with pytest.raises(RcgError, match="this MAGE was trained with another encoder"):
-        train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={bad}", extra={"model": {"vocab": "official"}}), "rep")
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),
+                        "rep")
     with pytest.raises(RcgError, match="does not match pixel.model and the stores: vocab compact"):
-        train_pixel.run(params_for(tmp_path, f"pixel.checkpoint={good}"), "rep")
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={good}"), "rep")
 
 
 @pytest.mark.parametrize("name", ["imagenet256_vitb", "imagenet256_vitb_mage", "imagenet256_vitl", "cifar10",
@@ -309,9 +303,9 @@ def test_real_micro_stores_train_and_an_official_file_built_from_their_models_pa
     encoder, _ = load_encoder_file(params.paths.models / "encoder.pt")
     vqgan, _ = load_tokenizer(params.paths.models / "tokenizer.pt")
     official = MAGE(**{**payload["config"]["model"], "vocab": "official"})
-    path = official_file(workspace, official, encoder.state_dict(), vqgan.state_dict(), grid=grid)
-    summary = train_pixel.run(params_for(workspace, f"pixel.checkpoint={path}", extra={"model": {"vocab": "official"}}),
-                              "rep")
+    path = official_file(workspace, official, encoder.state_dict(), vqgan.state_dict())
+    params = params_for(workspace, f"pixel.checkpoints.rep={path}", extra={"model": {"vocab": "official"}})
+    summary = train_pixel.run(params, "rep")
     assert (summary["encoder_check"], summary["vqgan_check"]) == ("weights", "weights")
 
 

@@ -368,8 +368,14 @@ class PixelCluster(Section):
     iters: PositiveInt = 50
 
 
+PIXEL_GENERATORS = ("rep", "none", "class", "cluster")  # the conditionings (pipeline.models.mage.CONDITIONINGS)
+
+
 class Pixel(Section):
-    checkpoint: Path | None = None     # official RCG MAGE-B/L file: the ``rep`` generator is imported, not trained
+    # Official files imported instead of training, one entry per generator so that each train_pixel@<cond> depends
+    # on its own: ``rep`` takes RCG's rep-conditioned MAGE-B/L, ``none`` LTH14/mage's unconditional MAGE-B/L (the
+    # baseline). class and cluster have no official file; their entries exist so that DVC finds every key.
+    checkpoints: dict[Literal["rep", "none", "class", "cluster"], Path | None] = dict.fromkeys(PIXEL_GENERATORS)
     # The generators dvc repro trains (train_pixel@<cond>): RCG's and the unconditional baseline's by default;
     # class / cluster (the paper's Table 9a rows) also need their settings in dvc.yaml's ``generation``.
     conditionings: list[Literal["rep", "none", "class", "cluster"]] = ["rep", "none"]
@@ -378,8 +384,25 @@ class Pixel(Section):
     eval: PixelEval = PixelEval()
     cluster: PixelCluster = PixelCluster()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "checkpoint" in value:
+            raise ValueError("pixel.checkpoint: renamed to pixel.checkpoints.rep (pixel.checkpoints.none imports "
+                             "the unconditional MAGE)")
+        return value
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _every_generator(cls, value: Any) -> Any:
+        """A partly given mapping (``--set pixel.checkpoints.none=FILE``) keeps null for the other generators."""
+        return {**dict.fromkeys(PIXEL_GENERATORS), **value} if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _check(self) -> "Pixel":
+        if unofficial := [c for c in ("class", "cluster") if self.checkpoints[c] is not None]:
+            raise ValueError(f"pixel.checkpoints.{unofficial[0]}: no official file exists for that generator; only "
+                             "rep (RCG's MAGE) and none (LTH14/mage's unconditional MAGE) can be imported")
         if self.train.batch_size % self.train.accum_steps:
             raise ValueError(f"pixel.train.batch_size ({self.train.batch_size}) must be divisible by "
                              f"pixel.train.accum_steps ({self.train.accum_steps})")
