@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models.encoder as enc
+from official_files import mocov3_file
 from pipeline.models.encoder import (MoCoViT, load_encoder, load_encoder_checkpoint, normalize_for_encoder, represent,
                                      standardize)
 from pipeline.models.mocov3_weights import VIT_SIZES, import_mocov3_state_dict, infer_vit_config
@@ -25,14 +26,6 @@ def tiny(seed: int = 0, **kw) -> MoCoViT:
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
     return model.eval()
-
-
-def official_file(path: Path, model: MoCoViT) -> None:
-    """Write ``model`` in the layout of vit-b-300ep.pth.tar (DDP-wrapped MoCo_ViT)."""
-    sd = {f"module.base_encoder.{k}": v for k, v in model.state_dict().items()}
-    sd.update({f"module.momentum_encoder.{k}": v + 1 for k, v in model.state_dict().items()})
-    sd.update({"module.predictor.0.weight": torch.randn(64, 16), "module.predictor.3.weight": torch.randn(16, 64)})
-    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": None}, path)
 
 
 @pytest.mark.skipif(not MANIFEST.is_file(), reason="reference manifest not available")
@@ -71,7 +64,7 @@ def test_vitl_misnamed_keys_are_renamed():
 def test_official_layout_round_trip(tmp_path):
     src = tiny(0)
     path = tmp_path / "vit.pth.tar"
-    official_file(path, src)
+    mocov3_file(path, src)
     dst = load_encoder_checkpoint(path, tiny(1))
     x = torch.rand(3, 3, 16, 16)
     assert torch.equal(represent(dst, x), represent(src, x))
@@ -95,7 +88,7 @@ def test_import_accepts_bare_stripped_and_unwrapped_moco():
 
 def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     path = tmp_path / "vit.pth.tar"
-    official_file(path, tiny(0))
+    mocov3_file(path, tiny(0))
     with pytest.raises(RcgError) as err:
         load_encoder_checkpoint(path, tiny(0, depth=3, img_size=32))
     msg = str(err.value)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import micro_params
+from official_files import mocov3_file
 from pipeline.core.artifacts import file_sha256, load_model_file
 from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_file, represent
 from pipeline.core.errors import RcgError
@@ -12,14 +13,6 @@ from pipeline.models.moco import MoCoV3
 from pipeline.train.state import TrainState
 from stages import pretrain_encoder
 
-
-
-def official_file(path, model: MoCoViT) -> None:
-    """``model`` in the layout of MoCo v3's vit-b-300ep.pth.tar (a DDP-wrapped MoCo_ViT)."""
-    sd = {f"module.base_encoder.{k}": v for k, v in model.state_dict().items()}
-    sd.update({f"module.momentum_encoder.{k}": v.clone() for k, v in model.state_dict().items()})
-    sd["module.predictor.0.weight"] = torch.randn(64, 16)
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": None}, path)
 
 
 def curve(params) -> list[dict]:
@@ -103,7 +96,7 @@ def test_official_import_writes_the_same_format(workspace):
     torch.manual_seed(3)
     source = MoCoViT(**params.encoder.model.model_dump())
     ckpt = workspace / "vit-small.pth.tar"
-    official_file(ckpt, source)
+    mocov3_file(ckpt, source)
     params = micro_params(workspace, [f"encoder.checkpoint={ckpt}"])
     summary = pretrain_encoder.run(params)
     imported = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)
@@ -120,7 +113,7 @@ def test_wrong_architecture_checkpoint_names_fields_keys_and_shapes(workspace):
     params = micro_params(workspace)
     wrong = MoCoViT(**{**params.encoder.model.model_dump(), "depth": 2, "img_size": 32})
     ckpt = workspace / "wrong.pth.tar"
-    official_file(ckpt, wrong)
+    mocov3_file(ckpt, wrong)
     with pytest.raises(RcgError) as err:
         pretrain_encoder.run(micro_params(workspace, [f"encoder.checkpoint={ckpt}"]))
     msg = str(err.value)

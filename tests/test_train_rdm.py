@@ -1,4 +1,3 @@
-import argparse
 import csv
 import json
 import math
@@ -16,10 +15,11 @@ from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MoCoViT
 from pipeline.core.errors import RcgError
 from pipeline.data.rep_store import RepBatches, load_store, store_stats
-from pipeline.models.rdm import RDM, ema_shadow_name, load_rdm, rdm_kwargs
+from pipeline.models.rdm import RDM, load_rdm, rdm_kwargs
 from pipeline.data.stores import StoreWriter
 from stages import train_rdm
 from conftest import MICRO, micro_params
+from official_files import rdm_file
 
 N, V, D, CLASSES = 48, 2, 16, 10
 OFFICIAL = ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"]  # how official RDM files are trained
@@ -301,22 +301,13 @@ def test_class_conditional_rdm_and_its_class_agreement(tmp_path):
 # Official checkpoint import
 
 def official_file(path: Path, config: dict, encoder_sd: dict, ema_offset: float = 0.5) -> RDM:
-    """A tiny checkpoint in the official RCG layout (args as an argparse.Namespace, EMA shadows, embedded
-    MoCo encoder, schedule buffers); returns the source model."""
+    """A tiny seeded RDM written in the official RCG layout (official_files.rdm_file); returns it."""
     torch.manual_seed(1)
     src = RDM(**config)
     with torch.no_grad():
         for p in src.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    diffusion = GaussianDiffusion()
-    sd = {"betas": diffusion.betas.clone(), "alphas_cumprod": diffusion.alphas_cumprod.clone()}
-    sd.update({"model.diffusion_model." + k: v.clone() for k, v in src.net.state_dict().items()})
-    sd["model_ema.decay"] = torch.tensor(0.9999)
-    sd["model_ema.num_updates"] = torch.tensor(500, dtype=torch.int32)
-    sd.update({ema_shadow_name(k): v.detach() + ema_offset for k, v in src.net.named_parameters()})
-    sd.update({"pretrained_encoder." + k: v.clone() for k, v in encoder_sd.items()})
-    sd["cond_stage_model.embedding.weight"] = src.cond_stage_model.embedding.weight.detach().clone()
-    torch.save({"model": sd, "model_ema": None, "epoch": 199, "args": argparse.Namespace(blr=1e-6)}, path)
+    rdm_file(path, src, encoder_sd, ema_offset)
     return src
 
 
