@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# GPU readiness check (bench/gpu_check.py): bash bench/gpu_check.sh [--out FILE] [--tiny] ...
+cd "$(dirname "$0")/.." && exec python -m bench.gpu_check "$@"
