@@ -1,9 +1,9 @@
 """The real `dvc repro` on the micro preset with every official checkpoint imported: MoCo v3, the RDM, the
 VQGAN, RCG's rep-conditioned MAGE and LTH14/mage's unconditional MAGE, from toy-size files in their official
-layouts (tests/official_files.py). Nothing trains but the judge; every output dvc.yaml declares must exist.
+layouts (tests/official_files.py). No RCG model trains (only what scores them); every declared output must exist.
 
-``score.spaces`` keeps the micro default (judge and encoder): the judge trains on the built-in set's labels, and
-the encoder space uses the imported MoCo v3 encoder. Inception needs its weights file, which the test lacks.
+``score.spaces`` keeps the micro default: the label-trained judge learns the built-in set's labels and the encoder
+space uses the imported MoCo v3 encoder. Inception needs its weights file, which the test lacks.
 """
 
 import csv
