@@ -256,6 +256,16 @@ def test_cli_offline_score_of_a_folder_and_a_store(scored, tmp_path):
     stage = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
     for key in ("fid", "isc", "kid", "precision", "recall"):
         assert from_folder["judge"][key] == from_store["judge"][key] == stage[key]
+    sampled = tmp_path / "out"  # as `rcg sample oracle --out` leaves it: the store beside its figures
+    shutil.copytree(root / "data" / "samples" / "oracle.zarr", sampled / "oracle.zarr")
+    (sampled / "figures" / "oracle").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sampled / "figures" / "oracle" / "samples.png")
+    res = runner.invoke(app, ["score", "--samples", str(sampled), "--reference-npz", f"judge={ref}", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["judge"]["fid"] == stage["fid"] and json.loads(res.stdout)["num_samples"] == 16
+    shutil.copytree(root / "data" / "samples" / "rcg.zarr", sampled / "rcg.zarr")
+    res = runner.invoke(app, ["score", "--samples", str(sampled), "--reference-npz", f"judge={ref}", *common])
+    assert res.exit_code == 2 and "holds 2 sample stores (oracle.zarr, rcg.zarr): give one" in res.output
     with np.load(ref) as npz:
         adm = adm_like(tmp_path / "adm.npz", npz["mu"], npz["sigma"])
     res = runner.invoke(app, ["score", "--samples", str(folder), "--reference-npz", f"judge={adm}", *common])

@@ -235,11 +235,17 @@ class SampleSource:
 
 
 def open_sample_source(path: Path) -> SampleSource:
-    """A sample store (``rcg sample``'s ``.zarr``, from the graph or the offline mode) or a folder of PNG/JPEG
-    images of one square size (samples made by any other code)."""
+    """A sample store (``rcg sample``'s ``.zarr``, from the graph or the offline mode; or the folder the offline
+    mode wrote, holding one store beside its figures) or a folder of PNG/JPEG images of one square size (samples
+    made by any other code)."""
     path = Path(path)
     if not path.is_dir():
         raise RcgError(f"--samples: {path} is not a sample store (.zarr) or a folder of PNG/JPEG images")
+    stores = sorted(p.name for p in path.glob("*.zarr") if p.is_dir())
+    if len(stores) > 1:
+        raise RcgError(f"--samples: {path} holds {len(stores)} sample stores ({', '.join(stores)}): give one")
+    if len(stores) == 1:  # `rcg sample --out DIR`: score the store, not the figures' PNGs
+        path = path / stores[0]
     if path.suffix == ".zarr" or (path / "zarr.json").is_file():
         store = open_samples(path)
         return SampleSource(path, len(store), sample_resolution(store.images, path),
