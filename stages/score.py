@@ -32,7 +32,8 @@ from pipeline.eval.fidelity import (SPACES, Reference, SampleSource, create_extr
 PARAMS = ["seed", "score"]
 
 # Where the offline mode's extractor weights come from, for its messages.
-WEIGHT_FLAGS = {"judge": "--judge", "encoder": "--encoder", "inception": "--inception-weights"}
+WEIGHT_FLAGS = {"judge": "--judge", "encoder": "--encoder", "ssl_judge": "--ssl-judge",
+                "inception": "--inception-weights"}
 
 # A space's two references: the Fréchet distance's statistics, and the features KID and precision/recall use.
 References = dict[str, tuple[Reference, Reference | None]]
