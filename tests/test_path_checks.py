@@ -16,8 +16,8 @@ from stages import pretrain_encoder, reference, score, shard, train_pixel, train
 from stages.cli import app
 from conftest import micro_params
 
-MISSING_CHECKPOINTS = ["encoder.checkpoint", "rdm.checkpoint", "tokenizer.checkpoint", "pixel.checkpoint",
-                       "score.inception_weights"]
+MISSING_CHECKPOINTS = ["encoder.checkpoint", "rdm.checkpoint", "tokenizer.checkpoint", "pixel.checkpoints.rep",
+                       "pixel.checkpoints.none", "score.inception_weights"]
 
 
 def test_shard_runs_while_the_checkpoints_are_missing(tmp_path):
@@ -36,7 +36,8 @@ def test_shard_runs_while_the_checkpoints_are_missing(tmp_path):
     ("encoder.checkpoint", pretrain_encoder.run),
     ("rdm.checkpoint", train_rdm.run),
     ("tokenizer.checkpoint", train_tokenizer.run),
-    ("pixel.checkpoint", lambda p: train_pixel.run(p, "rep")),
+    ("pixel.checkpoints.rep", lambda p: train_pixel.run(p, "rep")),
+    ("pixel.checkpoints.none", lambda p: train_pixel.run(p, "none")),
     ("score.inception_weights", reference.run),
     ("score.inception_weights", lambda p: score.run(p, "rcg")),
 ])
