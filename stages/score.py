@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from pipeline.core.artifacts import file_sha256, write_json
 from pipeline.core.config import Params, Score
@@ -92,8 +93,8 @@ def stage_references(params: Params, spaces: list[str], meta: dict | None, dims:
     return npz_references({s: p for s, p in params.score.reference_npz.items() if s in spaces}, dims, ours)
 
 
-def score_source(source: SampleSource, spaces: list[str], weights: dict[str, Path], reference_of, params: Params
-                 ) -> tuple[dict, float]:
+def score_source(source: SampleSource, spaces: list[str], weights: dict[str, Path],
+                 reference_of: Callable[[dict[str, int]], References], params: Params) -> tuple[dict, float]:
     """Every space's figures for ``source``: the extractors, their references (``reference_of(dims)``, loaded
     before the samples go through), the features, the metrics; -> (space -> figures, seconds)."""
     cfg, device = params.score, device_for(params.runtime)
