@@ -231,6 +231,12 @@ def test_only_a_distributed_stage_outside_torchrun_that_is_no_import_is_relaunch
     cli._relaunch("score", params, "rcg", Path("p.yaml"), [], False)  # one process's work
     imports = micro_params(tmp_path, [f"runtime.launcher={torchrun}", "rdm.checkpoint=official.pth"])
     cli._relaunch("train_rdm", imports, None, Path("p.yaml"), [], False)  # an import: rank 0's work alone
+    pixel = micro_params(tmp_path, [f"runtime.launcher={torchrun}", "pixel.checkpoints.rep=official.pth"])
+    cli._relaunch("train_pixel", pixel, "rep", Path("p.yaml"), [], False)
+    assert launched == []
+    cli._relaunch("train_pixel", pixel, "none", Path("p.yaml"), [], False)  # trained: the rep file is not its own
+    assert [argv[-3:] for _, argv, _ in launched] == [["none", "--params", "p.yaml"]]
+    launched.clear()
     cli._relaunch("train_rdm", micro_params(tmp_path), None, Path("p.yaml"), [], False)  # no launcher
     monkeypatch.setenv("WORLD_SIZE", "2")
     cli._relaunch("train_rdm", params, None, Path("p.yaml"), [], False)  # already under torchrun
