@@ -205,6 +205,17 @@ def build_mage(s: Sizes, device: torch.device) -> MAGE:
 
 
 # ------------------------------------------------------------------------------------------- workloads
+# Each check counts the FLOPs of one item on a model of its own, then runs every mode in a function whose models,
+# optimizer and closures are gone when it returns, so that each mode's peak memory is its own.
+def per_mode(modes: list[str], device: torch.device, run: Callable[[bool, bool], dict]) -> dict[str, dict]:
+    """``run(bf16, compiled)`` for each mode, from a freed GPU and a reset peak; -> {mode: its figures}."""
+    out = {}
+    for mode in modes:
+        fresh_peak(device)
+        out[mode] = {**run(*mode_flags(mode)), "peak_gib": peak_gib(device)}
+    return out
+
+
 def check_encode(s: Sizes, modes: list[str], device: torch.device) -> Result:
     def build() -> MoCoViT:
         torch.manual_seed(0)
@@ -213,19 +224,17 @@ def check_encode(s: Sizes, modes: list[str], device: torch.device) -> Result:
     b = s.batch["encode"]
     views = torch.randint(0, 256, (b, 1, s.image, s.image, 3), dtype=torch.uint8)
     one = views[:1].to(device).reshape(1, s.image, s.image, 3).permute(0, 3, 1, 2).float().div(255)
-    model = build()
-    result = Result("images/s", b, gflop(lambda: represent(model, one, s.encoder["img_size"])))
-    for mode in modes:
-        bf16, compiled = mode_flags(mode)
-        del model
-        fresh_peak(device)
+    result = Result("images/s", b, gflop(functools.partial(represent, build(), one, s.encoder["img_size"])))
+
+    def run(bf16: bool, compiled: bool) -> dict:
         model = build()
         if compiled:  # the trunk's blocks and the projector: all of the encoder's FLOPs
             model.blocks.compile()
             model.head.compile()
         fn = encoder_fn(model, device, bf16)
-        sec = seconds_per_call(lambda: fn(views), s.warmup["encode"], s.timed["encode"], device)
-        result.modes[mode] = {"rate": b / sec, "peak_gib": peak_gib(device)}
+        return {"rate": b / seconds_per_call(lambda: fn(views), s.warmup["encode"], s.timed["encode"], device)}
+
+    result.modes = per_mode(modes, device, run)
     return result
 
 
@@ -262,19 +271,20 @@ def check_rdm_step(s: Sizes, modes: list[str], device: torch.device) -> Result:
     y = torch.zeros(b, dtype=torch.long, device=device)
     gen = torch.Generator(device).manual_seed(0)
 
-    def build() -> tuple[RDM, EMA]:
+    def build() -> RDM:
         torch.manual_seed(0)
         model = RDM(**kwargs).to(device)
         model.cond_stage_model.requires_grad_(False)  # unconditional: the one class row is never read
-        return model, EMA(model.net)
+        return model
 
-    model, _ = build()
-    result = Result("samples/s", b, gflop(lambda: diffusion.training_loss(model, x0[:1], y[:1], gen).backward()))
-    for mode in modes:
-        bf16, compiled = mode_flags(mode)
-        del model
-        fresh_peak(device)
-        model, ema = build()
+    def one_step() -> None:
+        diffusion.training_loss(build(), x0[:1], y[:1], gen).backward()
+
+    result = Result("samples/s", b, gflop(one_step))
+
+    def run(bf16: bool, compiled: bool) -> dict:
+        model = build()
+        ema = EMA(model.net)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5.12e-4,
                                       weight_decay=0.01, fused=True)
 
@@ -282,35 +292,37 @@ def check_rdm_step(s: Sizes, modes: list[str], device: torch.device) -> Result:
             ema.update(model.net)  # as pipeline.train.rdm: LitEma inside the forward, before the optimizer step
             return {"loss": diffusion.training_loss(net, *item)}
 
-        rate = loop_rate("rdm", model, step, (x0, y, gen), optimizer, b, s.warmup["rdm_step"], s.timed["rdm_step"],
-                         bf16, compiled, None, device)
-        result.modes[mode] = {"rate": rate, "peak_gib": peak_gib(device)}
+        return {"rate": loop_rate("rdm", model, step, (x0, y, gen), optimizer, b, s.warmup["rdm_step"],
+                                  s.timed["rdm_step"], bf16, compiled, None, device)}
+
+    result.modes = per_mode(modes, device, run)
     return result
 
 
 def check_mage_step(s: Sizes, modes: list[str], device: torch.device) -> Result:
-    b = s.batch["mage_step"]
-    torch.manual_seed(0)
-    model = build_mage(s, device).train()
-    tokens = torch.randint(0, s.vqgan["n_embed"], (b, model.seq_len), device=device)
-    reps = random_reps(b, model.rep_dim, device)
-    gen = torch.Generator(device).manual_seed(0)
-    result = Result("samples/s", b, gflop(lambda: masked_token_loss(model, tokens[:1], reps[:1], gen)[0].backward()))
-    for mode in modes:
-        bf16, compiled = mode_flags(mode)
-        del model
-        fresh_peak(device)
+    def build() -> MAGE:
         torch.manual_seed(0)
-        model = build_mage(s, device).train()
+        return build_mage(s, device).train()
+
+    b = s.batch["mage_step"]
+    seq_len = (s.image // 2 ** (len(s.vqgan["ch_mult"]) - 1)) ** 2
+    tokens = torch.randint(0, s.vqgan["n_embed"], (b, seq_len), device=device)
+    reps = random_reps(b, s.encoder["proj_dim"], device)
+    gen = torch.Generator(device).manual_seed(0)
+    result = Result("samples/s", b, gflop(lambda: masked_token_loss(build(), tokens[:1], reps[:1], gen)[0].backward()))
+
+    def run(bf16: bool, compiled: bool) -> dict:
+        model = build()
         optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=2.4e-3, betas=(0.9, 0.95), fused=True)
 
         def step(net: nn.Module, item: tuple) -> dict:
             loss, accuracy = masked_token_loss(model, *item, net=net)
             return {"loss": loss, "accuracy": accuracy}
 
-        rate = loop_rate("mage", model, step, (tokens, reps, gen), optimizer, b, s.warmup["mage_step"],
-                         s.timed["mage_step"], bf16, compiled, 3.0, device)
-        result.modes[mode] = {"rate": rate, "peak_gib": peak_gib(device)}
+        return {"rate": loop_rate("mage", model, step, (tokens, reps, gen), optimizer, b, s.warmup["mage_step"],
+                                  s.timed["mage_step"], bf16, compiled, 3.0, device)}
+
+    result.modes = per_mode(modes, device, run)
     return result
 
 
@@ -326,28 +338,27 @@ def check_sample(s: Sizes, modes: list[str], device: torch.device) -> Result:
         pixel = Pixel(mage, "rep", (side, side), mage.codebook_size, mage.rep_dim, None, None, None, "random")
         return Models(pixel, tokenizer, "random", Rdm(rdm, GaussianDiffusion().to(device), None, "random"))
 
-    models = build()
-    rdm, mage, tokenizer = models.rdm.model, models.pixel.model, models.tokenizer
-    with torch.inference_mode():  # one image: the RDM's steps, the guided decoding steps (2 rows), one VQGAN decode
+    @torch.inference_mode()
+    def one_image(models: Models) -> float:
+        """GFLOPs of one image: the RDM's steps, the guided decoding steps (2 rows each), one VQGAN decode."""
+        rdm, mage = models.rdm.model, models.pixel.model
         t = torch.ones(1, dtype=torch.long, device=device)
         ids = torch.full((2, mage.seq_len), mage.mask_id, device=device)
         codes = torch.zeros(1, side, side, dtype=torch.long, device=device)
-        per_image = (s.rdm_steps * gflop(lambda: rdm(random_reps(1, s.rdm["in_channels"], device), t))
-                     + s.iterations * gflop(lambda: mage(ids, mage.null_condition(2)))
-                     + gflop(lambda: tokenizer.decode_indices(codes)))
+        return (s.rdm_steps * gflop(lambda: rdm(random_reps(1, s.rdm["in_channels"], device), t))
+                + s.iterations * gflop(lambda: mage(ids, mage.null_condition(2)))
+                + gflop(lambda: models.tokenizer.decode_indices(codes)))
+
     setting = SampleSetting(generator="rep", reps="rdm", guidance=s.guidance, iterations=s.iterations,
                             temperature=6.0)
     sampler = RdmSample(steps=s.rdm_steps, eta=1.0)
     b = s.batch["sample"]
-    result = Result("images/s", b, per_image)
-    for mode in modes:
-        bf16, compiled = mode_flags(mode)
-        del models, rdm, mage, tokenizer
-        fresh_peak(device)
+    result = Result("images/s", b, one_image(build()))
+
+    def run(bf16: bool, compiled: bool) -> dict:
         models = build()
-        rdm, mage, tokenizer = models.rdm.model, models.pixel.model, models.tokenizer
         if compiled:  # the three networks; the DDIM and decoding loops around them stay Python
-            for module in (rdm, mage, tokenizer.decoder):
+            for module in (models.rdm.model, models.pixel.model, models.tokenizer.decoder):
                 module.compile()
         passes: dict[str, float] = {}
         gen = torch.Generator(device).manual_seed(0)
@@ -360,11 +371,13 @@ def check_sample(s: Sizes, modes: list[str], device: torch.device) -> Result:
         for _ in range(s.warmup["sample"]):
             batch()
         passes.clear()  # the split of the timed batches only, not of the warm-up (compilation)
-        sec = seconds_per_call(batch, 0, s.timed["sample"], device)
-        result.modes[mode] = {"rate": b / sec, "peak_gib": peak_gib(device),
-                              "seconds_per_batch": {k: round(v / s.timed["sample"], 4) for k, v in passes.items()}}
-        if s is FULL:  # the paper's rate is RCG-B's: only the official sizes compare with it
-            result.modes[mode]["vs_official_v100"] = b / sec / OFFICIAL_RATE_V100
+        rate = b / seconds_per_call(batch, 0, s.timed["sample"], device)
+        figures = {"rate": rate, "seconds_per_batch": {k: round(v / s.timed["sample"], 4) for k, v in passes.items()}}
+        if s.name == "official":  # the paper's rate is RCG-B's: only the official sizes compare with it
+            figures["vs_official_v100"] = rate / OFFICIAL_RATE_V100
+        return figures
+
+    result.modes = per_mode(modes, device, run)
     return result
 
 
