@@ -3,10 +3,10 @@ one-off cost and a whole ``score`` run, on the default run's built-in images (32
 
     python -m bench.score ROOT [--images 4000] [--samples 1000] [--inception]
 
-ROOT gets the shards (built-in set, default size, with its val split), a judge trained by the stage, a random-init
-encoder of the default architecture (same cost as a trained one) and, with --inception, a random-weights Inception
-file in torch-fidelity's layout, whose extraction rate alone is measured (Inception at 299 px over the whole reference
-would take most of an hour on 2 CPU cores). Prints one JSON line per measurement.
+ROOT gets the shards (built-in set, default size, with its val split), a judge and an ssl_judge trained by their
+stages, a random-init encoder of the default architecture (same cost as a trained one) and, with --inception, a
+random-weights Inception file in torch-fidelity's layout, whose extraction rate alone is measured (Inception at 299 px
+over the whole reference would take most of an hour on 2 CPU cores). Prints one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -60,12 +60,15 @@ def main() -> None:
         save_model_file(enc, MODEL_FORMAT, {"model": cfg}, MoCoViT(**cfg).state_dict(), summary={"source": "random"})
     judged = run_stage("train_judge", params, root)
     print(json.dumps({"what": "train_judge", "threads": torch.get_num_threads(), **judged}))
+    ssl = run_stage("train_ssl_judge", params, root)
+    print(json.dumps({"what": "train_ssl_judge", "threads": torch.get_num_threads(), **ssl}))
 
     shards = ShardSet(params.paths.shards, "train")
     batch = torch.stack([ShardImages(shards, 32)[i] for i in range(a.batch)])
     device = torch.device("cpu")
-    spaces = ["judge", "encoder"] + (["inception"] if a.inception else [])
-    weights = {"judge": root / "data" / "models" / "judge.pt", "encoder": enc, "inception": inception}
+    spaces = ["judge", "encoder", "ssl_judge"] + (["inception"] if a.inception else [])
+    weights = {"judge": root / "data" / "models" / "judge.pt", "encoder": enc,
+               "ssl_judge": root / "data" / "models" / "ssl_judge.pt", "inception": inception}
     for s in spaces:
         fe = {s: create_extractor(s, weights[s], device)}
         reps = 1 if s == "inception" else 5
@@ -75,9 +78,10 @@ def main() -> None:
         rate = reps * len(batch) / (time.perf_counter() - start)
         print(json.dumps({"what": "extract", "space": s, "batch": len(batch), "images_per_s": round(rate, 1)}))
 
-    ref = run_stage("reference", params, root)
-    meta = json.loads((root / "data" / "reference" / "meta.json").read_text())
-    print(json.dumps({"what": "reference", **ref, "images_per_s": meta["images_per_s"]}))
+    for s in params.score.spaces:  # reference@<space>: one extractor per run
+        ref = run_stage("reference", params, root, s)
+        meta = json.loads((root / "data" / "reference" / f"{s}.json").read_text())
+        print(json.dumps({"what": "reference", **ref, "images_per_s": meta["images_per_s"]}))
 
     val = ShardSet(params.paths.shards, "val")
     images = np.stack([ShardImages(val, 32)[i % len(val)].permute(1, 2, 0).numpy() for i in range(a.samples)])

@@ -61,6 +61,7 @@ DISTRIBUTED_STAGES = {
     "tokenize": lambda params, item: False,
     "train_pixel": lambda params, item: params.pixel.checkpoints.get(item) is not None,
     "train_judge": lambda params, item: False,
+    "train_ssl_judge": lambda params, item: False,
     "sample": lambda params, item: False,
 }
 LAUNCHED = "RCG_LAUNCHED"  # set in the processes a launcher starts, which never launch again
@@ -142,12 +143,14 @@ for _name, _help in [
     ("eval_tokenizer", "Reconstruction PSNR, codebook usage and representation-space FD of the tokenizer."),
     ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
     ("train_judge", "Train the judge classifier on the train split's labels -> data/models/judge.pt."),
-    ("reference", "Reference statistics of the train split per feature space -> data/reference/."),
+    ("train_ssl_judge", "Train the self-supervised ssl_judge (MoCo v3, a CNN) -> data/models/ssl_judge.pt."),
     ("compare", "Every setting's scores in one table -> metrics/compare.json, metrics/compare.md."),
 ]:
     _stage_command(_name, _help)
 _item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",
                     "Train the MAGE pixel generator on data/tokens.zarr + data/reps.zarr (or import the official one).")
+_item_stage_command("reference", "Feature space: judge, encoder, ssl_judge or inception.",
+                    "Reference statistics of the train split in one feature space -> data/reference/<space>.npz.")
 
 
 @app.command()
@@ -226,11 +229,13 @@ def sample(setting: Annotated[str, typer.Argument(help="A name in sample.setting
         return run_stage("sample", params, set_, debug, setting)
 
     def go():
+        from pipeline.core.locks import locked_outputs
         from stages.sample import run_files
         if pixel is None or tokenizer is None:
             raise RcgError("the offline mode (--out) needs --pixel FILE and --tokenizer FILE")
         p, source = offline_params(params, preset, set_)
-        return run_files(p, setting, out, pixel, tokenizer, rdm, reps, shards, source)
+        with locked_outputs([out / f"{setting}.zarr", out / "figures" / setting], f"sample {setting} --out {out}"):
+            return run_files(p, setting, out, pixel, tokenizer, rdm, reps, shards, source)
 
     typer.echo(json.dumps(_guarded("sample", debug, go), indent=2, default=str))
 

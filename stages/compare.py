@@ -18,7 +18,9 @@ from pipeline.core.progress import log
 PARAMS = ["score.spaces", "score.inception_weights", "score.prc_k", "sample.settings"]
 
 ORDER = ("baseline", "rcg", "rcg_cfg", "oracle", "class", "cluster")
-SPACES = ("judge", "encoder", "inception")  # pipeline.eval.fidelity.SPACES (not imported: a table needs no torch)
+REAL_ROW = "real"  # pipeline.core.config.REAL_ROW: the held-out images, the floor no generator beats (last row)
+SPACES = ("judge", "encoder", "ssl_judge", "inception")  # pipeline.eval.fidelity.SPACES (a table needs no torch)
+HEADLINES = ("judge", "ssl_judge", "inception", "encoder")  # the first scored one gives precision/recall
 
 
 def raised(space_scores: dict) -> list[str]:
@@ -29,6 +31,8 @@ NOTES = {
              "(a space RCG is not conditioned on: the headline)",
     "encoder": "rep FD: Fréchet distance in the encoder's representation space; it favours the rep-conditioned "
                "generators (rcg, rcg_cfg, oracle)",
+    "ssl_judge": "ssl FD: Fréchet distance in the ssl_judge's features, a second self-supervised encoder (another "
+                 "architecture and seed, no labels) that RCG is not conditioned on",
     "inception": "Inception FID / IS: torch-fidelity's Inception v3",
 }
 
@@ -38,7 +42,7 @@ def columns(headline: str) -> list[tuple[str, str, str | None, str]]:
     return [("judge_fid", "judge FID", "judge", "fid"), ("judge_is", "judge IS", "judge", "isc"),
             ("precision", f"precision ({headline})", headline, "precision"),
             ("recall", f"recall ({headline})", headline, "recall"),
-            ("rep_fd", "rep FD", "encoder", "fd"),
+            ("ssl_fd", "ssl FD", "ssl_judge", "fd"), ("rep_fd", "rep FD", "encoder", "fd"),
             ("inception_fid", "Inception FID", "inception", "fid"), ("inception_is", "Inception IS", "inception", "isc"),
             ("num_samples", "samples", None, "num_samples"), ("sample_seconds", "sample s", None, "sample_seconds"),
             ("score_seconds", "score s", None, "seconds")]
@@ -61,7 +65,8 @@ def table(rows: dict[str, dict], cols: list[tuple[str, str, str | None, str]]) -
 
 
 def run(params: Params) -> dict:
-    settings = [s for s in ORDER if s in params.sample.settings] + [s for s in params.sample.settings if s not in ORDER]
+    settings = ([s for s in ORDER if s in params.sample.settings] + [s for s in params.sample.settings if s not in ORDER]
+                + [REAL_ROW])
     scores = {}
     for s in settings:
         path = params.paths.metrics / "score" / f"{s}.json"
@@ -70,7 +75,7 @@ def run(params: Params) -> dict:
     if not scores:
         raise RcgError(f"no scores in {params.paths.metrics / 'score'}: run `rcg score SETTING` first")
     spaces = [s for s in SPACES if any(s in sc for sc in scores.values())]  # what was scored
-    headline = next(s for s in ("judge", "inception", "encoder") if s in spaces)
+    headline = next(s for s in HEADLINES if s in spaces)
     cols = columns(headline)
     rows = {name: {key: (sc.get(space) or {}).get(field) if space else sc.get(field) for key, _, space, field in cols}
             for name, sc in scores.items()}
@@ -82,6 +87,9 @@ def run(params: Params) -> dict:
               for name, sc in scores.items() for space in spaces if space in sc and raised(sc[space])]
     notes = [NOTES[s] for s in spaces] + [f"reference ({'; '.join(references)}), "
                                            f"precision/recall with k = {params.score.prc_k}"]
+    if REAL_ROW in scores:
+        notes.append(f"{REAL_ROW}: {scores[REAL_ROW]['num_samples']} held-out images (the val split) scored like a "
+                     "generator's samples: the floor no setting is expected to beat")
     notes += [f"warning: {w}" for w in warned]
     md = "# Samples scored per setting\n\n" + text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     flat = {name: {k: v for k, v in row.items() if v is not None} for name, row in rows.items()}  # "-" cells: absent

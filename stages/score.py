@@ -1,8 +1,10 @@
 """Stage ``score`` (one instance per sample setting): ``data/samples/<setting>.zarr`` -> ``metrics/score/<setting>.json``.
 
-Per scored space (pipeline.eval.fidelity): the judge's FID and IS (the headline: it shares nothing with what RCG is
-conditioned on), the encoder's FD (which favours representation-conditioned generators), Inception's FID and IS
-when its weights are given; KID and precision/recall in each. The Fréchet distance is against the reference's
+Per scored space (pipeline.eval.fidelity): the judge's FID and IS (the headline where labels exist: it shares
+nothing with what RCG is conditioned on), the ssl_judge's FD (self-supervised, another network: no labels needed),
+the encoder's FD (which favours representation-conditioned generators), Inception's FID and IS when its weights
+are given; KID and precision/recall in each. ``rcg score real`` scores the held-out split the same way: compare's
+floor. The Fréchet distance is against the reference's
 statistics (or the user's ``score.reference_npz``), KID and precision/recall against its features. Every space
 records its sample count, its reference and its warnings. A space with ``score.reference_npz`` needs nothing
 from ``rcg reference``: ADM's reference batch alone gives Inception FID and IS (KID and precision/recall need
@@ -20,17 +22,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from torch.utils.data import DataLoader
+
 from pipeline.core.artifacts import file_sha256, write_json
-from pipeline.core.config import Params, Score
+from pipeline.core.config import REAL_ROW, Params, Score
 from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
+from pipeline.data.eval_images import ShardImages, evenly_spaced
+from pipeline.data.shards import META_FILE, ShardSet
 from pipeline.eval.fidelity import (SPACES, Reference, SampleSource, create_extractor, extract, extractor_weights,
                                     feature_dims, load_reference, min_samples_needed, open_sample_source,
                                     reference_dir, score_features, scored_spaces, warning_lines)
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
-PARAMS = ["seed", "score"]
+PARAMS = ["seed", "score", "sample.num_samples"]
 
 # Where the offline mode's extractor weights come from, for its messages.
 WEIGHT_FLAGS = {"judge": "--judge", "encoder": "--encoder", "ssl_judge": "--ssl-judge",
@@ -47,29 +53,26 @@ def check_enough(source: SampleSource, spaces: list[str], cfg: Score) -> None:
                        "(score.isc_splits, score.prc_k + 1)")
 
 
-def reference_meta(params: Params, spaces: list[str], resolution: int) -> dict | None:
-    """The reference stage's record, checked against the samples' resolution and the current extractors; None
-    when it has not run and every space has its own ``score.reference_npz``."""
-    path = reference_dir(params) / "meta.json"
-    needed = [s for s in spaces if s not in params.score.reference_npz]
-    if not path.is_file():
-        if needed:
-            raise RcgError(f"no reference statistics at {path.parent}: run `rcg reference` first (or give "
-                           f"score.reference_npz.{needed[0]})")
-        return None
-    meta = json.loads(path.read_text())
-    if meta["resolution"] != resolution:
-        raise RcgError(f"the samples are {resolution}x{resolution} but the reference in {path.parent} is "
-                       f"{meta['resolution']}x{meta['resolution']} (views.crop): generate and score at one size")
+def reference_meta(params: Params, spaces: list[str], resolution: int) -> dict[str, dict]:
+    """Each space's record from ``rcg reference <space>`` (``data/reference/<space>.json``), checked against the
+    samples' resolution and the current extractor; a space with its own ``score.reference_npz`` may have none."""
+    metas = {}
     for s in spaces:
-        if s not in meta["spaces"]:
-            if s in needed:
-                raise RcgError(f"{path.parent} has no {s} statistics: rerun `rcg reference`")
+        path = reference_dir(params) / f"{s}.json"
+        if not path.is_file():
+            if s not in params.score.reference_npz:
+                raise RcgError(f"no {s} reference statistics at {path}: run `rcg reference {s}` first (or give "
+                               f"score.reference_npz.{s})")
             continue
-        if meta["spaces"][s]["weights_sha256"] != file_sha256(extractor_weights(params, s)):
+        meta = json.loads(path.read_text())
+        if meta["resolution"] != resolution:
+            raise RcgError(f"the samples are {resolution}x{resolution} but the {s} reference in {path.parent} is "
+                           f"{meta['resolution']}x{meta['resolution']} (views.crop): generate and score at one size")
+        if meta["weights_sha256"] != file_sha256(extractor_weights(params, s)):
             raise RcgError(f"{path.parent}/{s}.npz was computed with another {extractor_weights(params, s)}: "
-                           "rerun `rcg reference`")
-    return meta
+                           f"rerun `rcg reference {s}`")
+        metas[s] = meta
+    return metas
 
 
 def npz_references(paths: dict[str, Path], dims: dict[str, int], ours: References | None = None) -> References:
@@ -84,12 +87,11 @@ def npz_references(paths: dict[str, Path], dims: dict[str, int], ours: Reference
     return out
 
 
-def stage_references(params: Params, spaces: list[str], meta: dict | None, dims: dict[str, int]) -> References:
+def stage_references(params: Params, spaces: list[str], metas: dict[str, dict], dims: dict[str, int]) -> References:
     ours = {}
-    for s in spaces:
-        if meta is not None and s in meta["spaces"]:
-            ref = load_reference(reference_dir(params) / f"{s}.npz", dims[s], s, f"train:{meta['num_images']}")
-            ours[s] = (ref, ref)
+    for s, meta in metas.items():
+        ref = load_reference(reference_dir(params) / f"{s}.npz", dims[s], s, f"train:{meta['num_images']}")
+        ours[s] = (ref, ref)
     return npz_references({s: p for s, p in params.score.reference_npz.items() if s in spaces}, dims, ours)
 
 
@@ -111,18 +113,35 @@ def headline(scores: dict) -> dict:
     return {f"{s}_{k}": v[k] for s, v in scores.items() for k in ("fid", "fd", "isc") if k in v}
 
 
+def held_out_source(params: Params) -> SampleSource:
+    """compare's ``real`` row: the val split's images (evenly spaced, as many as a setting's samples when it holds
+    more), centre-cropped at views.crop exactly like the reference images, scored as if a generator made them."""
+    shards_dir = params.paths.shards
+    meta_path = shards_dir / META_FILE
+    if not meta_path.is_file() or "val" not in json.loads(meta_path.read_text()).get("splits", {}):
+        raise RcgError(f"score {REAL_ROW}: {shards_dir} has no val split to score as the real row (give "
+                       "data.val_folder, data.holdout > 0 or data.builtin.num_val > 0)")
+    val = ShardSet(shards_dir, "val")
+    rows = evenly_spaced(len(val), params.sample.num_samples)
+    images = ShardImages(val, params.views.crop, rows)
+    return SampleSource(shards_dir, len(rows), params.views.crop,
+                        lambda batch_size: iter(DataLoader(images, batch_size=batch_size,
+                                                           num_workers=params.score.workers)), {"split": "val"})
+
+
 def run(params: Params, item: str) -> dict:
-    if item not in params.sample.settings:
-        raise RcgError(f"score: unknown setting {item!r} (sample.settings: {', '.join(params.sample.settings)})")
+    if item not in params.sample.settings and item != REAL_ROW:
+        raise RcgError(f"score: unknown setting {item!r} (sample.settings: {', '.join(params.sample.settings)}; "
+                       f"{REAL_ROW}: the held-out images)")
     cfg = params.score
     require_file(cfg.inception_weights, "score.inception_weights")
     for space, npz in cfg.reference_npz.items():
         require_file(npz, f"score.reference_npz.{space}")
     spaces = scored_spaces(cfg)
     path = params.paths.data / "samples" / f"{item}.zarr"
-    if not path.exists():
+    if item != REAL_ROW and not path.exists():
         raise RcgError(f"no sample store at {path}: run `rcg sample {item}` first")
-    source = open_sample_source(path)
+    source = held_out_source(params) if item == REAL_ROW else open_sample_source(path)
     check_enough(source, spaces, cfg)
     meta = reference_meta(params, spaces, source.resolution)
     weights = {s: extractor_weights(params, s) for s in spaces}

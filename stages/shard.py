@@ -15,7 +15,7 @@ from pipeline.core.artifacts import atomic_dir, write_json
 from pipeline.core.config import Params
 from pipeline.core.errors import require_dir
 from pipeline.core.progress import log
-from pipeline.data.ingest import check_pool, image_sources, shard_split
+from pipeline.data.ingest import check_pool, image_sources, scan_sources, shard_split
 from pipeline.data.shards import INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, write_table
 from pipeline.data.synthetic import CLASSES
 
@@ -35,22 +35,29 @@ def run(params: Params) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=".builtin-", dir=out_dir.parent))
     try:
         with atomic_dir(out_dir) as tmp, check_pool(params.shard) as pool:
-            index, rejects, splits, warnings, classes = [], [], {}, [], None
-            for split, folder in image_sources(params.data, scratch, pool):
-                rows, rej, cls, warn, found = shard_split(split, folder, tmp, params.shard, pool, classes)
-                classes = cls if classes is None else classes
+            sources = image_sources(params.data, scratch, pool)
+            parts, classes, warnings = scan_sources(params.data, sources, params.seed)
+            index, rejects, splits, emptied = [], [], {}, []
+            for part in parts:
+                rows, rej, found, lost = shard_split(part, tmp, params.shard, pool, classes)
                 index += rows
                 rejects += rej
-                warnings += [f"{split}: {w}" for w in warn]
-                splits[split] = {"found": found, "accepted": len(rows), "rejected": len(rej),
-                                 "shards": len({r["shard"] for r in rows}),
-                                 "folder": "<builtin>" if params.data.source == "builtin" else str(folder)}
+                emptied += lost
+                warnings += [f"{part.split}: class folder {e['class']} (label {e['label']}): every file was rejected, "
+                             "so the label has no image there (rejects.parquet says why)" for e in lost]
+                splits[part.split] = {"found": found, "accepted": len(rows), "rejected": len(rej),
+                                      "shards": len({r["shard"] for r in rows}),
+                                      "folder": "<builtin>" if params.data.source == "builtin" else str(part.folder)}
                 assert len(rows) + len(rej) == found, "every file found must be accepted or rejected"
-            if params.data.source == "builtin":
+            if "val" in splits and params.data.source == "folder" and params.data.val_folder is None:
+                splits["val"]["held_out"] = {"fraction": params.data.holdout, "seed": params.seed}
+            if params.data.source == "builtin" and params.data.labels != "none":
                 classes = CLASSES
+            labelled = bool(classes)
             write_table(index, INDEX_SCHEMA, tmp / INDEX_FILE)
             write_table(rejects, REJECTS_SCHEMA, tmp / REJECTS_FILE)
-            write_json(tmp / META_FILE, {"format": FORMAT, "version": 1, "classes": classes, "splits": splits,
+            write_json(tmp / META_FILE, {"format": FORMAT, "version": 1, "labels": labelled, "classes": classes,
+                                         "classes_without_images": emptied, "splits": splits,
                                          "warnings": warnings, "params": {"data": params.section("data"),
                                                                           "shard": params.section("shard")}})
     finally:
@@ -59,5 +66,5 @@ def run(params: Params) -> dict:
     for w in warnings:
         log(f"warning: {w}")
     total = sum(v["accepted"] for v in splits.values())
-    return {"output": str(out_dir), "splits": splits, "classes": len(classes),
+    return {"output": str(out_dir), "splits": splits, "labels": labelled, "classes": len(classes),
             "images_per_s": round(total / elapsed, 1), "seconds": round(elapsed, 2)}

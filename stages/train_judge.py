@@ -115,8 +115,8 @@ def run(params: Params) -> dict:
     shards = ShardSet(params.paths.shards, "train")
     labels = np.asarray(shards.labels)
     if labels.min() < 0:
-        raise RcgError("train_judge: the training images have no labels (a flat folder); drop 'judge' from "
-                       "score.spaces and score with the encoder (and Inception) only")
+        raise RcgError("train_judge: the training images have no labels (a flat folder, or data.labels: none); drop "
+                       "judge from score.spaces and score.label_spaces and score in encoder and ssl_judge")
     resolution = params.views.crop
     cfg = params.judge
     if resolution < 2 ** cfg.model.stages:

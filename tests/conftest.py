@@ -65,6 +65,8 @@ MICRO = {
               "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 2},
               "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}},
     "judge": {"train": {"epochs": 2, "batch_size": 16}},
+    "ssl_judge": {"model": {"width": 8, "stages": 2, "proj_hidden_dim": 32, "proj_dim": 16},
+                  "train": {"epochs": 2, "batch_size": 16}},
     "sample": {"num_samples": 24, "batch_size": 12, "rdm": {"steps": 10},
                "figures": {"grid": 8, "columns": 4, "real_images": 2, "pairs": 1, "class_rows": 3, "cell": 16}},
     "score": {"num_reference_images": 0, "kid_subset_size": 20, "kid_subsets": 10, "isc_splits": 4,

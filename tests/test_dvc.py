@@ -29,18 +29,19 @@ def _dvc(cwd: Path, *args: str) -> str:
     return res.stdout + res.stderr
 
 
-def _project(tmp_path: Path) -> Path:
+def _project(tmp_path: Path, overrides: list[str] = ()) -> Path:
     """A git repo holding a copy of the pipeline's code and dvc.yaml with micro params (artifacts at data/,
-    metrics/), so that ``dvc exp`` works in it too."""
+    metrics/; ``overrides`` as ``--set`` gives them), so that ``dvc exp`` works in it too."""
     ignore = shutil.ignore_patterns("__pycache__")
     for name in ["pipeline", "stages"]:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    (tmp_path / "params.yaml").write_text(dump_yaml(micro_params(Path("."))))
+    (tmp_path / "params.yaml").write_text(dump_yaml(micro_params(Path("."), overrides)))
     (tmp_path / ".gitignore").write_text("__pycache__/\n")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
     _dvc(tmp_path, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", tmp_path / ".dvc" / "config")  # the repository's cache link type
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "micro project"], cwd=tmp_path, check=True)
     return tmp_path
@@ -59,7 +60,9 @@ def test_dvc_repro_micro(tmp_path):
     out = _dvc(proj, "repro")
     settings = list(yaml.safe_load((proj / "dvc.yaml").read_text())["vars"][0]["generation"])
     instances = ({"shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
-                  "train_judge", "reference", "compare"}
+                  "train_ssl_judge", "score_real", "compare"}
+                 | {f"train_judge@{s}" for s in params["score"]["label_spaces"]}
+                 | {f"reference@{s}" for s in params["score"]["spaces"]}
                  | {f"train_pixel@{c}" for c in params["pixel"]["conditionings"]}
                  | {f"{stage}@{s}" for stage in ("sample", "score") for s in settings})
     assert _ran(out) == instances
@@ -73,6 +76,9 @@ def test_dvc_repro_micro(tmp_path):
     for path in sorted((proj / "metrics").rglob("*.json")):  # every metrics file is a row of a table
         assert not problems(json.loads(path.read_text())), (path.name, problems(json.loads(path.read_text())))
     assert "Running stage" not in _dvc(proj, "repro")  # everything cached
+    for output in ["data/shards/index.parquet", "data/models/rdm.pt", "data/samples/rcg.zarr/zarr.json"]:
+        path = proj / output  # file and folder outputs are links into .dvc/cache, not second copies (.dvc/config)
+        assert path.is_symlink() or path.stat().st_nlink > 1, f"{output} is a copy of its cache entry"
     subprocess.run(["git", "add", "-A"], cwd=proj, check=True)  # dvc.lock and the .gitignore entries dvc wrote
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "run"],
                    cwd=proj, check=True)

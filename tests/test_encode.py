@@ -194,7 +194,7 @@ def test_images_without_classes_get_no_probe(tmp_path):
     flat.mkdir()
     for i, png in enumerate(sorted(write_builtin(tmp_path / "src", "train", 16, 16, 0).rglob("*.png"))):
         png.rename(flat / f"{i:03d}.png")
-    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={flat}"])
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={flat}", "data.holdout=0"])
     shard.run(params)
     write_encoder(params)
     summary = encode.run(params)

@@ -38,7 +38,7 @@ def test_shard_runs_while_the_checkpoints_are_missing(tmp_path):
     ("tokenizer.checkpoint", train_tokenizer.run),
     ("pixel.checkpoints.rep", lambda p: train_pixel.run(p, "rep")),
     ("pixel.checkpoints.none", lambda p: train_pixel.run(p, "none")),
-    ("score.inception_weights", reference.run),
+    ("score.inception_weights", lambda p: reference.run(p, "inception")),
     ("score.inception_weights", lambda p: score.run(p, "rcg")),
 ])
 def test_a_stage_checks_the_file_it_reads_first(tmp_path, key, run):

@@ -22,7 +22,7 @@ from pipeline.data.eval_images import centre_crop
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, raised
 from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
 from pipeline.models.judge import load_judge_file
-from stages import compare, reference, score, train_judge
+from stages import compare, reference, score, train_judge, train_ssl_judge
 from conftest import micro_params
 from test_fidelity import write_random_inception
 from test_metrics_files import problems
@@ -52,8 +52,9 @@ def val_images(root, size: int = 16) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, micro_shards):
-    """A project with a trained judge, a random-init encoder model file, reference statistics and samples of
-    three settings: real held-out images (oracle), noise (baseline), real images darkened (rcg)."""
+    """A project with a trained judge and ssl_judge, a random-init encoder model file, reference statistics in
+    every space and samples of three settings: real held-out images (oracle), noise (baseline), real images
+    darkened (rcg); and the real row (the held-out split itself)."""
     root = tmp_path_factory.mktemp("score")
     shutil.copytree(micro_shards, root / "data" / "shards")
     params = params_for(root)
@@ -61,13 +62,15 @@ def scored(tmp_path_factory, micro_shards):
     cfg = params.encoder.model.model_dump()
     save_model_file(root / "data" / "models" / "encoder.pt", ENCODER_FORMAT, {"model": cfg}, MoCoViT(**cfg).state_dict())
     judged = train_judge.run(params)
-    reference.run(params)
+    train_ssl_judge.run(params)
+    for space in params.score.spaces:
+        reference.run(params, space)
     real = val_images(root)  # 16 held-out images
     noise = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     write_samples(root, "oracle", real)
     write_samples(root, "baseline", noise)
     write_samples(root, "rcg", (real // 3).astype(np.uint8))
-    results = {s: score.run(params, s) for s in ("oracle", "baseline", "rcg")}
+    results = {s: score.run(params, s) for s in ("oracle", "baseline", "rcg", "real")}
     return root, params, judged, results
 
 
@@ -84,11 +87,11 @@ def test_train_judge_writes_a_judge_that_registers(scored):
 
 def test_reference_holds_float64_statistics_per_space(scored):
     root = scored[0]
-    meta = json.loads((root / "data" / "reference" / "meta.json").read_text())
-    assert meta["resolution"] == 16 and meta["num_images"] == 48 and set(meta["spaces"]) == {"judge", "encoder"}
+    meta = {s: json.loads((root / "data" / "reference" / f"{s}.json").read_text()) for s in ("judge", "encoder")}
+    assert meta["judge"]["resolution"] == 16 and meta["judge"]["num_images"] == 48 and meta["judge"]["space"] == "judge"
     with np.load(root / "data" / "reference" / "judge.npz") as npz:
         assert npz["mu"].dtype == np.float64 and npz["sigma"].shape == (128, 128) and npz["features"].shape == (48, 128)
-    assert meta["spaces"]["encoder"]["dim"] == 16
+    assert meta["encoder"]["dim"] == 16
 
 
 def test_scores_rank_real_images_above_noise(scored):
@@ -108,15 +111,16 @@ def test_scores_rank_real_images_above_noise(scored):
 def test_compare_table_holds_every_row_with_its_counts(scored):
     root, params, _, _ = scored
     out = compare.run(params)
-    assert out["settings"] == ["baseline", "rcg", "oracle"]  # the paper's order, settings without scores left out
+    assert out["settings"] == ["baseline", "rcg", "oracle", "real"]  # the paper's order, unscored settings left out
     table = json.loads((root / "metrics" / "compare.json").read_text())
     assert table["baseline"]["num_samples"] == 24 and table["oracle"]["num_samples"] == 16
     assert "inception_fid" not in table["rcg"] and table["headline"] == "judge"
     md = (root / "metrics" / "compare.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| setting"))
-    assert all(h in header for h in ("judge FID", "judge IS", "precision (judge)", "rep FD", "samples", "score s"))
+    assert all(h in header for h in ("judge FID", "judge IS", "precision (judge)", "ssl FD", "rep FD", "samples",
+                                     "score s"))
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
-    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "rcg", "oracle"]
+    assert [r.split("|")[1].strip() for r in rows] == ["baseline", "rcg", "oracle", "real"]
     assert all(r.split("|")[-4].strip() in ("24", "16") for r in rows)
     assert "favours the rep-conditioned" in md and "warning: oracle/judge: few_samples" in md
 
@@ -128,7 +132,7 @@ def test_bad_input_is_one_line(scored, tmp_path):
     with pytest.raises(RcgError, match="no sample store"):
         score.run(params, "cluster")
     write_samples(root, "class", np.zeros((24, 24, 24, 3), np.uint8))  # another resolution than the reference
-    with pytest.raises(RcgError, match="24x24 but the reference .* 16x16"):
+    with pytest.raises(RcgError, match="24x24 but the judge reference .* 16x16"):
         score.run(params, "class")
     write_samples(root, "class", np.zeros((3, 16, 16, 3), np.uint8))
     with pytest.raises(RcgError, match="holds 3 samples; the metrics need at least 4"):
@@ -161,7 +165,7 @@ def test_stale_reference_is_refused(scored, tmp_path):
     model, payload = load_judge_file(work / "data" / "models" / "judge.pt")
     save_model_file(work / "data" / "models" / "judge.pt", "rcg-judge", payload["config"],
                     {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
-    with pytest.raises(RcgError, match="computed with another .*judge.pt: rerun `rcg reference`"):
+    with pytest.raises(RcgError, match="computed with another .*judge.pt: rerun `rcg reference judge`"):
         score.run(params, "oracle")
 
 
@@ -176,7 +180,7 @@ def test_inception_scores_through_the_same_path(scored, tmp_path):
     weights = write_random_inception(tmp_path / "weights-inception.pth")
     params = params_for(work, inception_weights=str(weights), spaces=["judge"], num_reference_images=8, isc_splits=2,
                         prc_k=2, kid_subset_size=4, min_samples=4)
-    assert reference.run(params)["spaces"] == ["judge", "inception"]
+    assert [reference.run(params, s)["space"] for s in ("judge", "inception")] == ["judge", "inception"]
     write_samples(work, "oracle", val_images(work)[:6])
     out = json.loads(Path(score.run(params, "oracle")["output"]).read_text())
     inc = out["inception"]
@@ -208,7 +212,7 @@ def adm_like(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
 
 
 def test_score_with_only_a_reference_npz(scored, tmp_path):
-    """No `rcg reference` (no meta.json): a space with score.reference_npz scores from the npz alone (Fréchet
+    """No `rcg reference` (no <space>.json): a space with score.reference_npz scores from the npz alone (Fréchet
     distance and IS; no reference features, so no KID or precision/recall); a space without one still asks for it."""
     root = scored[0]
     work = tmp_path / "proj"
@@ -221,8 +225,8 @@ def test_score_with_only_a_reference_npz(scored, tmp_path):
     ours = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
     assert judged["reference"] == "npz:adm" and judged["fid"] == ours["fid"] and judged["isc"] == ours["isc"]
     assert "kid" not in judged and raised(judged) == ["few_samples", "no_reference_features"]
-    with pytest.raises(RcgError, match="no reference statistics at .*: run `rcg reference` first \\(or give "
-                                       "score.reference_npz.encoder\\)"):
+    with pytest.raises(RcgError, match="no encoder reference statistics at .*: run `rcg reference encoder` first "
+                                       "\\(or give score.reference_npz.encoder\\)"):
         score.run(params_for(work, reference_npz={"judge": str(adm)}), "oracle")
 
 

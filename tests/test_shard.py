@@ -32,7 +32,7 @@ def _save(img, path, fmt, **kw):
 
 
 def _params(tmp_path, folder, *overrides, val=None):
-    sets = ["data.source=folder", f"data.folder={folder}", "shard.workers=2", *overrides]
+    sets = ["data.source=folder", f"data.folder={folder}", "data.holdout=0", "shard.workers=2", *overrides]
     if val:
         sets.append(f"data.val_folder={val}")
     return micro_params(tmp_path, sets)

@@ -71,6 +71,12 @@ class Data(Section):
     source: Literal["builtin", "folder"] = "builtin"
     folder: Path | None = None       # ImageNet layout (<root>/<class>/*) or a flat folder of images
     val_folder: Path | None = None   # optional held-out split in the same layout
+    # Where labels come from: auto = class subfolders when the folder has any, else none; folders = the subfolders
+    # must be classes; none = no labels (nested folders are walked as plain folders; the built-in set drops its own).
+    labels: Literal["auto", "folders", "none"] = "auto"
+    # Without a val_folder, this fraction of the folder's images (a seeded draw, at least one) becomes the val split:
+    # the held-out images of the evaluations and of compare's real row. 0: no val split.
+    holdout: float = Field(0.1, ge=0, lt=1)
     builtin: BuiltinData = BuiltinData()
 
     @model_validator(mode="after")
@@ -435,13 +441,54 @@ class Judge(Section):
     train: JudgeTrain = JudgeTrain()
 
 
+class SslJudgeModel(Section):
+    """The ssl_judge's residual CNN (pipeline.models.ssl_judge): a stem, then ``stages`` residual blocks, each
+    doubling the width and halving the size; another architecture than the conditioning ViT."""
+    width: PositiveInt = 16
+    stages: PositiveInt = Field(3, le=8)
+    proj_hidden_dim: PositiveInt = 256
+    proj_dim: PositiveInt = 64
+
+
+class SslJudgeTrain(Section):
+    """MoCo v3 on the train split's centre crops (stages/train_ssl_judge.py), batched random-resized crops and
+    colour jitter; ~20 s on 2 CPU cores for the default run."""
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 128     # global: split evenly across DDP ranks
+    lr: PositiveFloat = 3e-3          # AdamW, linear warm-up over the first epoch, cosine to 0
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: PositiveFloat = 0.2
+    momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
+    crop_min: float = Field(0.3, gt=0, le=1)
+    hue: float = Field(0.5, ge=0, le=0.5)
+    grayscale: float = Field(0.5, ge=0, le=1)
+    workers: NonNegativeInt = how_to_run(0)
+    log_every: PositiveInt = how_to_run(20)
+    checkpoint_every: PositiveInt = how_to_run(200)
+
+
+class SslJudge(Section):
+    """A second self-supervised encoder, trained without labels on the train split with another architecture and
+    another seed than the conditioning encoder: the ``ssl_judge`` space, which RCG is not conditioned on."""
+    seed: int = 1                     # the conditioning encoder trains at the top-level seed
+    knn_k: PositiveInt = 20           # its k-NN accuracy (val split on train features) where labels exist
+    model: SslJudgeModel = SslJudgeModel()
+    train: SslJudgeTrain = SslJudgeTrain()
+
+
+LABEL_SPACES = ("judge",)  # scored spaces whose model learns from labels
+
+
 class Score(Section):
     """Scoring samples through torch-fidelity's registered feature extractors (stages reference, score, compare).
 
-    Images are compared at views.crop: reference images are centre crops of the train split at that size."""
-    spaces: list[Literal["judge", "encoder"]] = ["judge", "encoder"]
+    Images are compared at views.crop: reference images are centre crops of the train split at that size. Each
+    listed space is its own reference@<space> instance; train_judge runs once per entry of ``label_spaces`` (DVC
+    cannot make a stage conditional), so unlabelled data sets it to []."""
+    spaces: list[Literal["judge", "encoder", "ssl_judge"]] = ["judge", "encoder", "ssl_judge"]
+    label_spaces: list[Literal["judge"]] = ["judge"]  # the label spaces of ``spaces``: [judge], or [] without labels
     inception_weights: Path | None = None  # torch-fidelity's converted Inception file: adds Inception FID/IS/KID/PRC
-    reference_npz: dict[Literal["judge", "encoder", "inception"], Path] = {}  # ADM-style (mu, sigma) per space
+    reference_npz: dict[Literal["judge", "encoder", "ssl_judge", "inception"], Path] = {}  # ADM-style (mu, sigma)
     num_reference_images: NonNegativeInt = 10000  # evenly spaced train images for the statistics; 0 = all
     batch_size: PositiveInt = how_to_run(100)  # features do not depend on it
     workers: NonNegativeInt = how_to_run(0)
@@ -455,6 +502,10 @@ class Score(Section):
     def _check(self) -> "Score":
         if not self.spaces and self.inception_weights is None:
             raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
+        listed = [s for s in self.spaces if s in LABEL_SPACES]
+        if sorted(set(self.label_spaces)) != sorted(set(listed)):
+            raise ValueError(f"score.label_spaces: must list the label spaces of score.spaces ({listed}), which "
+                             f"train_judge trains, not {self.label_spaces}")
         for space in self.reference_npz:
             if space != "inception" and space not in self.spaces:
                 raise ValueError(f"score.reference_npz.{space}: {space} is not in score.spaces")
@@ -485,6 +536,7 @@ class SampleSetting(Section):
         return self
 
 
+REAL_ROW = "real"  # score@real: the held-out split scored like a generator (not a sample setting)
 DEFAULT_ITERATIONS = 10  # the default run's 64 tokens (RCG: 20 for 256; the ImageNet presets say so)
 
 
@@ -531,6 +583,9 @@ class Sample(Section):
         bad = [name for name in self.settings if not name.replace("_", "").isalnum() or name != name.lower()]
         if bad:
             raise ValueError(f"sample.settings: names must be lower-case letters, digits and '_': {bad}")
+        if REAL_ROW in self.settings:
+            raise ValueError(f"sample.settings.{REAL_ROW}: the name of compare's held-out row (score real); "
+                             "choose another")
         return self
 
 
@@ -564,6 +619,7 @@ class Params(Section):
     pixel: Pixel = Pixel()
     sample: Sample = Sample()
     judge: Judge = Judge()
+    ssl_judge: SslJudge = SslJudge()
     score: Score = Score()
     runtime: Runtime = how_to_run(Runtime())
 
@@ -576,6 +632,18 @@ class Params(Section):
             raise ValueError(f"views.resize ({self.views.resize}) is above shard.resize_short_side ({short}): the "
                              f"views would upsample shrunk images; shard at >= {self.views.resize} or keep the "
                              "originals (shard.resize_short_side: null)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_labels_exist(self) -> "Params":
+        """A label-based row or space on data declared unlabelled stops here, before any stage runs."""
+        if self.data.labels != "none":
+            return self
+        if self.score.label_spaces:
+            raise ValueError(f"score.label_spaces: {self.score.label_spaces[0]} trains on labels, but data.labels is "
+                             "none: set score.label_spaces: [] and drop it from score.spaces")
+        if "class" in self.pixel.conditionings:
+            raise ValueError("pixel.conditionings: class needs labels, but data.labels is none (cluster needs none)")
         return self
 
     def section(self, name: str) -> dict:

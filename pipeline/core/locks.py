@@ -32,9 +32,12 @@ STAGE_OUTPUTS: dict[str, Callable[["Paths", str | None], list[Path]]] = {
     "train_pixel": lambda p, item: [p.models / f"pixel-{item}.pt", p.metrics / f"pixel-{item}.json",
                                     p.plots / f"train_pixel-{item}.csv"],
     "train_judge": lambda p, item: [p.models / "judge.pt", p.metrics / "judge.json", p.plots / "train_judge.csv"],
-    "reference": lambda p, item: [p.data / "reference"],
+    "train_ssl_judge": lambda p, item: [p.models / "ssl_judge.pt", p.metrics / "ssl_judge.json",
+                                        p.plots / "train_ssl_judge.csv"],
+    "reference": lambda p, item: [p.data / "reference" / f"{item}.npz", p.data / "reference" / f"{item}.json"],
     "sample": lambda p, item: [p.data / "samples" / f"{item}.zarr", p.metrics / "figures" / f"{item}"],
     "score": lambda p, item: [p.metrics / "score" / f"{item}.json"],
+    "score_real": lambda p, item: [p.metrics / "score" / "real.json"],  # `rcg score real` (score@real's own stage)
     "compare": lambda p, item: [p.metrics / "compare.md", p.metrics / "compare.json"],
 }
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from pipeline.core.config import Data, Shard
 from pipeline.core.errors import RcgError
@@ -63,19 +66,58 @@ def image_sources(data: Data, scratch: Path, pool) -> list[tuple[str, Path]]:
     return out
 
 
-def shard_split(split: str, folder: Path, out: Path, cfg: Shard, pool, classes_ref: list[str] | None):
-    """Shard one split into ``out``; returns (index rows, reject rows, classes, warnings, files found)."""
-    classes, candidates, rejects, warnings = scan_folder(folder)
-    if classes_ref is not None and classes and classes != classes_ref:
-        raise RcgError(f"{folder}: class folders differ from the train split's ({len(classes)} vs "
-                       f"{len(classes_ref)}); the val split must use the same classes")
-    found = len(candidates) + len(rejects)
-    reject_rows = [{"split": split, "source": display_path(rel), "reason": why} for rel, why in rejects]
+@dataclass
+class Scanned:
+    """What one split will shard: its candidates and the files the scan already rejected (relpath, reason)."""
+    split: str
+    folder: Path
+    candidates: list[Candidate]
+    rejects: list[tuple[str, str]]
+
+
+def scan_sources(data: Data, sources: list[tuple[str, Path]], seed: int
+                 ) -> tuple[list[Scanned], list[str], list[str]]:
+    """Scan every source folder under ``data.labels`` -> (splits to shard, classes, warnings). A user's folder
+    without a val_folder gives up a seeded ``data.holdout`` fraction of its candidates as the val split."""
+    scanned, classes, warnings = [], None, []
+    for split, folder in sources:
+        cls, candidates, rejects, warn = scan_folder(folder, data.labels)
+        if classes is not None and cls and cls != classes:
+            raise RcgError(f"{folder}: class folders differ from the train split's ({len(cls)} vs {len(classes)}); "
+                           "the val split must use the same classes")
+        classes = cls if classes is None else classes
+        warnings += [f"{split}: {w}" for w in warn]
+        scanned.append(Scanned(split, folder, candidates, rejects))
+    if data.source == "folder" and data.val_folder is None and data.holdout > 0:
+        train = scanned[0]
+        held = holdout_rows(len(train.candidates), data.holdout, seed)
+        chosen = set(held.tolist())
+        scanned = [Scanned("train", train.folder, [c for i, c in enumerate(train.candidates) if i not in chosen],
+                           train.rejects),
+                   Scanned("val", train.folder, [train.candidates[i] for i in held], [])]
+    return scanned, classes or [], warnings
+
+
+def holdout_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, sorted draw of round(fraction * n) of ``n`` candidates (at least one, never all of them)."""
+    count = min(max(1, round(fraction * n)), n - 1)
+    if count <= 0:
+        raise RcgError(f"data.holdout: {n} image file(s) found, too few to hold any out (add images, give "
+                       "data.val_folder or set data.holdout: 0)")
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
+def shard_split(part: Scanned, out: Path, cfg: Shard, pool, classes: list[str]):
+    """Shard one split into ``out``; returns (index rows, reject rows, files found, emptied classes): every class
+    folder that had image files but kept none of them (each one rejected), as {split, class, label}."""
+    found = len(part.candidates) + len(part.rejects)
+    split = part.split
+    reject_rows = [{"split": split, "source": display_path(rel), "reason": why} for rel, why in part.rejects]
     writer = ShardWriter(out, split, cfg.max_per_shard, cfg.max_shard_bytes)
     rows, keys = [], {}
-    results = pool.imap(load_and_check, candidates, chunksize=64)
-    for cand, result in zip(candidates, progress(results, total=len(candidates), desc=f"shard {split}",
-                                                 unit="img")):
+    results = pool.imap(load_and_check, part.candidates, chunksize=64)
+    for cand, result in zip(part.candidates, progress(results, total=len(part.candidates), desc=f"shard {split}",
+                                                      unit="img")):
         source = display_path(cand.relpath)
         if isinstance(result, str):
             reject_rows.append({"split": split, "source": source, "reason": result})
@@ -90,6 +132,8 @@ def shard_split(split: str, folder: Path, out: Path, cfg: Shard, pool, classes_r
                      "height": result.height, "sha256": result.sha256, "source": source})
     writer.close()
     if not rows:
-        raise RcgError(f"no usable image in {folder} ({found} files found, all rejected"
+        raise RcgError(f"no usable image in {part.folder} ({found} files found, all rejected"
                        + (f"; first reason: {reject_rows[0]['reason']}" if reject_rows else "") + ")")
-    return rows, reject_rows, classes, warnings, found
+    emptied = sorted({c.label for c in part.candidates} - {r["label"] for r in rows})
+    return rows, reject_rows, found, [{"split": split, "class": display_path(classes[label]), "label": label}
+                                      for label in emptied]

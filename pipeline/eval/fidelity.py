@@ -1,11 +1,13 @@
 """Sample quality through torch-fidelity: one code path for every feature space.
 
-Three spaces, each a feature extractor in torch-fidelity's registry, created by its ``create_feature_extractor``
+Four spaces, each a feature extractor in torch-fidelity's registry, created by its ``create_feature_extractor``
 and scored by its metric functions (Inception Score, KID, precision/recall):
 
 - ``inception``: torch-fidelity's own ``inception-v3-compat`` from a local weights file (nothing is downloaded);
 - ``judge``: ``rcg-judge``, the supervised classifier of pipeline.models.judge (penultimate features, logits);
-- ``encoder``: ``rcg-encoder``, the representation RCG is conditioned on (favours rep-conditioned generators).
+- ``encoder``: ``rcg-encoder``, the representation RCG is conditioned on (favours rep-conditioned generators);
+- ``ssl_judge``: ``rcg-ssl-judge``, a second self-supervised encoder (pipeline.models.ssl_judge): no labels needed,
+  and not the space RCG is conditioned on.
 
 Samples and reference images reach every extractor the same way: uint8 [B, 3, R, R] tensors at one resolution R
 (reference images are centre crops of the train split at R, decoded from the shards, never re-saved), resized
@@ -39,12 +41,15 @@ from pipeline.data.sample_store import open_samples
 from pipeline.eval.metrics import frechet_distance, gaussian_stats
 from pipeline.models.encoder import load_encoder_file, represent
 from pipeline.models.judge import judge_input, load_judge_file
+from pipeline.models.ssl_judge import load_ssl_judge_file
 
-SPACES = ("judge", "encoder", "inception")
-EXTRACTOR_NAMES = {"judge": "rcg-judge", "encoder": "rcg-encoder", "inception": "inception-v3-compat"}
+SPACES = ("judge", "encoder", "ssl_judge", "inception")
+EXTRACTOR_NAMES = {"judge": "rcg-judge", "encoder": "rcg-encoder", "ssl_judge": "rcg-ssl-judge",
+                   "inception": "inception-v3-compat"}
 # The layer each metric reads: FID/KID/PRC on the first, IS on the second (when the space has class scores).
-LAYERS = {"judge": ("penultimate", "logits"), "encoder": ("rep",), "inception": ("2048", "logits_unbiased")}
-FD_KEY = {"judge": "fid", "encoder": "fd", "inception": "fid"}
+LAYERS = {"judge": ("penultimate", "logits"), "encoder": ("rep",), "ssl_judge": ("features",),
+          "inception": ("2048", "logits_unbiased")}
+FD_KEY = {"judge": "fid", "encoder": "fd", "ssl_judge": "fd", "inception": "fid"}
 INCEPTION_FEATURES = 2048
 
 
@@ -119,7 +124,33 @@ class EncoderExtractor(_ModelFileExtractor):
         return (represent(self.model, x.float().div(255)),)
 
 
-for _space, _cls in (("judge", JudgeExtractor), ("encoder", EncoderExtractor)):
+class SslJudgeExtractor(_ModelFileExtractor):
+    """torch-fidelity extractor ``rcg-ssl-judge``: the pooled features of an ssl_judge model file
+    (``feature_extractor_weights_path``)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise RcgError("rcg-ssl-judge: feature_extractor_weights_path must name an ssl_judge model file")
+        self.model, _ = load_ssl_judge_file(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError("rcg-ssl-judge has no class scores: no Inception Score in its space")
+        return "features"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _uint8_batch(x)
+        return (self.model.features(x.float().div(255)),)
+
+
+for _space, _cls in (("judge", JudgeExtractor), ("encoder", EncoderExtractor), ("ssl_judge", SslJudgeExtractor)):
     if EXTRACTOR_NAMES[_space] not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must not register twice
         register_feature_extractor(EXTRACTOR_NAMES[_space], _cls)
 
@@ -313,7 +344,7 @@ def scored_spaces(cfg: Score) -> list[str]:
 def extractor_weights(params: Params, space: str) -> Path:
     """The file each space's extractor loads: the trained judge / encoder model files, or Inception's weights."""
     return {"judge": params.paths.models / "judge.pt", "encoder": params.paths.models / "encoder.pt",
-            "inception": params.score.inception_weights}[space]
+            "ssl_judge": params.paths.models / "ssl_judge.pt", "inception": params.score.inception_weights}[space]
 
 
 def reference_dir(params: Params) -> Path:

@@ -1,0 +1,122 @@
+"""The ssl_judge: a second self-supervised encoder, used only to score samples where no labels are needed.
+
+RCG's generators are conditioned on the ViT encoder's representations, so that space favours them, and the label
+judge needs labels. The ssl_judge learns without labels too (MoCo v3, pipeline.models.moco's loss and colour
+augmentation) but with another architecture (a residual CNN) and another seed, so its features are not the space
+RCG was conditioned on. pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.core.artifacts import load_model_file
+from pipeline.models.encoder import build_mlp
+from pipeline.models.moco import contrastive_loss
+
+MODEL_FORMAT = "rcg-ssl-judge"
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a skip connection (1x1 conv-BN where the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
+                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(y)) + self.skip(x), inplace=True)
+
+
+class SslJudgeNet(nn.Module):
+    """A 3x3 conv stem, then ``stages`` residual blocks (block i: ``width * 2**i`` channels, stride 2 after the
+    first), global average pooling (the scored features) and MoCo v3's projector."""
+
+    def __init__(self, img_size: int = 32, width: int = 16, stages: int = 3, proj_hidden_dim: int = 256,
+                 proj_dim: int = 64):
+        super().__init__()
+        self.img_size = img_size
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        c = width
+        for i in range(stages):
+            c_out = width * 2 ** i
+            layers.append(ResidualBlock(c, c_out, 1 if i == 0 else 2))
+            c = c_out
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = c
+        self.projector = build_mlp(2, c, proj_hidden_dim, proj_dim)
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, feature_dim] of images in [0, 1], resized to ``img_size`` when they differ."""
+        if tuple(x01.shape[-2:]) != (self.img_size, self.img_size):
+            x01 = F.interpolate(x01, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                                antialias=True)
+        return self.body((x01 - 0.5) / 0.5).mean(dim=(2, 3))
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(x01))
+
+
+class MoCoConv(nn.Module):
+    """MoCo v3 around a :class:`SslJudgeNet`: a predictor on the base network against a momentum copy."""
+
+    def __init__(self, base: SslJudgeNet, proj_hidden_dim: int, proj_dim: int, T: float):
+        super().__init__()
+        self.T = T
+        self.base = base
+        self.momentum = copy.deepcopy(base).requires_grad_(False)
+        self.predictor = build_mlp(2, proj_dim, proj_hidden_dim, proj_dim)
+
+    @torch.no_grad()
+    def update_momentum(self, m: float) -> None:
+        for pb, pm in zip(self.base.parameters(), self.momentum.parameters()):
+            pm.mul_(m).add_(pb.detach(), alpha=1.0 - m)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        """The symmetric InfoNCE loss of two view batches in [0, 1]."""
+        with torch.no_grad():
+            self.update_momentum(m)
+            k1, k2 = self.momentum(x1), self.momentum(x2)
+        q1, q2 = self.predictor(self.base(x1)), self.predictor(self.base(x2))
+        return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)
+
+
+def resized_crops(images: torch.Tensor, crop_min: float, generator: torch.Generator,
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """A random-resized crop of every image of a uint8 batch [B, 3, R, R] at once (area fraction in [crop_min, 1],
+    log-uniform aspect in ``ratio``, clipped to the image), resampled bilinearly back to R -> uint8 [B, 3, R, R].
+    One ``grid_sample`` instead of a PIL crop per image: the images already sit in memory at the scored size."""
+    b = len(images)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, device=images.device)
+
+    area = uniform(crop_min, 1.0)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of the side
+    cx, cy = (1 - w) * uniform(-1.0, 1.0), (1 - h) * uniform(-1.0, 1.0)  # centres in grid coordinates
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_ssl_judge_file(path: str | Path) -> tuple[SslJudgeNet, dict]:
+    """The frozen network of an "rcg-ssl-judge" model file (eval mode), and the file's payload."""
+    payload = load_model_file(path, MODEL_FORMAT)
+    model = SslJudgeNet(**payload["config"]["model"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval().requires_grad_(False), payload

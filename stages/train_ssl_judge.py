@@ -1,0 +1,119 @@
+"""Stage ``train_ssl_judge``: MoCo v3 on the train split with a residual CNN -> ``data/models/ssl_judge.pt``,
+``metrics/ssl_judge.json``.
+
+The score space ``ssl_judge`` (pipeline.eval.fidelity): self-supervised, so it needs no labels, and trained with
+another architecture and seed (``ssl_judge.seed``) than the conditioning encoder, so RCG was not conditioned on it.
+Like the label judge it sees the images as scoring hands them over (uint8 centre crops at views.crop, the whole
+split in memory); the crops and the colour augmentation run on whole batches. Where the shards have labels, its
+k-NN accuracy (val split against the train features, else leave-one-out on the train split) says what its features
+know.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.core import distributed
+from pipeline.core.artifacts import file_sha256, save_model_file, write_json
+from pipeline.core.config import Params
+from pipeline.core.progress import progress
+from pipeline.core.runtime import device_for
+from pipeline.data.eval_images import ShardImages
+from pipeline.data.shards import INDEX_FILE, META_FILE, ShardSet
+from pipeline.eval.probes import knn_accuracy
+from pipeline.models.moco import TwoCropAugment, momentum_at
+from pipeline.models.ssl_judge import MODEL_FORMAT, MoCoConv, SslJudgeNet, resized_crops
+from pipeline.train.batches import StepBatches
+from pipeline.train.identity import resume_identity, shards_identity
+from pipeline.train.loop import TrainLoop, param_groups
+from pipeline.train.rng import seeded_generator
+from pipeline.train.schedules import warmup_cosine
+
+# What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
+PARAMS = ["views.crop", "ssl_judge"]
+
+STAGE = "train_ssl_judge"
+CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.train.rng), under ssl_judge.seed
+
+
+def load_split(shards: ShardSet, resolution: int, workers: int) -> torch.Tensor:
+    """A whole split as uint8 [N, 3, R, R] centre crops."""
+    loader = DataLoader(ShardImages(shards, resolution), batch_size=256, num_workers=workers)
+    return torch.cat(list(progress(loader, desc=f"ssl_judge: {shards.split} images", unit="batch")))
+
+
+@torch.no_grad()
+def features(model: SslJudgeNet, images: torch.Tensor, device: torch.device, batch: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model.features(images[i:i + batch].to(device).float().div(255)).cpu()
+                      for i in range(0, len(images), batch)])
+
+
+def knn_metrics(model: SslJudgeNet, images: torch.Tensor, labels: np.ndarray, params: Params,
+                device: torch.device) -> dict:
+    """k-NN accuracy of the features where the train split has labels: the val split's images against the train
+    split's features when there is a labelled val split, else leave-one-out on the train split."""
+    if len(labels) == 0 or labels.min() < 0:
+        return {"labelled": False}
+    k, train = params.ssl_judge.knn_k, features(model, images, device)
+    splits = json.loads((params.paths.shards / META_FILE).read_text()).get("splits", {})
+    if "val" in splits:
+        val = ShardSet(params.paths.shards, "val")
+        if val.labels.min() >= 0:
+            queries = features(model, load_split(val, model.img_size, params.ssl_judge.train.workers), device)
+            return {"labelled": True, "knn_k": k, "knn_split": "val", "knn_top1": round(
+                knn_accuracy(train, labels, k, queries=queries, query_labels=val.labels), 4)}
+    return {"labelled": True, "knn_k": k, "knn_split": "train", "knn_top1": round(knn_accuracy(train, labels, k), 4)}
+
+
+def run(params: Params) -> dict:
+    d = distributed.init(params.runtime)
+    device = device_for(params.runtime, d.local_rank)
+    cfg, resolution = params.ssl_judge, params.views.crop
+    shards = ShardSet(params.paths.shards, "train")
+    images = load_split(shards, resolution, cfg.train.workers)
+    config = {"model": {"img_size": resolution, **cfg.model.model_dump()}}
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        base = SslJudgeNet(**config["model"])
+        moco = MoCoConv(base, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.temperature)
+    t = cfg.train
+    per_epoch = math.ceil(len(images) / t.batch_size)
+    total = t.epochs * per_epoch
+    moco.to(device).train()
+    opt = torch.optim.AdamW(param_groups(moco, t.weight_decay), lr=t.lr)
+    identity = resume_identity(params, PARAMS, shards=shards_identity(params.paths.shards))
+    loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": moco}, optimizer=opt,
+                     lr=warmup_cosine(t.lr, total, per_epoch), log_every=t.log_every,
+                     checkpoint_every=t.checkpoint_every, samples_per_step=t.batch_size)
+    sampler = StepBatches(len(images), t.batch_size, cfg.seed, loop.start, total, d.rank, d.world,
+                          key="ssl_judge.train.batch_size")
+    augment = TwoCropAugment(resolution, crop_min=t.crop_min, hue=t.hue, grayscale=t.grayscale)
+    net = loop.wrap(moco)
+
+    def step(idx: torch.Tensor, it: int) -> dict:
+        batch = images[idx]
+        crops = seeded_generator("cpu", cfg.seed, CROPS, it, d.rank)
+        c1, c2 = resized_crops(batch, t.crop_min, crops), resized_crops(batch, t.crop_min, crops)
+        x1, x2 = augment.views(c1.to(device), c2.to(device), seeded_generator(device, cfg.seed, VIEWS, it, d.rank))
+        m = momentum_at(it / total, t.momentum)
+        return {"loss": net(x1, x2, m), "m": m}
+
+    summary = loop.run(step, (torch.tensor([i for i, _ in items]) for items in sampler))
+    if not d.is_main:
+        d.barrier()
+        return summary
+    metrics = {**knn_metrics(base, images, np.asarray(shards.labels), params, device), "num_train": len(images),
+               "resolution": resolution, "feature_dim": base.feature_dim, "epochs": t.epochs, **summary}
+    out = params.paths.models / "ssl_judge.pt"
+    save_model_file(out, MODEL_FORMAT, config, base.state_dict(),
+                    summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
+    write_json(params.paths.metrics / "ssl_judge.json", metrics)
+    d.barrier()
+    return {"output": str(out), "metrics": str(params.paths.metrics / "ssl_judge.json"),
+            **{key: metrics[key] for key in ("knn_top1", "seconds") if key in metrics}}

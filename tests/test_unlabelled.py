@@ -1,0 +1,153 @@
+"""A user's own images without labels (issue 23): data.labels, the seeded held-out split, class folders that lose
+every file, label-based rows refused before any work, the ssl_judge space, the real row, and a micro ``dvc repro``
+of a flat folder of mixed sizes and formats to the comparison table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import micro_params
+from pipeline.core.errors import RcgError
+from pipeline.data.synthetic import write_builtin
+from pipeline.eval.fidelity import EXTRACTOR_NAMES, create_extractor
+from pipeline.models.ssl_judge import load_ssl_judge_file, resized_crops
+from stages import shard, train_judge, train_ssl_judge
+from test_dvc import _dvc, _project, _ran
+
+
+def flat_folder(root: Path, count: int, seed: int = 0) -> Path:
+    """``count`` built-in images in one folder (no class folders), each resized to its own size and saved as PNG or
+    JPEG: what a user's collection looks like."""
+    rng = np.random.default_rng(seed)
+    out = root / "images"
+    out.mkdir(parents=True)
+    for i, png in enumerate(sorted(write_builtin(root / "src", "train", count, 32, seed).rglob("*.png"))):
+        w, h = (int(v) for v in rng.integers(16, 48, 2))
+        img = Image.open(png).convert("RGB").resize((w, h), Image.BICUBIC)
+        img.save(out / f"img{i:03d}.jpg", quality=92) if i % 3 == 0 else img.save(out / f"img{i:03d}.png")
+    return out
+
+
+def _index(params) -> list[dict]:
+    return pq.read_table(params.paths.shards / "index.parquet").to_pylist()
+
+
+def _meta(params) -> dict:
+    return json.loads((params.paths.shards / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def test_a_flat_folder_gives_up_a_seeded_held_out_split(tmp_path):
+    images = flat_folder(tmp_path, 20)
+    params = micro_params(tmp_path / "a", ["data.source=folder", f"data.folder={images}", "data.holdout=0.25"])
+    summary = shard.run(params)
+    assert summary["labels"] is False and summary["splits"]["val"]["accepted"] == 5
+    assert summary["splits"]["train"]["accepted"] == 15
+    meta, rows = _meta(params), _index(params)
+    assert meta["labels"] is False and meta["splits"]["val"]["held_out"] == {"fraction": 0.25, "seed": 0}
+    val = sorted(r["source"] for r in rows if r["split"] == "val")
+    assert not set(val) & {r["source"] for r in rows if r["split"] == "train"} and all(r["label"] == -1 for r in rows)
+    again = micro_params(tmp_path / "b", ["data.source=folder", f"data.folder={images}", "data.holdout=0.25"])
+    shard.run(again)
+    assert sorted(r["source"] for r in _index(again) if r["split"] == "val") == val  # seeded: the same draw
+    other = micro_params(tmp_path / "c", ["data.source=folder", f"data.folder={images}", "data.holdout=0.25", "seed=1"])
+    shard.run(other)
+    assert sorted(r["source"] for r in _index(other) if r["split"] == "val") != val
+
+
+def test_labels_none_walks_class_folders_as_plain_folders(tmp_path):
+    classes = write_builtin(tmp_path / "src", "train", 12, 16, 0)
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={classes}", "data.labels=none",
+                                     "data.holdout=0", "score.spaces=[encoder]", "score.label_spaces=[]"])
+    summary = shard.run(params)
+    assert summary["labels"] is False and summary["splits"]["train"]["accepted"] == 12
+    assert _meta(params)["classes"] == [] and all(r["label"] == -1 for r in _index(params))
+    with pytest.raises(RcgError, match="train_judge: the training images have no labels"):
+        train_judge.run(params)
+
+
+def test_labels_folders_refuses_a_flat_folder(tmp_path):
+    images = flat_folder(tmp_path, 4)
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={images}", "data.labels=folders"])
+    with pytest.raises(RcgError, match="data.labels is 'folders' but the folder has no class subfolders"):
+        shard.run(params)
+
+
+def test_a_class_folder_whose_every_file_is_rejected_is_reported(tmp_path, capsys):
+    classes = write_builtin(tmp_path / "src", "train", 20, 16, 0)
+    lost = sorted(p for p in classes.iterdir() if p.is_dir())[1]
+    for png in lost.iterdir():
+        png.write_bytes(b"not an image")
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={classes}", "data.holdout=0"])
+    shard.run(params)
+    meta = _meta(params)
+    assert meta["classes_without_images"] == [{"split": "train", "class": lost.name, "label": 1}]
+    assert f"class folder {lost.name} (label 1): every file was rejected" in capsys.readouterr().err
+    assert 1 not in {r["label"] for r in _index(params)}
+
+
+# ---------------------------------------------------------------------------------------------- params
+@pytest.mark.parametrize("overrides, message", [
+    (["data.labels=none"], "score.label_spaces: judge trains on labels, but data.labels is none"),
+    (["data.labels=none", "score.spaces=[encoder]", "score.label_spaces=[]", "pixel.conditionings=[rep,class]"],
+     "pixel.conditionings: class needs labels, but data.labels is none"),
+    (["score.spaces=[encoder]"], r"score.label_spaces: must list the label spaces of score.spaces \(\[\]\)"),
+    (["score.label_spaces=[]"], r"score.label_spaces: must list the label spaces of score.spaces \(\['judge'\]\)"),
+    (["sample.settings.real.generator=none"], "sample.settings.real: the name of compare's held-out row"),
+])
+def test_label_rows_on_unlabelled_data_are_one_line_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(RcgError, match=message):
+        micro_params(tmp_path, overrides)
+
+
+# ------------------------------------------------------------------------------------------- ssl_judge
+def test_resized_crops_at_full_scale_and_square_aspect_are_the_images():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    same = resized_crops(images, 1.0, torch.Generator().manual_seed(0), ratio=(1.0, 1.0))
+    assert torch.equal(same, images)
+    cropped = resized_crops(images, 0.3, torch.Generator().manual_seed(0))
+    assert cropped.shape == images.shape and cropped.dtype == torch.uint8 and not torch.equal(cropped, images)
+
+
+def test_ssl_judge_trains_without_labels_and_registers_with_torch_fidelity(workspace):
+    params = micro_params(workspace)
+    summary = train_ssl_judge.run(params)
+    metrics = json.loads((params.paths.metrics / "ssl_judge.json").read_text())
+    assert metrics["labelled"] and metrics["knn_split"] == "val" and 0 <= metrics["knn_top1"] <= 1
+    assert summary["knn_top1"] == metrics["knn_top1"] and metrics["steps"] == 6  # 2 epochs of 48 / 16
+    model, payload = load_ssl_judge_file(params.paths.models / "ssl_judge.pt")
+    assert payload["config"]["model"]["img_size"] == 16 and model.feature_dim == 16
+    extractor = create_extractor("ssl_judge", params.paths.models / "ssl_judge.pt", torch.device("cpu"))
+    assert extractor.get_name() == EXTRACTOR_NAMES["ssl_judge"] == "rcg-ssl-judge"
+    (feats,) = extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert feats.shape == (2, 16)
+
+
+# ------------------------------------------------------------------------------------------- dvc repro
+def test_dvc_repro_on_a_flat_folder_of_mixed_images_without_labels(tmp_path):
+    """No labels anywhere: no train_judge instance, no judge reference; the encoder and ssl_judge spaces score
+    every setting and the real row (the held-out quarter of the folder)."""
+    images = flat_folder(tmp_path / "user", 36)
+    proj = _project(tmp_path / "project", ["data.source=folder", f"data.folder={images}", "data.holdout=0.25",
+                                           "score.spaces=[encoder,ssl_judge]", "score.label_spaces=[]"])
+    out = _dvc(proj, "repro")
+    ran = _ran(out)
+    assert not {s for s in ran if s.startswith("train_judge")} and "reference@judge" not in ran
+    assert {"train_ssl_judge", "reference@encoder", "reference@ssl_judge", "score_real", "compare"} <= ran
+    assert not (proj / "data" / "models" / "judge.pt").exists()
+    table = json.loads((proj / "metrics" / "compare.json").read_text())
+    assert table["headline"] == "ssl_judge" and set(table) == {"headline", "baseline", "rcg", "rcg_cfg", "oracle",
+                                                                "real"}
+    assert table["real"]["num_samples"] == 9 and all("ssl_fd" in row and "rep_fd" in row and "judge_fid" not in row
+                                                     for name, row in table.items() if name != "headline")
+    md = (proj / "metrics" / "compare.md").read_text()
+    assert "| real |" in md and "ssl FD" in md and "rep FD" in md and "judge FID" not in md
+    ssl = json.loads((proj / "metrics" / "ssl_judge.json").read_text())
+    assert ssl == {**ssl, "labelled": False} and "knn_top1" not in ssl
