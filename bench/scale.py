@@ -11,8 +11,9 @@ written by the stages' own StoreWriter. Then each reader runs in a fresh process
   copies the pages it touches);
 - rdm / pixel: ``RepBatches`` (global batch 512) and ``PixelBatches`` (global batch 4096, with each row's rep) on the
   memory-mapped stores, against the same batch code on in-memory arrays read the old way (float32 reps, int32
-  tokens); both must draw bit-identical batches. The decode into ``<root>/data/cache/`` is timed on its own first,
-  and the loaders then run on a warm page cache (the node's steady state; a cold one reads from disk at first);
+  tokens); both must draw bit-identical batches. The decode into ``<root>/data/cache/`` is timed on its own first;
+  a mapped loader starts on a cold page cache (its first ``--steps`` batches read from disk), then ``--steps`` more
+  show the steady state;
 - shared: two processes (two ranks of one node, each its half of the RDM batch) on the mapped reps at once: their
   PSS (proportional set size) shows the page cache's copy split between them.
 
@@ -118,8 +119,9 @@ def measure_index(root: Path, layout: str) -> dict:
         table = pq.read_table(root / "shards" / "index.parquet", filters=[("split", "=", "train")])
         cols = table.to_pydict()
         del table
-        columns = [cols["key"], cols["shard"], cols["offset"], cols["nbytes"], cols["label"]]
-        rows = len(cols["key"])
+        columns = [cols["key"], cols["shard"], cols["offset"], cols["nbytes"], cols["label"]]  # what it kept
+        del cols
+        rows = len(columns[0])
     seconds = time.perf_counter() - tic
     parent = memory()
     read, write = os.pipe()
@@ -139,8 +141,20 @@ def measure_index(root: Path, layout: str) -> dict:
             "worker_uss_after_one_pass": worker["uss"]}
 
 
+def drop_page_cache(folder: Path) -> None:
+    """Evict the decoded copies' pages from the page cache (clean pages of files no other process maps), so
+    that a mapped loader starts cold, as on a node that has not read them yet."""
+    for path in folder.glob("*.npy"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def measure_loader(root: Path, kind: str, layout: str, steps: int, rank: int, world: int) -> dict:
-    """Batches/s and memory of the RDM or pixel loader on the mapped stores or on in-memory arrays."""
+    """Batches/s and memory of the RDM or pixel loader on the mapped stores or on in-memory arrays: ``steps``
+    batches from a cold page cache (mapped, one process: the first thing a run does), then ``steps`` more."""
     import torch
     from pipeline.core.config import RdmModel
     from pipeline.core.distributed import Dist
@@ -149,6 +163,8 @@ def measure_loader(root: Path, kind: str, layout: str, steps: int, rank: int, wo
 
     torch.set_num_threads(1)
     data_dir, cpu, d = root / "data", torch.device("cpu"), Dist(rank, world, rank)
+    if layout == "mapped" and world == 1:
+        drop_page_cache(data_dir / "cache")
     tic = time.perf_counter()
     if kind == "rdm":
         store = load_store(data_dir / "reps.zarr", RdmModel(in_channels=DIM), cpu)
@@ -172,19 +188,18 @@ def measure_loader(root: Path, kind: str, layout: str, steps: int, rank: int, wo
             rows, views, _ = batches(it)[0]
             return [data.tokens_at(rows, views), data.reps_at(rows, views)]
     load_s = time.perf_counter() - tic
-    digest = hashlib.sha256()
-    for it in range(2):  # warm-up; part of the digest
-        for t in batch(it):
-            digest.update(t.numpy().tobytes())
-    tic = time.perf_counter()
-    for it in range(2, 2 + steps):
-        for t in batch(it):
-            digest.update(t.numpy().tobytes())
-    rate = steps / (time.perf_counter() - tic)
+    digest, rates = hashlib.sha256(), []
+    for first in (0, steps):
+        tic = time.perf_counter()
+        for it in range(first, first + steps):
+            for t in batch(it):
+                digest.update(t.numpy().tobytes())
+        rates.append(steps / (time.perf_counter() - tic))
     per_batch = RDM_BATCH // world if kind == "rdm" else PIXEL_BATCH
     return {"loader": kind, "layout": layout, "rank": rank, "world": world, "batch": per_batch,
-            "load_s": round(load_s, 2), "batches_per_s": round(rate, 2), "rows_per_s": round(rate * per_batch),
-            **memory(), "digest": digest.hexdigest()[:16]}
+            "load_s": round(load_s, 2), "first_batches_per_s": round(rates[0], 2),
+            "batches_per_s": round(rates[1], 2), "rows_per_s": round(rates[1] * per_batch), **memory(),
+            "digest": digest.hexdigest()[:16]}
 
 
 def measure_floor() -> dict:
@@ -249,7 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=IMAGENET_ROWS, help="images (ImageNet's train split: 1281167)")
     ap.add_argument("--views", type=int, default=4, help="views per image in the stores")
-    ap.add_argument("--steps", type=int, default=30, help="timed batches per loader (after 2 warm-up batches)")
+    ap.add_argument("--steps", type=int, default=30, help="timed batches per loader, twice (first, then steady)")
     ap.add_argument("--root", type=Path, help="build here and keep it (default: a temporary folder, removed)")
     ap.add_argument("--json", type=Path, help="also save every result line in this file")
     ap.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)  # one measurement, in a fresh process
