@@ -531,6 +531,23 @@ def test_official_mage_file_samples_and_its_vqgan_is_checked(files, tmp_path):
         rcg.check_setting("oracle", s, other, store)
 
 
+def test_official_unconditional_mage_file_samples_as_the_baseline(files, tmp_path):
+    """LTH14/mage's unconditional file (no rep slot, no encoder) samples offline as the baseline generator."""
+    from official_files import uncond_mage_file
+    from pipeline.core.config import RdmSample
+    from pipeline.models.vqgan import load_tokenizer
+    torch.manual_seed(7)
+    mage = MAGE(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1, num_heads=4,
+                decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4, conditioning="none")  # heads inferred
+    path = uncond_mage_file(tmp_path / "mage-uncond.pth", mage, load_tokenizer(files["tokenizer"])[0].state_dict())
+    models = rcg.load_models(path, files["tokenizer"], None, torch.device("cpu"))
+    assert models.pixel.conditioning == "none" and models.pixel.encoder is None
+    s = setting(generator="none", reps=None)
+    rcg.check_setting("baseline", s, models, {"dim": DIM, "encoder": None})
+    out = rcg.generate(models, s, RdmSample(), 2, torch.Generator().manual_seed(0))
+    assert out.tokens.max() < CODES and out.images.shape == (2, 16, 16, 3)
+
+
 def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
     """Offline sampling reads an official-layout RDM (EMA shadows used) and a raw VQGAN state dict."""
     import argparse

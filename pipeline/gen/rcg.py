@@ -36,12 +36,13 @@ from pipeline.gen.diffusion import GaussianDiffusion
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.mocov3_weights import import_mocov3_state_dict
 from pipeline.models.mage import MAGE, load_pixel
-from pipeline.models.mage_official import convert_official_mage
+from pipeline.models.mage_official import convert_official_mage, official_layout
 from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder, sample_reps
 from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
 from pipeline.train.rng import seeded_generator
 
 FIGURE_STREAM = 1 << 40  # entropy offset of figure batches: never a sample chunk's stream
+OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every official RCG file
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -133,8 +134,11 @@ def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
         sd = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
             raise RcgError(f"{path} is neither an rcg-pixel model file nor an official MAGE checkpoint")
+        # LTH14/mage's unconditional file has no rep slot; our ``none`` generator keeps one it never reads, sized
+        # as RCG's reps (256) so that the model file looks like any other baseline.
+        rep_dim = None if official_layout(sd) == "rep" else OFFICIAL_REP_DIM
         try:
-            config, state, embedded_encoder, embedded_vqgan = convert_official_mage(sd)
+            config, state, embedded_encoder, embedded_vqgan = convert_official_mage(sd, rep_dim=rep_dim)
         except RcgError as exc:
             raise RcgError(f"{path}: {exc}") from None
         model = MAGE(**config)
@@ -143,7 +147,7 @@ def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
         if side * side != model.seq_len:
             raise RcgError(f"{path}: {model.seq_len} tokens do not form a square grid")
         grid, tokenizer_file = (side, side), None
-        encoder = weights_sha256(import_mocov3_state_dict(embedded_encoder))
+        encoder = weights_sha256(import_mocov3_state_dict(embedded_encoder)) if embedded_encoder else None
         tokenizer_weights, counts = weights_sha256(embedded_vqgan), None
     return Pixel(model.eval().to(device).requires_grad_(False), model.conditioning, grid, model.codebook_size,
                  model.rep_dim, model.num_labels or None, tokenizer_file, encoder, file_sha256(path),
