@@ -8,8 +8,10 @@ writable, empty and unsafe checkpoints.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,11 +19,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
 import yaml
 from PIL import Image
+from typer.testing import CliRunner
 from zarr.storage import LocalStore
 
 from conftest import micro_params
@@ -33,9 +38,13 @@ from pipeline.core.errors import RcgError
 from pipeline.core.locks import STAGE_OUTPUTS, locked_outputs, lock_path, stage_outputs
 from pipeline.data.images import ImagePolicy, check_image
 from pipeline.data.sample_store import SampleWriter, open_samples
+from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.data.stores import StoreWriter, open_store, partial_path
+from pipeline.data.view_store import ViewsDataset
+from pipeline.data.views import ViewRecipe
 from pipeline.train.state import TrainState
-from stages import cli, shard
+from stages import cli, encode, shard
+from test_encode import write_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +119,14 @@ def test_rcg_stage_refuses_outputs_another_run_holds_before_any_work(workspace, 
     assert not partial_path(params.paths.reps).exists() and not params.paths.reps.exists()
 
 
+def test_offline_sampling_locks_its_outputs_too(tmp_path):
+    out = tmp_path / "out"
+    with locked_outputs([out / "rcg.zarr"], "sample rcg --out"):
+        result = CliRunner().invoke(cli.app, ["sample", "rcg", "--out", str(out), "--pixel", str(tmp_path / "p.pt"),
+                                              "--tokenizer", str(tmp_path / "t.pt")])
+    assert result.exit_code == 2 and f"pid {os.getpid()}, rcg sample rcg --out" in result.output
+
+
 def test_an_unwritable_output_folder_stops_the_stage_before_any_work(workspace, capsys):
     params = micro_params(workspace)
     params_file = workspace / "params.yaml"
@@ -141,8 +158,7 @@ def test_stage_outputs_are_dvc_yamls_outs_metrics_and_plots():
     params = micro_params(Path("/p"))
     for name, stage in spec["stages"].items():
         body = stage.get("do", stage)
-        items = [None] if "foreach" not in stage else ["rep", "none"] if name == "train_pixel" else ["rcg", "oracle"]
-        for item in items:
+        for item in [None] if "foreach" not in stage else ["an_item"]:
             declared = set()
             for kind in ("outs", "metrics", "plots"):
                 for entry in body.get(kind, []):
@@ -427,3 +443,45 @@ def test_a_sixteen_bit_png_keeps_its_brightness():
     ramp = np.linspace(0, 65416, 64 * 64).reshape(64, 64).astype(np.uint16)
     stored = np.asarray(Image.open(io.BytesIO(check_image(encoded(Image.fromarray(ramp), "PNG"), ImagePolicy()).data)))
     assert abs(stored.mean() - ramp.mean() / 257) < 0.5 and (stored == 255).mean() < 0.01
+
+
+# ------------------------------------------------------------------------------------------ shard bit rot
+def damage_sample(shards_dir: Path, row: int, flip: bool) -> dict:
+    """Flip one bit in train row ``row``'s image inside its tar (or, with ``flip`` False, zero its bytes and fix
+    the index's sha256 so that only the decode can fail); returns the row."""
+    index = pq.read_table(shards_dir / INDEX_FILE)
+    rows = index.to_pylist()
+    target = [r for r in rows if r["split"] == "train"][row]
+    tar = shards_dir / target["shard"]
+    data = bytearray(tar.read_bytes())
+    start, stop = target["offset"], target["offset"] + target["nbytes"]
+    if flip:
+        data[(start + stop) // 2] ^= 0x01
+    else:
+        data[start:stop] = bytes(stop - start)
+        target["sha256"] = hashlib.sha256(bytes(stop - start)).hexdigest()
+        pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), shards_dir / INDEX_FILE)
+    tar.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_flipped_bit_in_a_shard_stops_encode_naming_shard_and_sample(workspace, workers):
+    params = micro_params(workspace, [f"encode.workers={workers}"])
+    write_encoder(params)
+    target = damage_sample(params.paths.shards, 5, flip=True)
+    with pytest.raises(RcgError) as err:
+        encode.run(params)
+    assert str(err.value) == (f"{params.paths.shards / target['shard']}, sample 5 (key {target['key']}): the image "
+                              "bytes differ from the sha256 in index.parquet (the shard is damaged); rerun rcg shard")
+
+
+def test_an_undecodable_image_names_shard_and_sample(micro_shards, tmp_path):
+    shards_dir = tmp_path / "shards"
+    shutil.copytree(micro_shards, shards_dir)
+    target = damage_sample(shards_dir, 7, flip=False)
+    dataset = ViewsDataset(ShardSet(shards_dir), ViewRecipe(count=2, resize=16, crop=16))
+    assert dataset[6].shape == (2, 16, 16, 3)
+    with pytest.raises(RcgError, match=f"{shards_dir / target['shard']}, sample 7 \\(key {target['key']}\\): cannot "
+                                       "decode the image"):
+        dataset[7]
