@@ -98,6 +98,27 @@ def test_resume_is_exact_for_weights_and_curves(tmp_path):
     assert curve(killed) == curve(whole)  # step 4 averages iterations 2 and 3 across the kill
 
 
+def test_curves_come_back_after_dvc_deletes_them(tmp_path):
+    """``dvc repro`` deletes a stage's outputs before rerunning it: a run resumed after a kill, and a run that
+    finds its state already at the last step, still write the whole curve (from the state, not the old file)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    loop, model, step, batches = make(whole)
+    loop.run(step, batches())
+    want = curve(whole)
+    (whole / "metrics" / "plots" / "toy.csv").unlink()
+    loop, model, step, batches = make(whole)
+    assert loop.start == 6 and loop.run(step, batches())["resumed_from"] == 6
+    assert curve(whole) == want
+
+    loop, model, step, batches = make(killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(lambda b, it: (_ for _ in ()).throw(KeyboardInterrupt) if it == 4 else step(b, it), batches())
+    (killed / "metrics" / "plots" / "toy.csv").unlink()
+    loop, model, step, batches = make(killed)
+    loop.run(step, batches())
+    assert curve(killed) == want
+
+
 def test_accumulation_matches_the_whole_batch(tmp_path):
     loop, whole, step, batches = make(tmp_path / "a")
     loop.run(step, batches())

@@ -102,6 +102,7 @@ class TrainLoop:
         self.state = TrainState(params.paths.state / f"{name}.pt", identity)
         self.start, self.extra = self.state.load(self.modules)
         self.final: dict[str, float] = self.extra.get("final", {})  # the last logged figures
+        self.curve: list[dict] = list(self.extra.get("curve", []))  # every logged row so far, {"step": s, ...}
         self._ddp: DistributedDataParallel | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -175,7 +176,9 @@ class TrainLoop:
         keys: list[str] | None = self.extra.get("log_keys")
         carried: torch.Tensor | None = self.extra.get("log_rows")
         rows: list[torch.Tensor] = []
-        curve = None
+        # the curve file holds exactly the rows logged up to the resumed step, whatever happened to it meanwhile
+        curve = CurveLog(self.curve_path, [k for k in self.curve[0] if k != "step"], self.curve) \
+            if self.d.is_main and self.curve else None
         lr = float("nan")
         bar = progress(total=self.steps, desc=self.name, unit="step")
         bar.update(self.start)
@@ -211,13 +214,14 @@ class TrainLoop:
                     means["lr"] = lr
                 self.final = means
                 bar.set_postfix(loss=f"{means['loss']:.4g}")
+                self.curve.append({"step": step, **means})
                 if self.d.is_main:
                     if curve is None:
-                        curve = CurveLog(self.curve_path, list(means), resume_step=self.start)
+                        curve = CurveLog(self.curve_path, list(means))
                     curve.add(step, **means)
             if saving and self.d.is_main:
                 window = {"log_keys": keys, "log_rows": table} if not logging else {}
-                self.state.save(step, self.modules, {"final": self.final, **window,
+                self.state.save(step, self.modules, {"final": self.final, "curve": self.curve, **window,
                                                      **(extra_state() if extra_state else {})})
         bar.close()
         if done < self.steps:

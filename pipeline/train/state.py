@@ -68,20 +68,22 @@ class TrainState:
 
 
 class CurveLog:
-    """Training curves as CSV (``dvc plots show`` renders them); rewritten consistently on resume."""
+    """Training curves as CSV (``dvc plots show`` renders them). The file is rewritten from ``rows``, the logged rows
+    the train state carries, rather than read back: ``dvc repro`` deletes a stage's outputs before it reruns it, so
+    a resumed (or already finished) run must restore its curve from the state, not from the file."""
 
-    def __init__(self, path: Path, fields: list[str], resume_step: int = 0):
+    def __init__(self, path: Path, fields: list[str], rows: list[dict] = ()):
         self.path, self.fields = Path(path), ["step", *fields]
-        rows = []
-        if resume_step and self.path.is_file():
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(self._formatted(row) for row in rows)
+
+    @staticmethod
+    def _formatted(row: dict) -> dict:
+        return {k: v if k == "step" else f"{v:.6g}" for k, v in row.items()}
 
     def add(self, step: int, **values: float) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+            csv.DictWriter(f, self.fields).writerow(self._formatted({"step": step, **values}))
