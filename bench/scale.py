@@ -18,7 +18,8 @@ written by the stages' own StoreWriter. Then each reader runs in a fresh process
   PSS (proportional set size) shows the page cache's copy split between them.
 
 Memory figures come from /proc: peak RSS (VmHWM), and at the end RSS, its anonymous part (the process's own heap),
-PSS and USS (private pages); ``floor`` is a process that imported the same modules and read nothing. Printed as one JSON object per line and, with ``--json``, saved together.
+PSS and USS (private pages); ``floor`` is a process that imported the same modules and read nothing. Printed as
+one JSON object per line and, with ``--json``, saved together. ~5 min on 2 cores (bench/RESULTS.md, "scale").
 """
 
 from __future__ import annotations

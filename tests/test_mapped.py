@@ -62,9 +62,11 @@ def test_one_decode_per_identity_and_stale_copies_go(tmp_path, monkeypatch):
     assert len(decodes) == 1
     other = {**identity(), "index": {"rows": 48, "sha256": "f" * 64}}
     make_store(tmp_path, ident=other)  # the same values, made from other inputs: its own copy
+    killed = tmp_path / "data" / "cache" / f"{decodes[0]}.4242.partial"  # a build killed before its rename
+    killed.write_bytes(b"half")
     assert torch.equal(load_store(params.paths.reps, params.rdm.model, CPU).reps, first)
     assert len(decodes) == 2 and decodes[0] != decodes[1]
-    assert [p.name for p in (tmp_path / "data" / "cache").glob("*.npy")] == [decodes[1]]
+    assert [p.name for p in (tmp_path / "data" / "cache").glob("*.npy*")] == [decodes[1]]
 
 
 def test_a_refused_store_leaves_no_copy(tmp_path):

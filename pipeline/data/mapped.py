@@ -5,13 +5,15 @@ pair costs the decompression of its whole chunk; read into memory, every rank ho
 tokens of 1.28M images x 4 views: 10.5 GB per GPU). So the array is decoded once, chunk by chunk, into a plain
 ``.npy`` file beside the store (``<data>/cache/``), and every process maps that file: a batch then costs one small
 read per row, memory holds only what the batches touch, and the OS page cache keeps one copy for all the ranks of a
-node (the pages are clean and file-backed, so they count as shared, never as a process's own, and are reclaimable).
+node (the pages are clean and file-backed: no process's heap, split between the processes that map them, and
+reclaimable). bench/scale.py measures it at ImageNet size (bench/RESULTS.md, "scale").
 
 The file is named by a hash of what decides its content (the store's recorded identity and chunk-file checksums,
 the array's name, shape, dtype and chunking, the dtype asked for), so a rebuilt store never reuses a stale copy; the
-copy of an older identity is deleted when a new one is made. One process builds it under a file lock while the
-others wait; the checks given to :func:`mapped_array` run on every chunk while it is built, so a cache that exists
-has passed them. It costs the array's uncompressed size on disk (reps 5.2 GB, uint16 tokens 2.6 GB at ImageNet).
+copy of an older identity (and a killed build's partial file) is deleted when a new one is made. One process builds
+it under a file lock while the others wait; the checks given to :func:`mapped_array` run on every chunk while it is
+built, so a copy that exists has passed them. It costs the array's uncompressed size on disk (4.9 GiB of reps and
+2.4 GiB of uint16 tokens at ImageNet with 4 views).
 """
 
 from __future__ import annotations
@@ -53,10 +55,9 @@ def mapped_array(store: Path, group: zarr.Group, name: str, dtype: np.dtype,
         with open(target.parent / f"{Path(store).name}.{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes; a waiting process then finds the copy
             if not target.exists():
+                for stale in target.parent.glob(f"{Path(store).name}.{name}.*.npy*"):
+                    stale.unlink()  # older identities' copies, and a killed builder's partial file
                 _decode(group[name], np.dtype(dtype), target, check)
-                for stale in target.parent.glob(f"{Path(store).name}.{name}.*.npy"):
-                    if stale != target:
-                        stale.unlink()
     return np.load(target, mmap_mode="c")
 
 
