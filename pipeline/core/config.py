@@ -452,10 +452,11 @@ class SslJudgeModel(Section):
 
 class SslJudgeTrain(Section):
     """MoCo v3 on the train split's centre crops (stages/train_ssl_judge.py), batched random-resized crops and
-    colour jitter; ~20 s on 2 CPU cores for the default run."""
+    colour jitter. Default run: 25 s on 2 CPU cores, val k-NN 0.202 (0.164 at random init; lr 3e-3: 0.182, 8
+    epochs: 0.206 for twice the seconds)."""
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 128     # global: split evenly across DDP ranks
-    lr: PositiveFloat = 3e-3          # AdamW, linear warm-up over the first epoch, cosine to 0
+    lr: PositiveFloat = 1e-2          # AdamW, linear warm-up over the first epoch, cosine to 0
     weight_decay: float = Field(1e-4, ge=0)
     temperature: PositiveFloat = 0.2
     momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
