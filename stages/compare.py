@@ -2,7 +2,8 @@
 
 The analogue, at our scale, of the paper's Table 1 (unconditional baseline vs RCG) and Table 9(a) (oracle reps,
 RDM reps, class labels, cluster labels). Rows are the settings whose ``metrics/score/<setting>.json`` exists, in
-that order; a column appears when some row has it (Inception's only when its weights were given).
+that order, then ``real`` (the held-out images scored like samples: the floor); a column appears when some row has
+it (Inception's only when its weights were given, the judge's only where labels exist).
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, m
     Traced with the eager backend (no C++ build, same arithmetic), each stage must train exactly the weights it
     trains uncompiled: the compiled wrapper is called where the model is, and nothing else changes."""
     from stages import (encode, pretrain_encoder, tokenize_views, train_judge, train_pixel, train_rdm,
-                        train_tokenizer)
+                        train_ssl_judge, train_tokenizer)
     real_compile = torch.compile
     compiled = []
 
@@ -292,19 +292,19 @@ def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, m
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     files = {"encoder": "encoder.pt", "rdm": "rdm.pt", "tokenizer": "tokenizer.pt", "pixel": "pixel-rep.pt",
-             "judge": "judge.pt"}
+             "judge": "judge.pt", "ssl_judge": "ssl_judge.pt"}
     weights = {}
     for mode in ("false", "true"):
         root = workspace / mode
         (root / "data").mkdir(parents=True)
         os.symlink(workspace / "data" / "shards", root / "data" / "shards")
         params = micro_params(root, [f"runtime.compile={mode}", "pixel.conditionings=[rep]"])
-        for stage in (pretrain_encoder, encode, train_rdm, train_tokenizer, tokenize_views, train_judge):
+        for stage in (pretrain_encoder, encode, train_rdm, train_tokenizer, tokenize_views, train_judge, train_ssl_judge):
             stage.run(params)
         train_pixel.run(params, "rep")
         weights[mode] = {name: torch.load(params.paths.models / file, weights_only=True)["state_dict"]
                          for name, file in files.items()}
-    assert len(compiled) == 5, compiled  # one wrap per training stage
+    assert len(compiled) == 6, compiled  # one wrap per training stage
     for name in files:
         plain, traced = weights["false"][name], weights["true"][name]
         assert plain.keys() == traced.keys(), name
