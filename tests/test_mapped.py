@@ -84,3 +84,36 @@ def test_token_ids_beyond_the_codebook_are_refused_when_decoding(tmp_path):
     for _ in range(2):  # refused again: nothing was cached that would skip the check
         with pytest.raises(RcgError, match="token id 32 outside its 32-code codebook"):
             load_pixel_data(params.paths.tokens, params.paths.reps, "rep", 8, 0, CPU)
+
+
+def _load_in_child(reps_path, queue) -> None:
+    from pipeline.core.config import RdmModel
+    store = load_store(reps_path, RdmModel(in_channels=16), CPU)
+    queue.put(store.reps.sum().item())
+
+
+def test_ranks_starting_together_decode_once(tmp_path, monkeypatch):
+    """Two processes (two ranks of a node) load at once: one decodes under the lock, the other waits and maps it."""
+    import multiprocessing
+    import time
+    make_store(tmp_path)
+    builders = tmp_path / "builders.txt"
+    real = mapped._decode
+
+    def slow_decode(*args):
+        with open(builders, "a") as f:
+            f.write("x")
+        time.sleep(0.5)  # long enough for the other process to reach the lock
+        real(*args)
+
+    monkeypatch.setattr(mapped, "_decode", slow_decode)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(tmp_path / "data" / "reps.zarr", queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    sums = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert builders.read_text() == "x" and sums[0] == sums[1]
+    assert all(p.exitcode == 0 for p in procs)
