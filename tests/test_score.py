@@ -100,12 +100,23 @@ def test_scores_rank_real_images_above_noise(scored):
     assert s["oracle"]["judge"]["fid"] < s["baseline"]["judge"]["fid"]
     assert s["oracle"]["encoder"]["fd"] < s["baseline"]["encoder"]["fd"]
     assert s["oracle"]["judge"]["recall"] > s["baseline"]["judge"]["recall"]
+    assert s["oracle"]["ssl_judge"]["fd"] < s["baseline"]["ssl_judge"]["fd"]  # the label-free space agrees
     oracle = s["oracle"]
     assert oracle["num_samples"] == 16 and oracle["judge"]["num_samples"] == 16 and oracle["judge"]["reference"] == "train:48"
     assert oracle["judge"]["isc"] >= 1 and "isc" not in oracle["encoder"] and oracle["sample_seconds"] == 1.5
     assert raised(oracle["judge"]) == ["few_samples", "kid_subset_reduced"]  # 16 < min_samples, < kid subset
     assert raised(s["baseline"]["judge"]) == []  # 24 samples: enough for both
     assert not problems(oracle)  # one row of a table: numbers, bools, short ids
+
+
+def test_the_real_row_scores_the_held_out_images_exactly_like_samples(scored):
+    """The oracle store here holds the val split's centre crops: the real row (the same images, read from the
+    shards) gets the same figures in every space."""
+    root = scored[0]
+    oracle, real = (json.loads((root / "metrics" / "score" / f"{n}.json").read_text()) for n in ("oracle", "real"))
+    assert real["setting"] == "real" and real["num_samples"] == oracle["num_samples"] == 16
+    for space in ("judge", "encoder", "ssl_judge"):
+        assert real[space] == oracle[space], space
 
 
 def test_compare_table_holds_every_row_with_its_counts(scored):

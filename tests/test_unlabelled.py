@@ -18,7 +18,7 @@ from pipeline.core.errors import RcgError
 from pipeline.data.synthetic import write_builtin
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, create_extractor
 from pipeline.models.ssl_judge import load_ssl_judge_file, resized_crops
-from stages import shard, train_judge, train_ssl_judge
+from stages import reference, score, shard, train_judge, train_ssl_judge
 from test_dvc import _dvc, _project, _ran
 
 
@@ -105,6 +105,23 @@ def test_a_class_folder_whose_every_file_is_rejected_is_reported(tmp_path, capsy
 def test_label_rows_on_unlabelled_data_are_one_line_before_any_work(tmp_path, overrides, message):
     with pytest.raises(RcgError, match=message):
         micro_params(tmp_path, overrides)
+
+
+def test_too_few_images_to_hold_any_out_is_one_line(tmp_path):
+    images = flat_folder(tmp_path, 1)
+    with pytest.raises(RcgError, match="data.holdout: 1 image file\\(s\\) found, too few to hold any out"):
+        shard.run(micro_params(tmp_path, ["data.source=folder", f"data.folder={images}"]))
+
+
+def test_the_real_row_needs_a_val_split_and_a_space_needs_listing(tmp_path):
+    images = flat_folder(tmp_path, 6)
+    params = micro_params(tmp_path, ["data.source=folder", f"data.folder={images}", "data.holdout=0",
+                                     "score.spaces=[encoder]", "score.label_spaces=[]"])
+    shard.run(params)
+    with pytest.raises(RcgError, match="score real: .* has no val split to score as the real row"):
+        score.run(params, "real")
+    with pytest.raises(RcgError, match="reference: 'ssl_judge' is not a scored space"):
+        reference.run(params, "ssl_judge")
 
 
 # ------------------------------------------------------------------------------------------- ssl_judge
