@@ -101,6 +101,7 @@ def test_a_class_folder_whose_every_file_is_rejected_is_reported(tmp_path, capsy
     (["score.spaces=[encoder]"], r"score.label_spaces: must list the label spaces of score.spaces \(\[\]\)"),
     (["score.label_spaces=[]"], r"score.label_spaces: must list the label spaces of score.spaces \(\['judge'\]\)"),
     (["sample.settings.real.generator=none"], "sample.settings.real: the name of compare's held-out row"),
+    (["score.spaces=[judge,encoder,judge]"], "score.spaces: a space is listed twice"),
 ])
 def test_label_rows_on_unlabelled_data_are_one_line_before_any_work(tmp_path, overrides, message):
     with pytest.raises(RcgError, match=message):

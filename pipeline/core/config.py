@@ -503,8 +503,11 @@ class Score(Section):
     def _check(self) -> "Score":
         if not self.spaces and self.inception_weights is None:
             raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
+        for key, spaces in (("spaces", self.spaces), ("label_spaces", self.label_spaces)):
+            if len(set(spaces)) != len(spaces):
+                raise ValueError(f"score.{key}: a space is listed twice ({spaces}): one DVC instance each")
         listed = [s for s in self.spaces if s in LABEL_SPACES]
-        if sorted(set(self.label_spaces)) != sorted(set(listed)):
+        if sorted(self.label_spaces) != sorted(listed):
             raise ValueError(f"score.label_spaces: must list the label spaces of score.spaces ({listed}), which "
                              f"train_judge trains, not {self.label_spaces}")
         for space in self.reference_npz:
