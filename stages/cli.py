@@ -264,7 +264,8 @@ def edit(image: Path, box: Annotated[str, typer.Option(help="x0,y0,x1,y1 in pixe
 
 @app.command()
 def score(setting: Annotated[Optional[str], typer.Argument(help="Sample setting: rcg, rcg_cfg, baseline, oracle, "
-                                                                "class or cluster (the DVC stage).")] = None,
+                                                                "class or cluster (the DVC stage), or real: the "
+                                                                "held-out images (score_real).")] = None,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, debug: DebugOpt = False,
           samples: Annotated[Optional[Path], typer.Option(help="Offline: a sample store (.zarr) or a folder of "
                                                                "PNG/JPEG images to score instead of a setting.")] = None,
