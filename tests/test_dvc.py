@@ -60,8 +60,9 @@ def test_dvc_repro_micro(tmp_path):
     out = _dvc(proj, "repro")
     settings = list(yaml.safe_load((proj / "dvc.yaml").read_text())["vars"][0]["generation"])
     instances = ({"shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
-                  "train_ssl_judge", "score_real", "compare"}
+                  "score_real", "compare"}
                  | {f"train_judge@{s}" for s in params["score"]["label_spaces"]}
+                 | {f"train_ssl_judge@{s}" for s in params["score"]["ssl_spaces"]}
                  | {f"reference@{s}" for s in params["score"]["spaces"]}
                  | {f"train_pixel@{c}" for c in params["pixel"]["conditionings"]}
                  | {f"{stage}@{s}" for stage in ("sample", "score") for s in settings})

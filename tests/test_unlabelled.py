@@ -65,7 +65,7 @@ def test_a_flat_folder_gives_up_a_seeded_held_out_split(tmp_path):
 def test_labels_none_walks_class_folders_as_plain_folders(tmp_path):
     classes = write_builtin(tmp_path / "src", "train", 12, 16, 0)
     params = micro_params(tmp_path, ["data.source=folder", f"data.folder={classes}", "data.labels=none",
-                                     "data.holdout=0", "score.spaces=[encoder]", "score.label_spaces=[]"])
+                                     "data.holdout=0", "score.spaces=[encoder]", "score.label_spaces=[]", "score.ssl_spaces=[]"])
     summary = shard.run(params)
     assert summary["labels"] is False and summary["splits"]["train"]["accepted"] == 12
     assert _meta(params)["classes"] == [] and all(r["label"] == -1 for r in _index(params))
@@ -100,6 +100,8 @@ def test_a_class_folder_whose_every_file_is_rejected_is_reported(tmp_path, capsy
      "pixel.conditionings: class needs labels, but data.labels is none"),
     (["score.spaces=[encoder]"], r"score.label_spaces: must list the label spaces of score.spaces \(\[\]\)"),
     (["score.label_spaces=[]"], r"score.label_spaces: must list the label spaces of score.spaces \(\['judge'\]\)"),
+    (["score.spaces=[judge,encoder]"],
+     r"score.ssl_spaces: must list the self-supervised spaces of score.spaces \(\[\]\), which train_ssl_judge"),
     (["sample.settings.real.generator=none"], "sample.settings.real: the name of compare's held-out row"),
     (["score.spaces=[judge,encoder,judge]"], "score.spaces: a space is listed twice"),
 ])
@@ -117,7 +119,7 @@ def test_too_few_images_to_hold_any_out_is_one_line(tmp_path):
 def test_the_real_row_needs_a_val_split_and_a_space_needs_listing(tmp_path):
     images = flat_folder(tmp_path, 6)
     params = micro_params(tmp_path, ["data.source=folder", f"data.folder={images}", "data.holdout=0",
-                                     "score.spaces=[encoder]", "score.label_spaces=[]"])
+                                     "score.spaces=[encoder]", "score.label_spaces=[]", "score.ssl_spaces=[]"])
     shard.run(params)
     with pytest.raises(RcgError, match="score real: .* has no val split to score as the real row"):
         score.run(params, "real")
@@ -148,6 +150,26 @@ def test_ssl_judge_trains_without_labels_and_registers_with_torch_fidelity(works
     assert feats.shape == (2, 16)
 
 
+def test_an_unlisted_space_builds_no_model(tmp_path):
+    """The graph DVC resolves from the params: with only the encoder space (ImageNet's presets score so, with
+    Inception beside it), no judge of either kind is trained and no reference is made for them."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    from pipeline.core.config import dump_yaml
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "dvc.yaml", tmp_path)
+    params = micro_params(Path("."), ["score.spaces=[encoder]", "score.label_spaces=[]", "score.ssl_spaces=[]"])
+    (tmp_path / "params.yaml").write_text(dump_yaml(params))
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        names = {stage.addressing.rpartition(":")[2] for stage in repo.index.stages}
+    assert "reference@encoder" in names and "score_real" in names
+    assert not {n for n in names if n.startswith(("train_judge", "train_ssl_judge", "reference@judge",
+                                                  "reference@ssl_judge"))}, names
+
+
 # ------------------------------------------------------------------------------------------- dvc repro
 def test_dvc_repro_on_a_flat_folder_of_mixed_images_without_labels(tmp_path):
     """No labels anywhere: no train_judge instance, no judge reference; the encoder and ssl_judge spaces score
@@ -158,7 +180,7 @@ def test_dvc_repro_on_a_flat_folder_of_mixed_images_without_labels(tmp_path):
     out = _dvc(proj, "repro")
     ran = _ran(out)
     assert not {s for s in ran if s.startswith("train_judge")} and "reference@judge" not in ran
-    assert {"train_ssl_judge", "reference@encoder", "reference@ssl_judge", "score_real", "compare"} <= ran
+    assert {"train_ssl_judge@ssl_judge", "reference@encoder", "reference@ssl_judge", "score_real", "compare"} <= ran
     assert not (proj / "data" / "models" / "judge.pt").exists()
     table = json.loads((proj / "metrics" / "compare.json").read_text())
     assert table["headline"] == "ssl_judge" and set(table) == {"headline", "baseline", "rcg", "rcg_cfg", "oracle",

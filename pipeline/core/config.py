@@ -478,16 +478,19 @@ class SslJudge(Section):
 
 
 LABEL_SPACES = ("judge",)  # scored spaces whose model learns from labels
+SSL_SPACES = ("ssl_judge",)  # scored spaces whose model learns from the images alone
 
 
 class Score(Section):
     """Scoring samples through torch-fidelity's registered feature extractors (stages reference, score, compare).
 
     Images are compared at views.crop: reference images are centre crops of the train split at that size. Each
-    listed space is its own reference@<space> instance; train_judge runs once per entry of ``label_spaces`` (DVC
-    cannot make a stage conditional), so unlabelled data sets it to []."""
+    listed space is its own reference@<space> instance; train_judge runs once per entry of ``label_spaces`` and
+    train_ssl_judge once per entry of ``ssl_spaces`` (DVC cannot make a stage conditional), so a run that does not
+    score in a space (unlabelled data, ImageNet with Inception) never trains its model."""
     spaces: list[Literal["judge", "encoder", "ssl_judge"]] = ["judge", "encoder", "ssl_judge"]
     label_spaces: list[Literal["judge"]] = ["judge"]  # the label spaces of ``spaces``: [judge], or [] without labels
+    ssl_spaces: list[Literal["ssl_judge"]] = ["ssl_judge"]  # the self-supervised judges of ``spaces``: [ssl_judge] or []
     inception_weights: Path | None = None  # torch-fidelity's converted Inception file: adds Inception FID/IS/KID/PRC
     reference_npz: dict[Literal["judge", "encoder", "ssl_judge", "inception"], Path] = {}  # ADM-style (mu, sigma)
     num_reference_images: NonNegativeInt = 10000  # evenly spaced train images for the statistics; 0 = all
@@ -503,13 +506,17 @@ class Score(Section):
     def _check(self) -> "Score":
         if not self.spaces and self.inception_weights is None:
             raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
-        for key, spaces in (("spaces", self.spaces), ("label_spaces", self.label_spaces)):
+        for key, spaces in (("spaces", self.spaces), ("label_spaces", self.label_spaces),
+                            ("ssl_spaces", self.ssl_spaces)):
             if len(set(spaces)) != len(spaces):
                 raise ValueError(f"score.{key}: a space is listed twice ({spaces}): one DVC instance each")
-        listed = [s for s in self.spaces if s in LABEL_SPACES]
-        if sorted(self.label_spaces) != sorted(listed):
-            raise ValueError(f"score.label_spaces: must list the label spaces of score.spaces ({listed}), which "
-                             f"train_judge trains, not {self.label_spaces}")
+        for key, kinds, stage in (("label_spaces", LABEL_SPACES, "train_judge"),
+                                  ("ssl_spaces", SSL_SPACES, "train_ssl_judge")):
+            listed, given = [s for s in self.spaces if s in kinds], getattr(self, key)
+            if sorted(given) != sorted(listed):
+                kind = "label" if key == "label_spaces" else "self-supervised"
+                raise ValueError(f"score.{key}: must list the {kind} spaces of score.spaces ({listed}), which "
+                                 f"{stage} trains, not {given}")
         for space in self.reference_npz:
             if space != "inception" and space not in self.spaces:
                 raise ValueError(f"score.reference_npz.{space}: {space} is not in score.spaces")
