@@ -152,7 +152,7 @@ def test_bad_input_is_one_line(scored, tmp_path):
     with pytest.raises(RcgError, match=r"\[7\] / \[7, 7\] statistics, but the judge space has 128-d"):
         score.run(params_for(root, reference_npz={"judge": str(tmp_path / "other.npz")}), "oracle")
     with pytest.raises(RcgError, match="score.reference_npz.encoder: encoder is not in score.spaces"):
-        params_for(root, spaces=["judge"], reference_npz={"encoder": str(tmp_path / "other.npz")})
+        params_for(root, spaces=["judge"], ssl_spaces=[], reference_npz={"encoder": str(tmp_path / "other.npz")})
 
 
 def test_user_npz_replaces_the_fd_reference_only(scored, tmp_path):
@@ -189,8 +189,8 @@ def test_inception_scores_through_the_same_path(scored, tmp_path):
     work = tmp_path / "proj"
     shutil.copytree(root / "data", work / "data")
     weights = write_random_inception(tmp_path / "weights-inception.pth")
-    params = params_for(work, inception_weights=str(weights), spaces=["judge"], num_reference_images=8, isc_splits=2,
-                        prc_k=2, kid_subset_size=4, min_samples=4)
+    params = params_for(work, inception_weights=str(weights), spaces=["judge"], ssl_spaces=[], num_reference_images=8,
+                        isc_splits=2, prc_k=2, kid_subset_size=4, min_samples=4)
     assert [reference.run(params, s)["space"] for s in ("judge", "inception")] == ["judge", "inception"]
     write_samples(work, "oracle", val_images(work)[:6])
     out = json.loads(Path(score.run(params, "oracle")["output"]).read_text())
@@ -231,7 +231,7 @@ def test_score_with_only_a_reference_npz(scored, tmp_path):
         shutil.copytree(root / "data" / part, work / "data" / part)
     with np.load(root / "data" / "reference" / "judge.npz") as npz:
         adm = adm_like(tmp_path / "adm.npz", npz["mu"], npz["sigma"])
-    out = score.run(params_for(work, spaces=["judge"], reference_npz={"judge": str(adm)}), "oracle")
+    out = score.run(params_for(work, spaces=["judge"], ssl_spaces=[], reference_npz={"judge": str(adm)}), "oracle")
     judged = json.loads(Path(out["output"]).read_text())["judge"]
     ours = json.loads((root / "metrics" / "score" / "oracle.json").read_text())["judge"]
     assert judged["reference"] == "npz:adm" and judged["fid"] == ours["fid"] and judged["isc"] == ours["isc"]

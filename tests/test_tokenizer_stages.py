@@ -232,7 +232,7 @@ def test_token_store_layout_identity_and_pixels(tok_workspace):
     assert arr.shape == (48, 2, 8, 8) and arr.dtype == np.uint16 and arr.chunks == (16, 2, 8, 8)
     assert summary["shape"] == [48, 2, 8, 8] and summary["images"] == 48
     shards = ShardSet(params.paths.shards)
-    assert group["labels"][:].tolist() == shards.labels
+    assert group["labels"][:].tolist() == shards.labels.tolist()
     ident = group.attrs["identity"]
     model_file = params.paths.models / "tokenizer.pt"
     assert ident["tokenizer"] == {"sha256": file_sha256(model_file),

@@ -96,7 +96,8 @@ def test_a_class_folder_whose_every_file_is_rejected_is_reported(tmp_path, capsy
 # ---------------------------------------------------------------------------------------------- params
 @pytest.mark.parametrize("overrides, message", [
     (["data.labels=none"], "score.label_spaces: judge trains on labels, but data.labels is none"),
-    (["data.labels=none", "score.spaces=[encoder]", "score.label_spaces=[]", "pixel.conditionings=[rep,class]"],
+    (["data.labels=none", "score.spaces=[encoder]", "score.label_spaces=[]", "score.ssl_spaces=[]",
+      "pixel.conditionings=[rep,class]"],
      "pixel.conditionings: class needs labels, but data.labels is none"),
     (["score.spaces=[encoder]"], r"score.label_spaces: must list the label spaces of score.spaces \(\[\]\)"),
     (["score.label_spaces=[]"], r"score.label_spaces: must list the label spaces of score.spaces \(\['judge'\]\)"),
