@@ -14,6 +14,18 @@ from pipeline.data.stores import StoreWriter
 
 os.environ.setdefault("RCG_PROGRESS", "0")
 
+# Modules that are integration tests from top to bottom (a real ``dvc repro``, SIGKILLed CLI runs, the GPU check's
+# tiny run, the scale benchmark): every test in them is marked ``integration``. Single integration tests in other
+# modules carry ``@pytest.mark.integration`` themselves. The unit tier is ``-m "not integration and not slow"``.
+INTEGRATION_MODULES = {"test_dvc.py", "test_dvc_imported.py", "test_kill.py", "test_gpu_check.py",
+                       "test_bench_scale.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+
 
 
 @pytest.fixture(autouse=True, scope="session")

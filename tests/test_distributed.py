@@ -98,6 +98,7 @@ def _stage_worker(rank: int, port: int, root: str, fails: bool) -> None:
     (Path(root) / f"rank{rank}.json").write_text(json.dumps({"initialized": dist.is_initialized()}))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fails", [False, True])
 def test_the_cli_destroys_the_process_group_when_a_stage_ends(tmp_path, fails):
     write_params(tmp_path, CPU)
@@ -129,6 +130,7 @@ def _dropout_worker(rank: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_dropout_masks_differ_across_ranks_and_repeat_run_to_run(tmp_path):
     """Two gloo ranks train the RDM with dropout twice: each rank draws its own masks, the same in both runs,
     and the two runs end with the same weights."""
@@ -200,6 +202,7 @@ def _killed_worker(rank: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_a_run_killed_on_two_ranks_resumes_on_one(tmp_path):
     make_store(tmp_path)
     two_ranks(_killed_worker, str(tmp_path))
@@ -254,6 +257,7 @@ def test_the_launcher_is_how_to_run_and_a_missing_one_is_one_line(tmp_path):
     assert "runtime.launcher: 'no-such-launcher' is not on PATH" in result.output
 
 
+@pytest.mark.integration
 def test_rcg_runs_a_stage_under_torchrun_and_resumes_a_one_process_run_on_two(tmp_path, monkeypatch):
     """``rcg train-rdm`` with ``runtime.launcher`` set becomes torchrun with two gloo ranks; it continues the
     state a one-process run left at step 10 and ends at step 20."""

@@ -115,6 +115,7 @@ def _changed_stages(status: str) -> set[str]:
             if line and not line.startswith((" ", "\t")) and line.endswith(":")}
 
 
+@pytest.mark.integration
 def test_editing_a_module_changes_exactly_the_stages_that_import_it(tmp_path):
     """In a scratch copy with every stage's deps recorded as up to date (``dvc commit`` of a lock file written
     for the current code, without running anything), an edit to one library module makes ``dvc status``

@@ -132,6 +132,7 @@ def _torchrun_worker(rank: int, world: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_gloo_ranks_equal_one_process(workspace):
     params = micro_params(workspace)
     write_encoder(params)

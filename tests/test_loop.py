@@ -157,6 +157,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ddp_with_accumulation_matches_one_process(tmp_path):
     """Two gloo ranks x two micro-batches each (no_sync on the first) = one process on the whole batch."""
     with socket.socket() as sock:
@@ -277,6 +278,7 @@ def test_bf16_autocast_on_gpu_keeps_fp32_weights(tmp_path):
     assert math.isfinite(summary["final_loss"])
 
 
+@pytest.mark.integration
 def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, monkeypatch):
     """``runtime.compile`` routes every training stage's model through ``TrainLoop.wrap``'s ``torch.compile``.
     Traced with the eager backend (no C++ build, same arithmetic), each stage must train exactly the weights it

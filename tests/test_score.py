@@ -201,6 +201,7 @@ def test_inception_scores_through_the_same_path(scored, tmp_path):
     assert "Inception FID" in (work / "metrics" / "compare.md").read_text()
 
 
+@pytest.mark.integration
 def test_cli_score_bad_input_is_one_line(scored, tmp_path):
     """``rcg score SETTING`` as dvc.yaml calls it: a missing sample store is one line and exit code 2."""
     root, params = scored[0], scored[1]

@@ -177,6 +177,7 @@ def _train_worker(rank: int, world: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ddp_ranks_keep_one_model(workspace):
     """Two gloo ranks: DDP gradients, hand-averaged D gradients and broadcast restarts keep them identical."""
     with socket.socket() as s:

@@ -204,6 +204,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_ddp_ranks_train_one_model(tmp_path):
     """Two gloo ranks, two accumulation micro-batches each: one set of weights, written once by rank 0."""
     import torch.multiprocessing as mp

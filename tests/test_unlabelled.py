@@ -172,6 +172,7 @@ def test_an_unlisted_space_builds_no_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- dvc repro
+@pytest.mark.integration
 def test_dvc_repro_on_a_flat_folder_of_mixed_images_without_labels(tmp_path):
     """No labels anywhere: no train_judge instance, no judge reference; the encoder and ssl_judge spaces score
     every setting and the real row (the held-out quarter of the folder)."""
