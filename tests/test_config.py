@@ -15,7 +15,7 @@ def test_params_yaml_is_the_schema_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
-@pytest.mark.parametrize("name", ["default", "cifar10", "cifar10_cpu", "imagenet256_vitb", "imagenet256_vitl",
+@pytest.mark.parametrize("name", ["default", "cifar10", "cifar10_cpu", "folder", "imagenet256_vitb", "imagenet256_vitl",
                                   "imagenet256_vitb_mage"])
 def test_presets_validate(name):
     p = preset(name)
@@ -45,6 +45,40 @@ def test_imagenet_preset_has_official_sizes():
     assert p.tokenizer.model.n_embed == 1024 and p.tokenizer.model.ch_mult == [1, 1, 2, 2, 4]
     mage = preset("imagenet256_vitb_mage").views
     assert (mage.resize, mage.crop, mage.flip, mage.count) == (292, 256, False, 1)
+
+
+# The folder preset at 128 and 64 px: the keys README ("Your own images, without labels") tells a user to change.
+FOLDER_RESOLUTIONS = {
+    256: [],
+    128: ["shard.resize_short_side=128", "views.resize=128", "views.crop=128", "encoder.model.img_size=128",
+          "encoder.model.patch_size=16", "tokenizer.model.ch_mult=[1, 2, 2, 4]"],
+    64: ["shard.resize_short_side=64", "views.resize=64", "views.crop=64", "encoder.model.img_size=64",
+         "encoder.model.patch_size=8", "tokenizer.model.ch_mult=[1, 2, 4]"],
+}
+
+
+def test_folder_preset_needs_no_labels():
+    """A user's folder: no label is read anywhere (no judge, no class row), the val split is held out of the folder,
+    and the scores are the ssl_judge's and the encoder's."""
+    p = preset("folder")
+    assert (p.data.source, p.data.labels, p.data.val_folder) == ("folder", "none", None) and p.data.holdout > 0
+    assert p.score.label_spaces == [] and "judge" not in p.score.spaces
+    assert set(p.score.spaces) == {"ssl_judge", "encoder"} and p.score.ssl_spaces == ["ssl_judge"]
+    assert "class" not in p.pixel.conditionings and "class" not in p.sample.settings
+    assert p.runtime.device == "cuda" and p.encoder.checkpoint is None and p.tokenizer.checkpoint is None
+    official = preset("imagenet256_vitb").tokenizer.model
+    assert p.tokenizer.model == official  # tokenizer.checkpoint imports MAGE's VQGAN without another change
+
+
+@pytest.mark.parametrize("size", sorted(FOLDER_RESOLUTIONS))
+def test_folder_preset_at_each_resolution(size):
+    """Every resolution README names is valid params with 16x16 tokens (the same MAGE and decoding steps), views at
+    that size from shards stored at it, and the encoder's patches tiling its input."""
+    p = preset("folder", FOLDER_RESOLUTIONS[size])
+    assert p.views.crop == p.views.resize == p.shard.resize_short_side == size
+    factor = 2 ** (len(p.tokenizer.model.ch_mult) - 1)
+    assert size // factor == 16 and all(s.iterations <= 16 * 16 for s in p.sample.settings.values())
+    assert p.encoder.model.img_size in (size, 224) and p.encoder.model.img_size // p.encoder.model.patch_size >= 8
 
 
 def test_mage_preset_resizes_the_originals():
