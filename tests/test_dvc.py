@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _dvc(cwd: Path, *args: str) -> str:
+def _dvc(cwd: Path, *args: str, timeout: int = 900) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RCG_PROGRESS": "0",
            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(cwd),
            **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")  # dvc exp commits without a git config
               for what, value in (("NAME", "test"), ("EMAIL", "test@example.com"))}}
-    res = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
     return res.stdout + res.stderr
 
