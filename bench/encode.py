@@ -3,7 +3,7 @@
     python bench/encode.py [--sizes 2000 8000] [--set key=value ...]
 
 Each size runs in a fresh process: built-in shards of that size, a random-init encoder of the configured shape,
-the encode stage's store build (``pipeline.data.view_encoder.build_rep_store``: throughput of its fill loop; the
+the encode stage's store build (``pipeline.models.view_encoder.build_rep_store``: throughput of its fill loop; the
 stage's k-NN probe is not run), then the same model's forward on random tensors of the encode
 batch (B x V views) in the same process. Target: ratio >= 0.85 (the data path is not the bottleneck) and the
 larger size's peak RSS <= 1.2x the smaller's (memory stays flat as N grows).
@@ -47,7 +47,7 @@ def child(overrides: list[str]) -> dict:
     import torch
 
     from pipeline.core.distributed import Dist
-    from pipeline.data.view_encoder import build_rep_store, encoder_fn
+    from pipeline.models.view_encoder import build_rep_store, encoder_fn
     params = load_params(None, overrides)
     configure(params.runtime)
     device = device_for(params.runtime)

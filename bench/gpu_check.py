@@ -7,7 +7,7 @@ project's own code (the cost of a step does not depend on the weights).
 
 Workloads, each timed in every mode (fp32 eager is the baseline; the table gives every mode's ratio to it):
 
-- ``encode``: MoCo v3 ViT-B/16 at 224 on 256 px views, through ``pipeline.data.view_encoder.encoder_fn`` (uint8
+- ``encode``: MoCo v3 ViT-B/16 at 224 on 256 px views, through ``pipeline.models.view_encoder.encoder_fn`` (uint8
   views in, standardised reps out: what the encode stage runs per batch);
 - ``rdm_step``: the paper's RDM (SimpleMLP 1536 x 12) training step as ``pipeline.train.rdm`` runs it (x0 loss,
   LitEma update, fused AdamW) on ``pipeline.train.loop.TrainLoop`` (its bf16 autocast and ``torch.compile``);
@@ -53,14 +53,14 @@ sys.path.insert(0, str(ROOT))
 from bench.ddp_check import check_ddp  # noqa: E402
 from pipeline.core.config import Params, Paths, RdmModel, RdmSample, Runtime, SampleSetting  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
-from pipeline.data.view_encoder import encoder_fn  # noqa: E402
-from pipeline.gen.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.models.view_encoder import encoder_fn  # noqa: E402
+from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.gen.rcg import Models, Pixel, Rdm, generate  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
 from pipeline.models.vqgan import VQGAN  # noqa: E402
-from pipeline.train.ema import EMA  # noqa: E402
+from pipeline.models.ema import EMA  # noqa: E402
 from pipeline.train.loop import TrainLoop, param_groups  # noqa: E402
 
 OFFICIAL_RATE_V100 = 3.6  # RCG-B images/s per V100 (the paper), the anchor of the sample row

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.core.config import Params, load_params, preset  # noqa: E402
-from pipeline.gen.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.moco import MoCoV3  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params, preset, validate  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
 from pipeline.data.rep_store import RepStore, store_stats  # noqa: E402
-from pipeline.train.ema import EMA  # noqa: E402
+from pipeline.models.ema import EMA  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
 from pipeline.train.state import TrainState  # noqa: E402

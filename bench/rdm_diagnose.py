@@ -23,10 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.eval.metrics import frechet_distance, gaussian_stats  # noqa: E402
-from pipeline.models.rdm import load_rdm, sample_reps  # noqa: E402
+from pipeline.models.rdm import load_rdm  # noqa: E402
+from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps  # noqa: E402
 from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
 from pipeline.eval.rdm_eval import draw_reps  # noqa: E402
-from pipeline.train.rng import seeded_generator  # noqa: E402
+from pipeline.core.rng import seeded_generator  # noqa: E402
 
 SUBSPACES = (5, 10, 20, 40, 80, 256)
 DIRECTIONS = (0, 5, 10, 20, 40, 80, 160, 240)
@@ -64,7 +65,8 @@ def main() -> None:
     params = load_params(Path("params.yaml"), args.overrides)
     device = torch.device("cpu")
     store = load_store(params.paths.reps, params.rdm.model, device)
-    model, diffusion, config = load_rdm(params.paths.models / "rdm.pt")  # EMA weights, as RCG samples
+    model, config = load_rdm(params.paths.models / "rdm.pt")  # EMA weights, as RCG samples
+    diffusion = GaussianDiffusion(**config["diffusion"])
     n, v, dim = store.shape
     m = args.samples
 

@@ -29,11 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params  # noqa: E402
-from pipeline.gen.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens, gumbel  # noqa: E402
 from pipeline.gen.rcg import Models, Pixel, Rdm  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, Attention, mage_kwargs  # noqa: E402
-from pipeline.models.rdm import RDM, rdm_kwargs, sample_reps  # noqa: E402
+from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
+from pipeline.samplers.diffusion import sample_reps  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 
 OFFICIAL_VQGAN = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z_channels=256, embed_dim=256, n_embed=1024)

@@ -58,7 +58,7 @@ def child(overrides: list[str]) -> dict:
     import torch
 
     from pipeline.core.distributed import Dist
-    from pipeline.data.view_tokenizer import build_token_store, load_frozen_tokenizer, tokenizer_fn
+    from pipeline.models.view_tokenizer import build_token_store, load_frozen_tokenizer, tokenizer_fn
     params = load_params(None, overrides)
     configure(params.runtime)
     device = device_for(params.runtime)

@@ -156,7 +156,7 @@ _item_stage_command("reference", "Feature space: judge, encoder, ssl_judge or in
 @app.command()
 def info(path: Path, debug: DebugOpt = False) -> None:
     """Summarise an artifact: a shard folder, a .zarr store, a model file or a checkpoint."""
-    from pipeline.core.describe import describe
+    from pipeline.data.describe import describe
     typer.echo(json.dumps(_guarded("info", debug, lambda: describe(path)), indent=2, default=str))
 
 

@@ -19,8 +19,8 @@ from pipeline.gen import figures as fig
 from pipeline.gen.editing import edit, fit_image
 from pipeline.gen.rcg import load_models
 from pipeline.models.encoder import MoCoViT, image_rep, load_encoder, load_encoder_file
-from pipeline.models.rdm import sample_reps
-from pipeline.train.rng import seeded_generator
+from pipeline.samplers.diffusion import sample_reps
+from pipeline.core.rng import seeded_generator
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:

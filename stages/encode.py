@@ -11,7 +11,7 @@ from pipeline.core.artifacts import write_json
 from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.stores import StoreWriter, open_store
-from pipeline.data.view_encoder import build_rep_store
+from pipeline.models.view_encoder import build_rep_store
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.encoder_eval import encoder_knn_probe
 from pipeline.models.encoder import load_encoder_file

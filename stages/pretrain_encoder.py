@@ -26,7 +26,7 @@ from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
-from pipeline.train.rng import seeded_generator, seeded_numpy
+from pipeline.core.rng import seeded_generator, seeded_numpy
 from pipeline.train.schedules import warmup_cosine
 from pipeline.train.state import CurveLog
 
@@ -34,7 +34,7 @@ from pipeline.train.state import CurveLog
 PARAMS = ["seed", "encoder"]
 
 STAGE = "pretrain_encoder"
-CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.train.rng), beside batches' PERMUTATION = 0
+CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.core.rng), beside batches' PERMUTATION = 0
 
 
 class TwoCropDataset(Dataset):

@@ -1,5 +1,5 @@
 """Stage ``tokenize``: every view of every training image through the frozen VQGAN, once -> ``data/tokens.zarr``
-(:mod:`pipeline.data.view_tokenizer`), row for row and view for view aligned with ``encode``'s ``reps.zarr``."""
+(:mod:`pipeline.models.view_tokenizer`), row for row and view for view aligned with ``encode``'s ``reps.zarr``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pipeline.core import distributed
 from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.stores import open_store
-from pipeline.data.view_tokenizer import build_token_store
+from pipeline.models.view_tokenizer import build_token_store
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["views", "tokenize"]

@@ -31,7 +31,7 @@ from pipeline.models.judge import MODEL_FORMAT, Judge, judge_input
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop, param_groups
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).

@@ -31,10 +31,10 @@ from pipeline.eval.pixel_eval import masked_token_eval
 from pipeline.models.mage import CONDITIONINGS, FORMAT, MAGE, mage_kwargs, masked_token_loss
 from pipeline.models.mage_official import load_official_mage_model
 from pipeline.models.vqgan import MODEL_FORMAT as TOKENIZER_FORMAT
-from pipeline.train.ema import EMA
+from pipeline.models.ema import EMA
 from pipeline.train.identity import resume_identity
 from pipeline.train.loop import TrainLoop, param_groups
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
 from pipeline.train.state import CurveLog
 

@@ -18,7 +18,7 @@ from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.rep_store import load_store, store_stats
 from pipeline.eval.rdm_eval import evaluate
-from pipeline.models.rdm import MODEL_FORMAT, load_official_rdm_model
+from pipeline.models.rdm import MODEL_FORMAT, load_official_rdm_model, rdm_kwargs
 from pipeline.train.rdm import STAGE, train_rdm
 from pipeline.train.state import CurveLog
 
@@ -37,9 +37,9 @@ def run(params: Params) -> dict:
     if params.rdm.checkpoint is not None:
         if d.world > 1:
             raise RcgError("importing rdm.checkpoint needs no torchrun: run it on one process")
-        model, ema, kwargs, summary = load_official_rdm_model(params.rdm.checkpoint, params.rdm.model,
-                                                              params.rdm.diffusion, store.identity,
-                                                              str(store.path), device)
+        model, ema, kwargs, summary = load_official_rdm_model(
+            params.rdm.checkpoint, rdm_kwargs(params.rdm.model), params.rdm.model.whiten_power,
+            params.rdm.diffusion.model_dump(), store.identity, str(store.path), device)
         CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     else:
         model, ema, kwargs, summary = train_rdm(params, store, stats, device, d)

@@ -32,14 +32,14 @@ from pipeline.models.ssl_judge import MODEL_FORMAT, MoCoConv, SslJudgeNet, resiz
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop, param_groups
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 from pipeline.train.schedules import warmup_cosine
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["views.crop", "ssl_judge"]
 
 STAGE = "train_ssl_judge"
-CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.train.rng), under ssl_judge.seed
+CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.core.rng), under ssl_judge.seed
 
 
 class StepCrops(Dataset):

@@ -30,7 +30,7 @@ from pipeline.models.vqgan_loss import VQGANLoss
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop
-from pipeline.train.rng import seeded_numpy, stream_seed
+from pipeline.core.rng import seeded_numpy, stream_seed
 from pipeline.train.schedules import warmup_cosine
 from pipeline.train.state import CurveLog
 
@@ -39,7 +39,7 @@ PARAMS = ["seed", "views.crop", "tokenizer.checkpoint", "tokenizer.model", "toke
 
 STAGE = "train_tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
-CROP, RESTART = 1, 2  # random-stream purposes (pipeline.train.rng), beside batches' PERMUTATION = 0
+CROP, RESTART = 1, 2  # random-stream purposes (pipeline.core.rng), beside batches' PERMUTATION = 0
 
 
 class RandomCrops(Dataset):

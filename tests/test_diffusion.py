@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import GaussianDiffusion
 from pipeline.core.errors import RcgError
 
 

@@ -15,7 +15,7 @@ from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
 from pipeline.core.errors import RcgError
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
-from pipeline.data.view_encoder import build_rep_store
+from pipeline.models.view_encoder import build_rep_store
 from pipeline.data.views import ViewRecipe, all_views
 from stages import encode
 

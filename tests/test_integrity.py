@@ -33,7 +33,7 @@ from conftest import micro_params
 from pipeline.core import artifacts
 from pipeline.core.artifacts import atomic_dir, load_checkpoint, replace_dir, save_model_file
 from pipeline.core.config import dump_yaml
-from pipeline.core.describe import describe
+from pipeline.data.describe import describe
 from pipeline.core.errors import RcgError
 from pipeline.core.locks import STAGE_OUTPUTS, locked_outputs, lock_path, stage_outputs
 from pipeline.data.images import ImagePolicy, check_image

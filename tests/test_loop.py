@@ -18,10 +18,10 @@ from pipeline.core import distributed
 from pipeline.core.config import what_to_compute
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
-from pipeline.train.ema import EMA
+from pipeline.models.ema import EMA
 from pipeline.train.identity import resume_identity
 from pipeline.train.loop import TrainLoop, param_groups
-from pipeline.train.rng import seeded_generator, stream_seed
+from pipeline.core.rng import seeded_generator, stream_seed
 from pipeline.train.schedules import warmup_constant, warmup_cosine
 
 CPU = torch.device("cpu")

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.gen.diffusion import GaussianDiffusion
-from pipeline.train.ema import EMA
 from pipeline.core.errors import RcgError
+from pipeline.models.ema import EMA
 from pipeline.models.rdm import (RDM, RepWhitening, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm,
-                          sample_reps, timestep_embedding)
+                                 timestep_embedding)
+from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 
 MANIFEST = Path("/work/shared/reference/manifests/rdm_vitb_l12_w1536.json")
 TINY = dict(in_channels=8, time_embed_dim=6, model_channels=12, bottleneck_channels=10, out_channels=8,

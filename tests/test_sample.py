@@ -101,7 +101,8 @@ from pipeline.data.views import ViewRecipe  # noqa: E402
 from pipeline.gen import rcg  # noqa: E402
 from pipeline.gen.editing import edit, make_canvas  # noqa: E402
 from pipeline.models.mage import MAGE  # noqa: E402
-from pipeline.models.rdm import RDM, sample_reps  # noqa: E402
+from pipeline.models.rdm import RDM  # noqa: E402
+from pipeline.samplers.diffusion import sample_reps  # noqa: E402
 from pipeline.models.vqgan import VQGAN  # noqa: E402
 from pipeline.gen import sampling  # noqa: E402
 from stages import sample as sample_stage  # noqa: E402

@@ -23,7 +23,7 @@ from pipeline.data.stores import open_store, partial_path
 from pipeline.data.views import ViewRecipe, make_view
 from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
 from pipeline.models.vqgan_loss import VQGANLoss
-from pipeline.data.view_tokenizer import build_token_store
+from pipeline.models.view_tokenizer import build_token_store
 from stages import encode, eval_tokenizer, shard, train_tokenizer
 from stages import tokenize_views as tokenize
 

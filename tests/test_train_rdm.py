@@ -10,7 +10,7 @@ import zarr
 
 from pipeline.core.artifacts import load_checkpoint, load_model_file, save_model_file, weights_sha256
 from pipeline.core.config import EncoderModel
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import GaussianDiffusion
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MoCoViT
 from pipeline.core.errors import RcgError
@@ -77,9 +77,9 @@ def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
     assert set(ema) - {"num_updates"} == {k[len("net."):] for k in raw if k.startswith("net.")}
     assert not torch.equal(ema["out.2.weight"], raw["net.out.2.weight"])  # an average, not a copy
 
-    model, diffusion, _ = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    model, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
     assert torch.equal(model.net.out[2].weight, ema["out.2.weight"])  # samples with the EMA weights
-    assert diffusion.num_timesteps == 1000
+    assert config["diffusion"]["timesteps"] == 1000
 
     metrics = json.loads((tmp_path / "metrics" / "rdm.json").read_text())
     assert metrics["num_samples"] == 32 and metrics["weights"] == "ema" and metrics["source"] == "trained"
@@ -124,7 +124,7 @@ def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
     make_store(tmp_path)
     params = micro_params(tmp_path, ["rdm.model.whiten_power=0.25", "rdm.train.min_snr_gamma=5"])
     train_rdm.run(params)
-    model, _, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    model, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
     assert config["whitening"] == {"whiten_power": 0.25, "whiten_eps": 1e-3} and config["min_snr_gamma"] == 5
     store = load(params)
     mean, _ = store_stats(store.reps)

@@ -176,7 +176,7 @@ class RdmModel(Section):
     in_channels: PositiveInt = 256
     # Reps enter the diffusion in the PCA basis of the store's covariance, principal direction i scaled by
     # lambda_i^-p (lambda floored at whiten_eps x their mean; unit mean variance overall): p = whiten_power,
-    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.models.rdm.sample_reps maps back.
+    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.samplers.diffusion.sample_reps maps back.
     whiten_power: float = Field(0.15, ge=0, le=0.5)
     whiten_eps: PositiveFloat = 1e-3
     time_embed_dim: PositiveInt = 256

@@ -25,7 +25,7 @@ from pipeline.data.clusters import kmeans
 from pipeline.data.mapped import mapped_array
 from pipeline.data.rep_store import finite_reps
 from pipeline.data.stores import open_store
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 
 HOLDOUT, PERMUTATION, STEP, KMEANS = 10, 11, 12, 13  # stream purposes under params.seed
 

@@ -21,7 +21,7 @@ from pipeline.core.config import RdmModel
 from pipeline.core.errors import RcgError
 from pipeline.data.mapped import mapped_array
 from pipeline.data.stores import open_store
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pipeline.core.config import Encode
 from pipeline.core.progress import log, progress
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store
-from pipeline.data.view_encoder import encoder_fn
+from pipeline.models.view_encoder import encoder_fn
 from pipeline.data.view_store import ViewsDataset
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.probes import knn_accuracy

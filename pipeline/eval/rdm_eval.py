@@ -14,10 +14,10 @@ from pipeline.core.progress import progress
 from pipeline.data.rep_store import RepStore
 from pipeline.eval.metrics import frechet_distance, gaussian_stats, knn_precision_recall
 from pipeline.eval.probes import knn_accuracy
-from pipeline.gen.diffusion import GaussianDiffusion
-from pipeline.models.rdm import RDM, sample_reps
-from pipeline.train.ema import EMA
-from pipeline.train.rng import seeded_generator
+from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
+from pipeline.models.rdm import RDM
+from pipeline.models.ema import EMA
+from pipeline.core.rng import seeded_generator
 
 
 def gaussian_draws(stats: tuple[np.ndarray, np.ndarray], m: int, draws: int, gen: torch.Generator,

@@ -32,14 +32,14 @@ import torch
 from pipeline.core.artifacts import file_sha256, load_checkpoint, weights_sha256
 from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.mocov3_weights import import_mocov3_state_dict
 from pipeline.models.mage import MAGE, load_pixel
 from pipeline.models.mage_official import convert_official_mage, official_layout
-from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder, sample_reps
+from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder
 from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
-from pipeline.train.rng import seeded_generator
+from pipeline.core.rng import seeded_generator
 
 FIGURE_STREAM = 1 << 40  # entropy offset of figure batches: never a sample chunk's stream
 OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every official RCG file
@@ -92,7 +92,8 @@ def load_rdm_any(path: str | Path, device: torch.device) -> Rdm:
     """An "rcg-rdm" model file or an official RCG RDM checkpoint, in eval mode with its EMA weights."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if isinstance(ckpt, dict) and "format" in ckpt:
-        model, diffusion, config = load_rdm(path)
+        model, config = load_rdm(path)
+        diffusion = GaussianDiffusion(**config["diffusion"])
         encoder = ((config.get("store") or {}).get("encoder") or {}).get("weights_sha256")
     else:
         sd = ckpt.get("model", ckpt.get("state_dict")) if isinstance(ckpt, dict) else None

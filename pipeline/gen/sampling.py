@@ -99,7 +99,7 @@ def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, d
                 **({"rdm_sampler": cfg.rdm.model_dump(mode="json")} if setting.reps == "rdm" else {}),
                 **({"reps_store": stored.identity} if setting.reps == "stored" else {})}
     attrs = {"setting": name, "settings": setting.model_dump(mode="json"), "models": models.hashes,
-             "seeds": {"seed": cfg.seed, "stream": "pipeline.train.rng.seeded_generator(device, seed, chunk)",
+             "seeds": {"seed": cfg.seed, "stream": "pipeline.core.rng.seeded_generator(device, seed, chunk)",
                        "chunk_rows": batch}}
     h, w = models.image_size
     writer = SampleWriter(files.store, m, (h, w, 3), batch, identity, attrs,

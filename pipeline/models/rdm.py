@@ -12,18 +12,25 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model_file, weights_sha256
-from pipeline.core.config import Diffusion, RdmModel
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.models.ema import EMA
 from pipeline.models.mocov3_weights import import_mocov3_state_dict, infer_vit_config
-from pipeline.train.ema import EMA
 
 MODEL_FORMAT = "rcg-rdm"  # data/models/rdm.pt, trained here or imported
+# The noise schedule every official RDM is trained for (rdm.diffusion's defaults).
+OFFICIAL_SCHEDULE = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}
+
+
+def ldm_betas(timesteps: int, linear_start: float, linear_end: float) -> np.ndarray:
+    """LDM's "linear" schedule: betas linear in sqrt(beta), in float64 (what the diffusion and the official
+    checkpoint check both compute)."""
+    return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -155,7 +162,7 @@ class RepWhitening(nn.Module):
 
 class RDM(nn.Module):
     """SimpleMLP (``net``) + ClassEmbedder (``cond_stage_model``) + the map into the diffusion's space
-    (``whitening``); ``forward(z_t, t, y) -> z0_hat`` runs in that space, :func:`sample_reps` maps back.
+    (``whitening``); ``forward(z_t, t, y) -> z0_hat`` runs in that space, :func:`pipeline.samplers.diffusion.sample_reps` maps back.
 
     Unconditional (``class_cond=False``): as in the official code the embedder has a single row (label 0)
     that the MLP never reads, so ``y`` is ignored and ``n_classes`` is unused.
@@ -174,15 +181,6 @@ class RDM(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         context = self.cond_stage_model(y) if self.class_cond else None
         return self.net(x, t, context)
-
-
-@torch.no_grad()
-def sample_reps(model: RDM, diffusion: GaussianDiffusion, labels: torch.Tensor, steps: int = 250, eta: float = 1.0,
-                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[len(labels), D] representations in the store's space: DDIM in the RDM's space, mapped back."""
-    z = diffusion.ddim_sample(model, (len(labels), model.whitening.mean.numel()), labels, steps=steps, eta=eta,
-                              temperature=temperature, generator=generator)
-    return model.whitening.decode(z)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ def convert_official_rdm(sd: Mapping[str, Any]) -> tuple[dict, dict, dict | None
     if other:
         raise RcgError(f"official RDM checkpoint has unexpected keys {_few(other)}")
     if "betas" in sd:
-        ours = GaussianDiffusion().betas
+        ours = torch.tensor(ldm_betas(**OFFICIAL_SCHEDULE), dtype=torch.float32)
         if tuple(sd["betas"].shape) != tuple(ours.shape) or not torch.allclose(sd["betas"].float(), ours, rtol=1e-4):
             raise RcgError("official RDM checkpoint's 'betas' differ from our schedule "
                            "(T=1000, sqrt-linear 0.0015..0.0195)")
@@ -340,20 +338,22 @@ def check_official_encoder(embedded: dict, store_identity: dict, store_name: str
     return "weights"
 
 
-def load_official_rdm_model(path: Path, model_cfg: RdmModel, diffusion_cfg: Diffusion, store_identity: dict,
-                            store_name: str, device: torch.device) -> tuple[RDM, EMA | None, dict, dict]:
+def load_official_rdm_model(path: Path, ours: dict, whiten_power: float, schedule: Mapping[str, Any],
+                            store_identity: dict, store_name: str,
+                            device: torch.device) -> tuple[RDM, EMA | None, dict, dict]:
     """An official RCG RDM file as a ready model: (RDM on ``device``, its EMA or None, ``RDM(**config)``'s
-    config, a summary naming the file and the encoder check), after checking that it fits ``rdm.model``,
-    the official schedule in ``rdm.diffusion`` and the encoder the store (``store_identity``) was made with."""
+    config, a summary naming the file and the encoder check), after checking that it fits ``ours`` (the
+    ``RDM(**kwargs)`` of ``rdm.model``: :func:`rdm_kwargs`) with ``whiten_power`` 0, that ``schedule`` (the
+    ``rdm.diffusion`` fields) is the official one and that it was trained on the encoder the store
+    (``store_identity``) was made with."""
     sd = read_official_rdm(path)
     config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
-    ours = rdm_kwargs(model_cfg)
     diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in config if ours[k] != config[k]]
-    if model_cfg.whiten_power:
-        diffs.append(f"whiten_power {model_cfg.whiten_power} (official RDMs run on the raw reps: 0)")
+    if whiten_power:
+        diffs.append(f"whiten_power {whiten_power} (official RDMs run on the raw reps: 0)")
     if diffs:
         raise RcgError(f"rdm.checkpoint {path} does not match rdm.model: {', '.join(diffs)}")
-    if diffusion_cfg != Diffusion():  # load_official_rdm checked the file's betas against this schedule
+    if dict(schedule) != OFFICIAL_SCHEDULE:  # load_official_rdm checked the file's betas against this schedule
         raise RcgError(f"rdm.checkpoint {path} uses the official schedule (T=1000, 0.0015..0.0195); "
                        "rdm.diffusion must keep its defaults")
     encoder_check = check_official_encoder(official_rdm_encoder(sd), store_identity, store_name, path)
@@ -374,9 +374,9 @@ def load_official_rdm_model(path: Path, model_cfg: RdmModel, diffusion_cfg: Diff
 # ---------------------------------------------------------------------------------------------------
 # Our model files (MODEL_FORMAT, written by stages/train_rdm.py)
 
-def rdm_kwargs(model_params: RdmModel) -> dict:
-    """``RDM(**kwargs)`` from the ``rdm.model`` params section; the official bottleneck equals the width,
-    and an unconditional RDM keeps one (unread) class row."""
+def rdm_kwargs(model_params) -> dict:
+    """``RDM(**kwargs)`` from the ``rdm.model`` params section (read by attribute); the official bottleneck
+    equals the width, and an unconditional RDM keeps one (unread) class row."""
     m = model_params
     return dict(class_cond=m.class_cond, n_classes=m.num_classes if m.class_cond else 1,
                 in_channels=m.in_channels, time_embed_dim=m.time_embed_dim, model_channels=m.model_channels,
@@ -384,9 +384,10 @@ def rdm_kwargs(model_params: RdmModel) -> dict:
                 num_res_blocks=m.num_res_blocks, dropout=m.dropout, embed_dim=m.context_channels)
 
 
-def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, GaussianDiffusion, dict]:
-    """(RDM in eval mode, its diffusion, the file's config) from an "rcg-rdm" model file; the MLP carries
-    the EMA weights (what RCG samples with) unless ``use_ema`` is False or the file has none."""
+def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, dict]:
+    """(RDM in eval mode, the file's config) from an "rcg-rdm" model file; the MLP carries the EMA weights
+    (what RCG samples with) unless ``use_ema`` is False or the file has none. ``config["diffusion"]`` is its
+    schedule: ``pipeline.samplers.diffusion.GaussianDiffusion(**config["diffusion"])``."""
     payload = load_model_file(path, MODEL_FORMAT)
     config = payload["config"]
     model = RDM(**config["model"])
@@ -395,4 +396,4 @@ def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, GaussianDiffu
     model.load_state_dict(payload["state_dict"])
     if use_ema and "ema_state_dict" in payload:
         model.net.load_state_dict({k: v for k, v in payload["ema_state_dict"].items() if k != "num_updates"})
-    return model.eval(), GaussianDiffusion(**config["diffusion"]), config
+    return model.eval(), config

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.artifacts import load_checkpoint, load_model_file
-from pipeline.core.config import TokenizerModel
 from pipeline.core.errors import RcgError
 
 MODEL_FORMAT = "rcg-tokenizer"  # data/models/tokenizer.pt, trained here or imported
@@ -296,7 +295,7 @@ def load_official_vqgan(path: str | Path, model: VQGAN | None = None) -> VQGAN:
     return model
 
 
-def model_kwargs(m: TokenizerModel) -> dict:
+def model_kwargs(m) -> dict:
     """``VQGAN(**kwargs)`` (JSON-able) from the ``tokenizer.model`` params section."""
     return {**{k: getattr(m, k) for k in ARCH}, "ch_mult": list(m.ch_mult), "in_channels": 3, "out_ch": 3,
             "beta": m.beta}

@@ -8,7 +8,7 @@ from typing import Iterator
 from torch.utils.data import Sampler
 
 from pipeline.core.errors import RcgError
-from pipeline.train.rng import seeded_numpy
+from pipeline.core.rng import seeded_numpy
 
 PERMUTATION = 0  # the stream purposes below params.seed (rng.stream_seed(seed, PURPOSE, ...))
 

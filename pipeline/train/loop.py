@@ -46,12 +46,12 @@ from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
-from pipeline.train.ema import EMA
-from pipeline.train.rng import stream_seed
+from pipeline.models.ema import EMA
+from pipeline.core.rng import stream_seed
 from pipeline.train.schedules import Schedule, set_lr
 from pipeline.train.state import CurveLog, TrainState
 
-DROPOUT = 16  # the stream purpose of the per-iteration global seed (pipeline.train.rng), below params.seed
+DROPOUT = 16  # the stream purpose of the per-iteration global seed (pipeline.core.rng), below params.seed
 
 Logs = Mapping[str, "torch.Tensor | float"]
 StepFn = Callable[[Any, int], Logs]

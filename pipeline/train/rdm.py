@@ -18,9 +18,9 @@ from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.data.rep_store import RepBatches, RepStore
-from pipeline.gen.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import GaussianDiffusion
 from pipeline.models.rdm import RDM, rdm_kwargs
-from pipeline.train.ema import EMA
+from pipeline.models.ema import EMA
 from pipeline.train.identity import resume_identity
 from pipeline.train.loop import TrainLoop
 from pipeline.train.schedules import warmup_constant, warmup_cosine

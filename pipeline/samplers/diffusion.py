@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.errors import RcgError
+from pipeline.models.rdm import RDM, ldm_betas
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -34,7 +35,7 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         self.num_timesteps = timesteps
         # float64 like LDM, stored as float32 like LDM's buffers
-        betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+        betas = ldm_betas(timesteps, linear_start, linear_end)
         alphas_cumprod = np.cumprod(1.0 - betas)
         for name, value in [
             ("betas", betas),
@@ -131,3 +132,12 @@ class GaussianDiffusion(nn.Module):
             if progress is not None:
                 progress(i + 1, n)
         return x
+
+
+@torch.no_grad()
+def sample_reps(model: RDM, diffusion: GaussianDiffusion, labels: torch.Tensor, steps: int = 250, eta: float = 1.0,
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[len(labels), D] representations in the store's space: DDIM in the RDM's space, mapped back."""
+    z = diffusion.ddim_sample(model, (len(labels), model.whitening.mean.numel()), labels, steps=steps, eta=eta,
+                              temperature=temperature, generator=generator)
+    return model.whitening.decode(z)

@@ -1,4 +1,9 @@
-"""Views -> representations through the frozen encoder, into ``reps.zarr`` (what the ``encode`` stage runs)."""
+"""Views -> representations through the frozen encoder, into ``reps.zarr`` (what the ``encode`` stage runs).
+
+The loop over the views is :func:`pipeline.data.view_store.build_view_store`, shared with ``tokenize``
+(:mod:`pipeline.models.view_tokenizer`): it takes the model's forward as a callable; this module gives it the
+encoder's (:func:`encoder_fn`) and the store's identity. ``params`` is the whole params tree (read by attribute).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import numpy as np
 import torch
 
 from pipeline.core.artifacts import file_sha256, weights_sha256
-from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.data.stores import StoreWriter
@@ -47,7 +51,7 @@ def encoder_fn(model: MoCoViT, device: torch.device, bf16: bool) -> Callable[[to
     return fn
 
 
-def build_rep_store(params: Params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
+def build_rep_store(params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
     """Encode this rank's pending chunks into ``reps.zarr.partial`` (rank 0 creates or vets the partial).
 
     The store's identity names the encoder file, its config and weights hash (what train_rdm checks an official

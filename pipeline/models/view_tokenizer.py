@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from pipeline.core.artifacts import file_sha256
-from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.data.stores import StoreWriter
@@ -46,7 +45,7 @@ def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[to
     return fn
 
 
-def build_token_store(params: Params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
+def build_token_store(params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
     """Tokenize this rank's pending chunks into ``tokens.zarr.partial`` (rank 0 creates or vets the partial).
     Returns the writer (the main rank finalises it) and timing stats."""
     path = params.paths.models / "tokenizer.pt"
