@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pipeline.models.encoder as enc
 from official_files import mocov3_file
-from pipeline.models.encoder import (MoCoViT, load_encoder, load_encoder_checkpoint, normalize_for_encoder, represent,
+from pipeline.models.encoder import (MoCoViT, load_encoder, load_encoder_as, normalize_for_encoder, represent,
                                      standardize)
 from pipeline.models.mocov3_weights import VIT_SIZES, import_mocov3_state_dict, infer_vit_config
 from pipeline.core.artifacts import load_checkpoint
@@ -65,7 +65,9 @@ def test_official_layout_round_trip(tmp_path):
     src = tiny(0)
     path = tmp_path / "vit.pth.tar"
     mocov3_file(path, src)
-    dst = load_encoder_checkpoint(path, tiny(1))
+    dst = load_encoder_as(path, TINY)
+    assert not dst.training  # every loader returns its model in eval mode
+    src.eval()
     x = torch.rand(3, 3, 16, 16)
     assert torch.equal(represent(dst, x), represent(src, x))
     assert torch.equal(dst(x), src(x))
@@ -90,13 +92,13 @@ def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     path = tmp_path / "vit.pth.tar"
     mocov3_file(path, tiny(0))
     with pytest.raises(RcgError) as err:
-        load_encoder_checkpoint(path, tiny(0, depth=3, img_size=32))
+        load_encoder_as(path, {**TINY, "depth": 3, "img_size": 32})
     msg = str(err.value)
     assert "2 missing keys" in msg and "blocks.2.norm1.weight" in msg
     assert "1 shape mismatches" in msg and "pos_embed [1, 17, 32] vs model [1, 65, 32]" in msg
     assert "unexpected" not in msg
     with pytest.raises(RcgError, match="not found"):
-        load_encoder_checkpoint(tmp_path / "missing.pth", tiny(0))
+        load_encoder_as(tmp_path / "missing.pth", TINY)
 
 
 def test_pos_embed_formula():

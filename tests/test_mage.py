@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.errors import RcgError
-from pipeline.gen.masked_decoding import decode_tokens, guidance_scale, guided_logits, mask_schedule
+from pipeline.gen.masked_decoding import decode_tokens, guidance_scale, guided_logits
 from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss
 from pipeline.models.mage_official import convert_official_mage, load_official_mage, official_unused_shapes
 
@@ -91,7 +91,8 @@ def test_official_layout_round_trip(tmp_path):
     ids = torch.randint(32, (3, 16))
     ids[:, ::3] = model.mask_id
     cond = torch.randn(3, 8)
-    assert torch.equal(loaded.eval()(ids, cond), model(ids, cond))
+    assert not any(m.training for m in loaded.modules())  # every loader returns eval mode: dropout off
+    assert torch.equal(loaded(ids, cond), model(ids, cond))
     with pytest.raises(RcgError, match="give its heads"):
         load_official_mage(path)
 
@@ -192,6 +193,11 @@ def test_dropped_positions_never_reach_the_encoder():
 
 
 # ------------------------------------------------------------------------------------------ decoding
+def mask_schedule(num_iter: int, num_tokens: int) -> list[int]:
+    """MAGE's cosine schedule, computed here: tokens left masked after step k, floor(N cos(pi/2 (k+1)/T))."""
+    return [math.floor(num_tokens * math.cos(math.pi / 2 * (k + 1) / num_iter)) for k in range(num_iter)]
+
+
 def test_cosine_schedule_reference_counts():
     assert mask_schedule(20, 256) == [255, 252, 248, 243, 236, 228, 218, 207, 194, 181, 166, 150, 133, 116, 97,
                                       79, 59, 40, 20, 0]

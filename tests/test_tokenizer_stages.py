@@ -65,7 +65,7 @@ def tokens(params) -> np.ndarray:
 def test_training_writes_a_loadable_model_and_curves(trained):
     params = params_for(trained)
     model, payload = load_tokenizer(params.paths.models / "tokenizer.pt")
-    assert isinstance(model, VQGAN) and payload["format"] == "rcg-tokenizer"
+    assert isinstance(model, VQGAN) and payload["format"] == "rcg-tokenizer" and not model.training
     assert payload["config"]["model"] == train_tokenizer.model_kwargs(params.tokenizer.model)
     summary = payload["summary"]
     assert summary["source"] == "trained" and summary["steps"] == 6

@@ -123,6 +123,7 @@ def test_official_layout_round_trip(tmp_path, wrap):
     model = load_official_vqgan(path, tiny(seed=2))
     inferred = load_official_vqgan(path)  # architecture read from the file
     for loaded in (model, inferred):
+        assert not any(m.training for m in loaded.modules())  # eval mode, like every loader
         for k, v in sd.items():
             assert torch.equal(loaded.state_dict()[k], v), k
     x = images(1)

@@ -207,11 +207,3 @@ def open_store(path: Path, array: str) -> zarr.Group:
         group = zarr.open_group(store=CheckedStore(path, attrs["chunks"]), mode="r")
     return group
 
-
-def check_identity(group: zarr.Group, expected: dict, path: Path) -> None:
-    """Refuse a store whose recorded identity differs from what the caller expects, naming the fields."""
-    have = group.attrs.asdict().get("identity", {})
-    diffs = [k for k in expected if _canonical({"v": have.get(k)}) != _canonical({"v": expected[k]})]
-    if diffs:
-        details = "; ".join(f"{k}: store has {have.get(k)!r}, expected {expected[k]!r}" for k in diffs[:3])
-        raise RcgError(f"{path} was built from other inputs ({', '.join(diffs)}): {details}")

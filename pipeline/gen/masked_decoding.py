@@ -15,12 +15,6 @@ from pipeline.core.errors import RcgError
 from pipeline.models.mage import MAGE
 
 
-def mask_schedule(num_iter: int, num_tokens: int) -> list[int]:
-    """Tokens left masked after each step, before the clamp: floor(N cos(pi/2 (k+1)/T)).
-    For T=20, N=256: 255, 252, 248, 243, ..., 20, 0."""
-    return [math.floor(num_tokens * math.cos(math.pi / 2 * (k + 1) / num_iter)) for k in range(num_iter)]
-
-
 def guidance_scale(scale: float, step: int, num_iter: int) -> float:
     """The official linear guidance ramp s_k = s (k+1) / T."""
     return scale * (step + 1) / num_iter

@@ -128,12 +128,6 @@ def _load_strict(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_encoder_checkpoint(path: str | Path, model: MoCoViT) -> MoCoViT:
-    """Load an official MoCo v3 / RCG encoder file into ``model`` strictly."""
-    _load_strict(model, import_mocov3_state_dict(load_checkpoint(path)), str(path))
-    return model
-
-
 def load_encoder(path: str | Path, num_heads: int | None = None) -> MoCoViT:
     """Build a MoCoViT whose shape is read from the file, load it strictly, and return it frozen in eval mode."""
     sd = import_mocov3_state_dict(load_checkpoint(path))

@@ -274,7 +274,8 @@ def _first(items: list[str], n: int = 3) -> str:
 
 def load_official_vqgan(path: str | Path, model: VQGAN | None = None) -> VQGAN:
     """Strictly load a VQGAN checkpoint (raw state dict, as released, or a ``{'state_dict': ...}`` wrapper).
-    With ``model=None`` the architecture is inferred from the file, so a user only gives a path."""
+    With ``model=None`` the architecture is inferred from the file, so a user only gives a path. Returns the model
+    in eval mode, like every loader."""
     ckpt = load_checkpoint(path)
     sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -292,7 +293,7 @@ def load_official_vqgan(path: str | Path, model: VQGAN | None = None) -> VQGAN:
                     f"{len(shapes)} shape mismatches ({_first(shapes)})" if shapes else ""]
         raise RcgError(f"{path} does not fit the VQGAN architecture: " + "; ".join(p for p in problems if p))
     model.load_state_dict(sd, strict=True)
-    return model
+    return model.eval()
 
 
 def model_kwargs(m) -> dict:
@@ -302,8 +303,8 @@ def model_kwargs(m) -> dict:
 
 
 def load_tokenizer(path: str | Path) -> tuple[VQGAN, dict]:
-    """The VQGAN of a MODEL_FORMAT model file (trained or imported) and the file's payload."""
+    """The VQGAN of a MODEL_FORMAT model file (trained or imported), in eval mode, and the file's payload."""
     payload = load_model_file(path, MODEL_FORMAT)
     model = VQGAN(**payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
-    return model, payload
+    return model.eval(), payload
