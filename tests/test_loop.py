@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from conftest import micro_params
 from pipeline.core.artifacts import load_checkpoint
-from pipeline.core import distributed
+from pipeline.core import distributed, runtime
 from pipeline.core.config import what_to_compute
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
@@ -204,10 +204,18 @@ def test_batches_that_run_out_are_an_error(tmp_path):
         loop.run(step, [data(0), data(1)])
 
 
-def test_autocast_is_a_no_op_on_cpu(tmp_path):
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_autocast_follows_native_bf16(tmp_path, monkeypatch, native):
+    """bf16 on a CPU only where it is native (AVX512-BF16 / AMX); elsewhere the asked-for bf16 runs exact fp32,
+    and a run that did not ask never autocasts."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
     loop, model, _, _ = make(tmp_path, bf16=True)
     with loop.autocast():
+        assert model(torch.randn(2, 4)).dtype == (torch.bfloat16 if native else torch.float32)
+    plain, model, _, _ = make(tmp_path / "plain", bf16=False)
+    with plain.autocast():
         assert model(torch.randn(2, 4)).dtype == torch.float32
+    assert runtime.precision(True, torch.device("cpu")) == ("bf16" if native else "fp32")
 
 
 def test_param_groups_spare_biases_and_1d_params():

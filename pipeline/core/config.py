@@ -150,7 +150,7 @@ class EncoderTrain(Section):
     # learns colour (k-NN 0.226 vs random init 0.145); at 0.5 / 0.5 it learns shape (0.341), at the same cost.
     hue: float = Field(0.5, ge=0, le=0.5)        # ColorJitter hue range
     grayscale: float = Field(0.5, ge=0, le=1)    # RandomGrayscale probability
-    bf16: bool = False                           # autocast on GPU only; the CPU path is exact fp32
+    bf16: bool = False                           # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
     workers: NonNegativeInt = how_to_run(2)
     checkpoint_every: PositiveInt = how_to_run(100)  # steps
     log_every: PositiveInt = how_to_run(10)
@@ -166,7 +166,7 @@ class Encode(Section):
     batch_size: PositiveInt = 256
     chunk_size: PositiveInt = 1024  # rows per Zarr chunk: the unit of resume and of rank splits
     workers: NonNegativeInt = how_to_run(2)
-    bf16: bool = False              # autocast on GPU only; the CPU path is exact fp32
+    bf16: bool = False              # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
     knn_k: PositiveInt = 20
     knn_images: NonNegativeInt = 10000  # k-NN probe (and random-init baseline) on this many images; 0 = all
 
@@ -205,7 +205,7 @@ class RdmTrain(Section):
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     min_snr_gamma: PositiveFloat | None = 5.0  # x0 loss weighted by min(SNR(t), gamma) (Min-SNR); None = official
-    bf16: bool = False               # autocast on GPU only (official: fp32); the CPU path is exact fp32
+    bf16: bool = False               # bf16 autocast where native (official: fp32), else fp32
     checkpoint_every: PositiveInt = how_to_run(1000)
     log_every: PositiveInt = how_to_run(50)
 
@@ -287,7 +287,7 @@ class TokenizerTrain(Section):
     checkpoint_every: PositiveInt = how_to_run(500)
     log_every: PositiveInt = how_to_run(50)
     workers: NonNegativeInt = how_to_run(0)  # 32 px PNGs decode faster than a loader worker hands them over
-    bf16: bool = False                    # autocast on GPU only; the CPU path is exact fp32
+    bf16: bool = False                    # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
 
 
 class TokenizerEval(Section):
@@ -306,7 +306,7 @@ class Tokenize(Section):
     batch_size: PositiveInt = 128
     chunk_size: PositiveInt = 1024
     workers: NonNegativeInt = how_to_run(2)
-    bf16: bool = False  # autocast on GPU only; nearest-code ties then differ: ~2% of tokens change vs fp32
+    bf16: bool = False  # bf16 where native; nearest-code ties then differ: ~2% of tokens change vs fp32
 
 
 # -------------------------------------------------------------------------------------------- pixel
@@ -355,7 +355,7 @@ class PixelTrain(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
     codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours: ~2x fewer steps to
                                        # a given loss on the built-in set; official and the ImageNet presets: random)
-    bf16: bool = False                 # autocast on GPU only (official: fp16); the CPU path is exact fp32
+    bf16: bool = False                 # bf16 autocast where native (official: fp16), else fp32
     checkpoint_every: PositiveInt = how_to_run(200)
     log_every: PositiveInt = how_to_run(20)
 
@@ -576,7 +576,7 @@ class Sample(Section):
     batch_size: PositiveInt = 100  # also the store chunk: the unit of seeding, resume and rank splits
     seed: int = 0                  # chunk c draws from seed (seed, c): every setting sees the same streams
     rdm: RdmSample = RdmSample()   # the RDM's DDIM sampler for generation (RCG: 250 steps, eta 1)
-    bf16: bool = False             # autocast masked decoding and the VQGAN on GPU only; the RDM and CPU stay fp32
+    bf16: bool = False             # bf16 decoding + VQGAN where native; the RDM stays fp32
     figures: SampleFigures = SampleFigures()
 
     @field_validator("settings", mode="before")

@@ -22,6 +22,7 @@ from pipeline.core.config import Encode, Tokenize
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
+from pipeline.core.runtime import precision
 from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.data.stores import StoreWriter
 from pipeline.data.views import ViewRecipe, all_views
@@ -153,7 +154,7 @@ def build_view_store(path: Path, array: str, shards_dir: Path, recipe: ViewRecip
         **model_identity,
         "views": recipe.describe(),
         "index": {"sha256": file_sha256(Path(shards_dir) / INDEX_FILE), "split": "train", "rows": n},
-        "compute": {"device": device.type, "precision": "bf16" if cfg.bf16 and device.type == "cuda" else "fp32",
+        "compute": {"device": device.type, "precision": precision(cfg.bf16, device),
                     "batch_size": cfg.batch_size},
     }
     writer = StoreWriter(path, array, (n, recipe.count, *item_shape), dtype, cfg.chunk_size, identity,

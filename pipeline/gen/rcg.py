@@ -32,6 +32,7 @@ import torch
 from pipeline.core.artifacts import file_sha256, load_checkpoint, weights_sha256
 from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
+from pipeline.core.runtime import autocast as runtime_autocast
 from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.mocov3_weights import import_mocov3_state_dict
@@ -284,7 +285,7 @@ def generate(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, cou
     """``count`` images of one setting: RDM reps (unless ``reps`` are given: the oracle path) or ``labels``, then
     masked decoding, then the VQGAN. The RDM draws first from ``generator``, the decoding after it.
     ``timings`` (if given) accumulates seconds under "rdm", "decode" and "vqgan". ``bf16`` autocasts decoding
-    and the VQGAN on a GPU (the RDM runs fp32, as RCG's); on CPU it changes nothing."""
+    and the VQGAN where bf16 is native (a GPU, or a CPU with AVX512-BF16 / AMX); the RDM runs fp32, as RCG's."""
     device = models.device
     clock = _Clock(timings, device)
     y = torch.as_tensor(labels, device=device) if labels is not None else None
@@ -300,13 +301,12 @@ def generate(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, cou
         slots = mage.condition(reps)
     else:
         slots = mage.condition(y, batch=count)  # class / cluster ids, or the none generator's fake_latent
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-    with amp:
+    with runtime_autocast(bf16, device):
         tokens = decode_tokens(mage, slots, generator, num_iter=setting.iterations,
                                choice_temperature=setting.temperature, guidance=setting.guidance)
     tokens = tokens.view(count, *models.pixel.grid)
     clock("decode")
-    with amp:
+    with runtime_autocast(bf16, device):
         images = to_uint8(models.tokenizer.decode_indices(tokens))
     clock("vqgan")
     return Generated(images, tokens, reps.cpu().numpy() if setting.generator == "rep" else None, labels)

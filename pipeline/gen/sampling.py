@@ -24,6 +24,7 @@ from pipeline.core.config import Sample, SampleSetting
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log, progress
+from pipeline.core.runtime import uses_bf16
 from pipeline.data.images import decode_rgb
 from pipeline.data.sample_store import SampleWriter, open_samples
 from pipeline.data.shards import ShardSet
@@ -95,7 +96,7 @@ def fill_samples(name: str, setting: SampleSetting, cfg: Sample, files: Files, d
         oracle = np.empty((m, stored.dim), dtype=np.float32)
         oracle[order] = stored.array.oindex[rows[order], 0]
     identity = {"setting": setting.model_dump(mode="json"), "num_samples": m, "seed": cfg.seed,
-                "models": models.hashes, "device": device.type, "bf16": cfg.bf16 and device.type == "cuda",
+                "models": models.hashes, "device": device.type, "bf16": uses_bf16(cfg.bf16, device),
                 **({"rdm_sampler": cfg.rdm.model_dump(mode="json")} if setting.reps == "rdm" else {}),
                 **({"reps_store": stored.identity} if setting.reps == "stored" else {})}
     attrs = {"setting": name, "settings": setting.model_dump(mode="json"), "models": models.hashes,

@@ -16,6 +16,7 @@ import torch
 from pipeline.core.artifacts import file_sha256, weights_sha256
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
+from pipeline.core.runtime import uses_bf16
 from pipeline.data.stores import StoreWriter
 from pipeline.data.view_store import build_view_store, views_to_float
 from pipeline.data.views import ViewRecipe
@@ -40,8 +41,8 @@ def load_frozen_encoder(path: Path, device: torch.device) -> tuple[MoCoViT, dict
 
 
 def encoder_fn(model: MoCoViT, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
-    """uint8 views [B, V, H, W, 3] -> representations float32 [B, V, D] (bf16 autocast on GPU only)."""
-    autocast = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    """uint8 views [B, V, H, W, 3] -> representations float32 [B, V, D] (bf16 autocast where native)."""
+    autocast = torch.bfloat16 if uses_bf16(bf16, device) else None
     size = model.patch_embed.img_size[0]
 
     def fn(views: torch.Tensor) -> np.ndarray:

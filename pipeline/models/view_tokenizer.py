@@ -16,6 +16,7 @@ import torch
 from pipeline.core.artifacts import file_sha256
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
+from pipeline.core.runtime import autocast as runtime_autocast
 from pipeline.data.stores import StoreWriter
 from pipeline.data.view_store import build_view_store, views_to_float
 from pipeline.data.views import ViewRecipe
@@ -34,11 +35,9 @@ def load_frozen_tokenizer(path: Path, device: torch.device) -> tuple[VQGAN, dict
 
 def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
     """uint8 views [B, V, H, W, 3] -> token ids uint16 [B, V, h, w] (pixels in [0, 1], no normalisation)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-
     @torch.inference_mode()
     def fn(views: torch.Tensor) -> np.ndarray:
-        with autocast:
+        with runtime_autocast(bf16, device):
             idx = model.encode_to_indices(views_to_float(views, device))
         return idx.reshape(*views.shape[:2], *idx.shape[1:]).to(torch.int32).cpu().numpy().astype(np.uint16)
 

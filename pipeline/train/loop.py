@@ -2,7 +2,7 @@
 
 A stage builds its model, optimizer and batches, and gives the loop a *step function*; the loop owns everything
 else: resume (:class:`~pipeline.train.state.TrainState` under a resume identity), the per-iteration lr, DDP wrapping
-and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast on GPU only (the CPU path stays exact fp32),
+and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast where it is native (GPU, or a CPU with AVX512-BF16 / AMX),
 backward with gradient accumulation, clipping, the optimizer step and the EMA, the deferred NaN/Inf check, the
 progress bar, CSV curves, the checkpoint cadence and one summary schema.
 
@@ -46,6 +46,7 @@ from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
+from pipeline.core.runtime import uses_bf16
 from pipeline.models.ema import EMA
 from pipeline.core.rng import stream_seed
 from pipeline.train.schedules import Schedule, set_lr
@@ -92,7 +93,7 @@ class TrainLoop:
         self.optimizer, self.lr, self.grad_clip, self.accum = optimizer, lr, grad_clip, accum
         self.lr_optimizers = list(lr_optimizers) or ([optimizer] if optimizer is not None else [])
         self.ema, self.ema_model = ema, ema_model
-        self.bf16 = bf16 and device.type == "cuda"
+        self.bf16 = uses_bf16(bf16, device)
         self.compile = params.runtime.compile
         self.curve_path = params.paths.plots / f"{name}.csv"
         self.modules = dict(modules)
@@ -116,8 +117,8 @@ class TrainLoop:
         return torch.compile(net) if self.compile else net
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on GPU when asked; a no-op on CPU, which stays exact fp32."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        """bf16 autocast when asked and native on the device (:func:`pipeline.core.runtime.uses_bf16`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _backward_step(self, step_fn: StepFn, batch: Any, it: int) -> Logs:
         micro = batch if self.accum > 1 else [batch]
