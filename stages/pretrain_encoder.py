@@ -34,7 +34,6 @@ from pipeline.train.state import CurveLog
 PARAMS = ["seed", "encoder"]
 
 STAGE = "pretrain_encoder"
-CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.core.rng), beside batches' PERMUTATION = 0
 
 
 class TwoCropDataset(Dataset):
@@ -55,7 +54,7 @@ class TwoCropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx, k = item
-        return self.augment.crops(decode_rgb(self.shards.read(idx)), seeded_numpy(self.seed, CROPS, k))
+        return self.augment.crops(decode_rgb(self.shards.read(idx)), seeded_numpy(self.seed, "encoder.crops", k))
 
 
 def import_official(params: Params) -> dict:
@@ -102,7 +101,7 @@ def pretrain(params: Params, d: Dist) -> dict:
     def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict:
         m = momentum_at(it / total, p.momentum)
         crops1, crops2 = (x.to(device, non_blocking=True) for x in batch)
-        x1, x2 = augment.views(crops1, crops2, seeded_generator(device, params.seed, VIEWS, it, d.rank))
+        x1, x2 = augment.views(crops1, crops2, seeded_generator(device, params.seed, "encoder.views", it, d.rank))
         return {"loss": net(x1, x2, m), "m": m}
 
     result = loop.run(step, loader)

@@ -38,7 +38,6 @@ from pipeline.train.schedules import warmup_cosine
 PARAMS = ["seed", "views.crop", "judge"]
 
 STAGE = "train_judge"
-AUGMENT = 1  # the random stream of the augmentation, below params.seed
 
 
 class LabelledCrops(Dataset):
@@ -88,7 +87,7 @@ def train(model: Judge, shards: ShardSet, resolution: int, params: Params, d: Di
 
     def step(batch: tuple[torch.Tensor, torch.Tensor], it: int) -> dict:
         images, labels = batch
-        x = augment(images, seeded_generator("cpu", params.seed, AUGMENT, it, d.rank))
+        x = augment(images, seeded_generator("cpu", params.seed, "judge.augment", it, d.rank))
         logits = net(judge_input(x.to(device), model.img_size))
         return {"loss": F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing)}
 

@@ -42,7 +42,6 @@ from pipeline.train.state import CurveLog
 PARAMS = ["seed", "pixel.checkpoints.{item}", "pixel.model", "pixel.train", "pixel.eval", "pixel.cluster"]
 
 STAGE = "train_pixel"
-EVAL, CODEBOOK_INIT = 14, 15  # stream purposes under params.seed (pipeline.data.pixel_data has 10-13)
 
 
 def tokenizer_codebook(path: Path, tokens_path: Path, tokens_identity: dict) -> torch.Tensor:
@@ -72,7 +71,7 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     if t.codebook_init:
         model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", params.paths.tokens,
                                                     data.identity["tokens"]),
-                                 seeded_generator("cpu", params.seed, CODEBOOK_INIT))
+                                 seeded_generator("cpu", params.seed, "pixel.codebook_init"))
     lr = t.blr * t.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
     ema = EMA(model, max_decay=t.ema_decay) if t.ema_decay is not None else None
@@ -148,7 +147,7 @@ def run(params: Params, item: str) -> dict:
         with scope:
             metrics.update(masked_token_eval(model, data.tokens_at(rows, views),
                                              conditioning_input(data, conditioning, rows, views), p.eval.mask_ratio,
-                                             seeded_generator(device, params.seed, EVAL), p.eval.batch_size))
+                                             seeded_generator(device, params.seed, "pixel.eval"), p.eval.batch_size))
     summary["eval_seconds"] = round(time.perf_counter() - tic, 2)
     labels = None
     if num_labels:

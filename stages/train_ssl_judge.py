@@ -39,7 +39,6 @@ from pipeline.train.schedules import warmup_cosine
 PARAMS = ["views.crop", "ssl_judge"]
 
 STAGE = "train_ssl_judge"
-CROPS, VIEWS = 1, 2  # random-stream purposes (pipeline.core.rng), under ssl_judge.seed
 
 
 class StepCrops(Dataset):
@@ -109,9 +108,9 @@ def run(params: Params) -> dict:
     net = loop.wrap(moco)
 
     def step(batch: torch.Tensor, it: int) -> dict:
-        crops = seeded_generator("cpu", cfg.seed, CROPS, it, d.rank)
+        crops = seeded_generator("cpu", cfg.seed, "ssl_judge.crops", it, d.rank)
         c1, c2 = resized_crops(batch, t.crop_min, crops), resized_crops(batch, t.crop_min, crops)
-        x1, x2 = augment.views(c1.to(device), c2.to(device), seeded_generator(device, cfg.seed, VIEWS, it, d.rank))
+        x1, x2 = augment.views(c1.to(device), c2.to(device), seeded_generator(device, cfg.seed, "ssl_judge.views", it, d.rank))
         m = momentum_at(it / total, t.momentum)
         return {"loss": net(x1, x2, m), "m": m}
 

@@ -39,7 +39,6 @@ PARAMS = ["seed", "views.crop", "tokenizer.checkpoint", "tokenizer.model", "toke
 
 STAGE = "train_tokenizer"
 CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
-CROP, RESTART = 1, 2  # random-stream purposes (pipeline.core.rng), beside batches' PERMUTATION = 0
 
 
 class RandomCrops(Dataset):
@@ -55,7 +54,7 @@ class RandomCrops(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         idx, k = item
         img = resize_short_side(decode_rgb(self.shards.read(idx)), self.crop)
-        rng = seeded_numpy(self.seed, CROP, k)
+        rng = seeded_numpy(self.seed, "tokenizer.crops", k)
         w, h = img.size
         left, top = int(rng.integers(w - self.crop + 1)), int(rng.integers(h - self.crop + 1))
         out = np.asarray(img.crop((left, top, left + self.crop, top + self.crop)))
@@ -158,7 +157,7 @@ def train(params: Params, out: Path) -> dict:
         counts.add_(step_counts)
         win_counts.add_(step_counts)
         if tr.restart_every and (it == 0 or (it + 1) % tr.restart_every == 0):  # it 0: a data-based init
-            restart_dead_codes(model.quantize, ema, z_flat, counts, d, stream_seed(params.seed, RESTART, it))
+            restart_dead_codes(model.quantize, ema, z_flat, counts, d, stream_seed(params.seed, "tokenizer.restart", it))
             counts.zero_()
         return {"loss": logs["loss"], "rec": logs["rec_loss"], "q": logs["q_loss"], "g": logs["g_loss"], "d": d_loss}
 

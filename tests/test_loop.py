@@ -24,6 +24,8 @@ from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.core.rng import seeded_generator, stream_seed
 from pipeline.train.schedules import warmup_constant, warmup_cosine
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CPU = torch.device("cpu")
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
@@ -241,6 +243,43 @@ def test_rng_streams_are_pure_and_independent():
     a, b = seeded_generator(CPU, 0, 1, 5), seeded_generator(CPU, 0, 1, 5)
     assert torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))
     assert stream_seed(0, 1, 5) != stream_seed(0, 1, 6) and stream_seed(0, 1, 5) < 2 ** 63
+
+
+# The purpose numbers the stages drew with before the streams had names: the runs stay bit-identical only while
+# every name maps to the same number.
+PINNED_STREAMS = {"batches.permutation": 0, "loop.dropout": 16, "encoder.crops": 1, "encoder.views": 2,
+                  "tokenizer.crops": 1, "tokenizer.restart": 2, "judge.augment": 1, "ssl_judge.crops": 1,
+                  "ssl_judge.views": 2, "rdm.permutation": 1, "rdm.step": 2, "rdm.eval": 3, "pixel.holdout": 10,
+                  "pixel.permutation": 11, "pixel.step": 12, "pixel.kmeans": 13, "pixel.eval": 14,
+                  "pixel.codebook_init": 15, "sample.chunk": 0, "sample.figure": 1 << 40}
+
+
+def test_named_streams_are_unique_keep_their_numbers_and_do_not_collide_within_a_run():
+    import ast
+
+    from pipeline.core import rng
+    source = ast.parse((ROOT / "pipeline" / "core" / "rng.py").read_text())
+    literal = next(node.value for node in ast.walk(source) if isinstance(node, ast.AnnAssign)
+                   and getattr(node.target, "id", None) == "STREAMS")
+    names = [key.value for key in literal.keys]
+    assert len(names) == len(set(names)), "a stream name is listed twice (the dict keeps the last)"
+    assert rng.STREAMS == PINNED_STREAMS
+    assert {n for run in rng.RUNS.values() for n in run} == set(rng.STREAMS), "every stream belongs to a run"
+    for stage, run in rng.RUNS.items():
+        numbers = [rng.STREAMS[n] for n in run]
+        assert len(numbers) == len(set(numbers)), f"{stage} draws two streams with one purpose: {run}"
+    assert rng.purpose("sample.chunk", 10 ** 9) < rng.purpose("sample.figure")  # chunks never reach figures
+    assert stream_seed(7, "pixel.step", 3, 0, 1) == stream_seed(7, 12, 3, 0, 1)
+    # every stream the code names exists
+    used = set()
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in (
+                    "seeded_generator", "seeded_numpy", "stream_seed", "purpose"):
+                used |= {a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                         and a.value != "cpu"}
+    assert used and used <= set(rng.STREAMS), sorted(used - set(rng.STREAMS))
+    assert set(rng.STREAMS) - used == set(), "a registered stream no code draws from"
 
 
 def test_what_to_compute_leaves_out_how_to_run():

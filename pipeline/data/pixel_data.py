@@ -27,7 +27,6 @@ from pipeline.data.rep_store import finite_reps
 from pipeline.data.stores import open_store
 from pipeline.core.rng import seeded_generator
 
-HOLDOUT, PERMUTATION, STEP, KMEANS = 10, 11, 12, 13  # stream purposes under params.seed
 
 
 @dataclass
@@ -93,12 +92,12 @@ def load_pixel_data(tokens_path: Path, reps_path: Path, conditioning: str, holdo
     labels = torch.from_numpy(np.asarray(reps_group["labels"][:], dtype=np.int64))
     if holdout >= n:
         raise RcgError(f"pixel.eval.num_images ({holdout}) leaves none of the stores' {n} images to train on")
-    order = torch.randperm(n, generator=seeded_generator("cpu", seed, HOLDOUT))
+    order = torch.randperm(n, generator=seeded_generator("cpu", seed, "pixel.holdout"))
     val_rows, train_rows = order[:holdout].sort().values, order[holdout:].sort().values
     reps_t = torch.from_numpy(reps)
     centroids = None
     if conditioning == "cluster":
-        centroids, labels = kmeans(reps_t[:, 0].to(device), clusters, seeded_generator(device, seed, KMEANS),
+        centroids, labels = kmeans(reps_t[:, 0].to(device), clusters, seeded_generator(device, seed, "pixel.kmeans"),
                                    iters=kmeans_iters)
         labels, centroids = labels.cpu(), centroids.cpu()
     elif conditioning == "class" and (labels < 0).any():
@@ -133,7 +132,7 @@ class PixelBatches:
             epoch, offset = divmod(first, n)
             if epoch != self.epoch:
                 self.epoch = epoch
-                self.perm = torch.randperm(n, generator=seeded_generator("cpu", self.seed, PERMUTATION, epoch))
+                self.perm = torch.randperm(n, generator=seeded_generator("cpu", self.seed, "pixel.permutation", epoch))
             take = min(count, n - offset)
             out.append(self.perm[offset:offset + take])
             first, count = first + take, count - take
@@ -145,7 +144,7 @@ class PixelBatches:
         out = []
         for j in range(self.accum):
             first = it * self.batch + (self.d.rank * self.accum + j) * self.micro
-            gen = seeded_generator(device, self.seed, STEP, it, self.d.rank, j)
+            gen = seeded_generator(device, self.seed, "pixel.step", it, self.d.rank, j)
             views = torch.randint(self.data.tokens.shape[1], (self.micro,), generator=gen, device=device)
             out.append((self._rows(first, self.micro), views, gen))
         return out

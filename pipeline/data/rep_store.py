@@ -124,10 +124,10 @@ class RepBatches:
         device = self.store.device
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(self.store.shape[0], generator=seeded_generator(device, self.seed, 1, epoch),
+            self.perm = torch.randperm(self.store.shape[0], generator=seeded_generator(device, self.seed, "rdm.permutation", epoch),
                                        device=device)
         start = (i * self.d.world + self.d.rank) * self.batch
         rows = self.perm[start:start + self.batch]
-        gen = seeded_generator(device, self.seed, 2, step, self.d.rank)
+        gen = seeded_generator(device, self.seed, "rdm.step", step, self.d.rank)
         views = torch.randint(self.store.shape[1], (self.batch,), generator=gen, device=device)
         return self.store.gather(rows, views), rows, gen

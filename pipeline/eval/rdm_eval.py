@@ -59,7 +59,7 @@ def evaluate(rdm: Rdm, seed: int, model: RDM, ema: EMA | None, store: RepStore, 
     m = ev.num_samples
     if m <= ev.prc_k:
         raise RcgError(f"rdm.eval.num_samples ({m}) must exceed rdm.eval.prc_k ({ev.prc_k})")
-    gen = seeded_generator(device, seed, 3)
+    gen = seeded_generator(device, seed, "rdm.eval")
     real, rows = draw_reps(store, m, gen)  # its labels are what the generated reps are conditioned on
     bank = None
     if rdm.model.class_cond:  # k-NN bank: view 0 of the images not drawn; checked before the costly sampling

@@ -40,9 +40,8 @@ from pipeline.models.mage import MAGE, load_pixel
 from pipeline.models.mage_official import convert_official_mage, official_layout
 from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder
 from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
-from pipeline.core.rng import seeded_generator
+from pipeline.core.rng import purpose, seeded_generator
 
-FIGURE_STREAM = 1 << 40  # entropy offset of figure batches: never a sample chunk's stream
 OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every official RCG file
 
 
@@ -342,8 +341,8 @@ def label_rows(models: Models, setting: SampleSetting, rdm_sampler: RdmSample, i
 
 def chunk_generator(device: torch.device, seed: int, chunk: int) -> torch.Generator:
     """The stream of store chunk ``chunk``: the same in every setting, so rcg and rcg_cfg see the same RDM reps."""
-    return seeded_generator(device, seed, chunk)
+    return seeded_generator(device, seed, purpose("sample.chunk", chunk))
 
 
 def figure_generator(device: torch.device, seed: int, figure: int) -> torch.Generator:
-    return seeded_generator(device, seed, FIGURE_STREAM + figure)
+    return seeded_generator(device, seed, purpose("sample.figure", figure))

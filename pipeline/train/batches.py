@@ -10,8 +10,6 @@ from torch.utils.data import Sampler
 from pipeline.core.errors import RcgError
 from pipeline.core.rng import seeded_numpy
 
-PERMUTATION = 0  # the stream purposes below params.seed (rng.stream_seed(seed, PURPOSE, ...))
-
 
 class StepBatches(Sampler[list[tuple[int, int]]]):
     """Iteration ``it`` takes positions [it*B, (it+1)*B) of an endless chain of seeded epoch permutations
@@ -39,6 +37,6 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
             for k in range(first, first + self.per):
                 if k // self.n != epoch:
                     epoch = k // self.n
-                    perm = seeded_numpy(self.seed, PERMUTATION, epoch).permutation(self.n)
+                    perm = seeded_numpy(self.seed, "batches.permutation", epoch).permutation(self.n)
                 items.append((int(perm[k % self.n]), k))
             yield items

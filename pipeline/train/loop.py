@@ -2,7 +2,7 @@
 
 A stage builds its model, optimizer and batches, and gives the loop a *step function*; the loop owns everything
 else: resume (:class:`~pipeline.train.state.TrainState` under a resume identity), the per-iteration lr, DDP wrapping
-and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast where it is native (GPU, or a CPU with AVX512-BF16 / AMX),
+and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast where native (GPU, or a CPU with AVX512-BF16 / AMX),
 backward with gradient accumulation, clipping, the optimizer step and the EMA, the deferred NaN/Inf check, the
 progress bar, CSV curves, the checkpoint cadence and one summary schema.
 
@@ -52,7 +52,6 @@ from pipeline.core.rng import stream_seed
 from pipeline.train.schedules import Schedule, set_lr
 from pipeline.train.state import CurveLog, TrainState
 
-DROPOUT = 16  # the stream purpose of the per-iteration global seed (pipeline.core.rng), below params.seed
 
 Logs = Mapping[str, "torch.Tensor | float"]
 StepFn = Callable[[Any, int], Logs]
@@ -186,7 +185,7 @@ class TrainLoop:
         tic = time.perf_counter()
         done = self.start
         for it, batch in zip(range(self.start, self.steps), batches):
-            torch.manual_seed(stream_seed(self.seed, DROPOUT, it, self.d.rank))
+            torch.manual_seed(stream_seed(self.seed, "loop.dropout", it, self.d.rank))
             if self.lr is not None:
                 lr = self.lr(it)
                 for opt in self.lr_optimizers:
