@@ -162,14 +162,16 @@ def info(path: Path, debug: DebugOpt = False) -> None:
 
 @app.command()
 def preset(name: str, out: Annotated[Path, typer.Option(help="Where to write the full params file.")] = Path("params.yaml"),
-           debug: DebugOpt = False) -> None:
-    """Write a complete params file from a named preset (default, cifar10, imagenet256_vitb, ...)."""
+           set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Write a complete params file from a named preset (default, cifar10, folder, imagenet256_vitb, ...), with
+    --set applied and the result validated (your folder, another resolution: README)."""
     from pipeline.core.artifacts import atomic_file
     from pipeline.core.config import dump_yaml
     from pipeline.core.config import preset as load_preset
 
     def go():
-        text = f"# written by `rcg preset {name}`\n" + dump_yaml(load_preset(name))
+        sets = "".join(f" --set {s}" for s in set_ or [])
+        text = f"# written by `rcg preset {name}{sets}`\n" + dump_yaml(load_preset(name, set_ or []))
         with atomic_file(out) as tmp:
             tmp.write_text(text)
         return out

@@ -74,3 +74,19 @@ def test_preset_writes_a_full_params_file(tmp_path):
     tree = yaml.safe_load(out.read_text())
     assert tree["data"]["folder"] == "cifar10/train" and "rdm" in tree and "runtime" in tree
     assert rcg("preset", "nope").returncode == 2
+
+
+def test_preset_folder_with_sets_writes_valid_params(tmp_path):
+    """The recipe's first command: the folder preset, the user's folder set, validated before it is written."""
+    out = tmp_path / "params.yaml"
+    sets = ["--set", "data.folder=/my/images", "--set", "sample.num_samples=1000"]
+    res = rcg("preset", "folder", "--out", str(out), *sets)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert text.startswith(f"# written by `rcg preset folder {' '.join(sets)}`")
+    tree = yaml.safe_load(text)
+    assert (tree["data"]["folder"], tree["data"]["labels"]) == ("/my/images", "none")
+    assert tree["sample"]["num_samples"] == 1000
+    assert tree["score"]["label_spaces"] == [] and "judge" not in tree["score"]["spaces"]
+    bad = rcg("preset", "folder", "--out", str(tmp_path / "bad.yaml"), "--set", "score.spaces=[judge]")
+    assert bad.returncode == 2 and "score.label_spaces" in bad.stderr and not (tmp_path / "bad.yaml").exists()
