@@ -66,8 +66,10 @@ def test_folder_preset_needs_no_labels():
     assert set(p.score.spaces) == {"ssl_judge", "encoder"} and p.score.ssl_spaces == ["ssl_judge"]
     assert "class" not in p.pixel.conditionings and "class" not in p.sample.settings
     assert p.runtime.device == "cuda" and p.encoder.checkpoint is None and p.tokenizer.checkpoint is None
-    official = preset("imagenet256_vitb").tokenizer.model
-    assert p.tokenizer.model == official  # tokenizer.checkpoint imports MAGE's VQGAN without another change
+    official = preset("imagenet256_vitb")
+    assert p.tokenizer.model == official.tokenizer.model  # tokenizer.checkpoint imports MAGE's VQGAN as it is
+    vitb = preset("folder", ["encoder.model.embed_dim=768", "encoder.model.num_heads=12"])  # README: MoCo v3 ViT-B
+    assert vitb.encoder.model == official.encoder.model
 
 
 @pytest.mark.parametrize("size", sorted(FOLDER_RESOLUTIONS))
