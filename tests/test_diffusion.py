@@ -169,7 +169,7 @@ def _abar64() -> torch.Tensor:
 
 
 def test_one_ddim_step_is_the_reference_formula():
-    """RCG_REFERENCE.md 2.4, first step of the 250-step eta=1 sampler (t=997, a_prev=abar[993])."""
+    """docs/official.md §2.4, first step of the 250-step eta=1 sampler (t=997, a_prev=abar[993])."""
     d, f = GaussianDiffusion(), _net()
     tau, a_prev, sigma = d.ddim_schedule(250, eta=1.0)
     abar = _abar64()

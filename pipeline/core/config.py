@@ -41,7 +41,7 @@ def _is_how_to_run(info: FieldInfo) -> bool:
 
 # --------------------------------------------------------------------------------------------- data
 class Paths(Section):
-    """Where artifacts live; stage outputs are fixed names under these roots (see ARCHITECTURE.md)."""
+    """Where artifacts live; stage outputs are fixed names under these roots (README, "Running stages")."""
     data: Path = Path("data")
     metrics: Path = Path("metrics")
 
@@ -146,8 +146,7 @@ class EncoderTrain(Section):
     momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
     crop_min: float = Field(0.8, gt=0, le=1)     # RandomResizedCrop scale lower bound (0.08 on ImageNet)
     # Colour made unreliable between the two views (MoCo v3: hue 0.1, grayscale 0.2): the built-in set's colours are
-    # random per image and its classes are shapes, so with MoCo's values the views share a colour and the encoder
-    # learns colour (k-NN 0.226 vs random init 0.145); at 0.5 / 0.5 it learns shape (0.341), at the same cost.
+    # random per image and its classes are shapes, so views that share a colour teach colour, not shape (bench/RESULTS.md, "why the defaults").
     hue: float = Field(0.5, ge=0, le=0.5)        # ColorJitter hue range
     grayscale: float = Field(0.5, ge=0, le=1)    # RandomGrayscale probability
     bf16: bool = False                           # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
@@ -195,8 +194,7 @@ class Diffusion(Section):
 
 
 class RdmTrain(Section):
-    # Default: 4000 steps of 128 with warm-up + cosine: FD ratio 1.64-1.75 on the built-in reps, vs 1.81-2.36 for
-    # 2000 of 256 at the same lr (~0.8x the seconds); one run's ratio moves by ~0.5 (bench/RESULTS.md).
+    # Default: 4000 steps of 128 with warm-up + cosine (bench/RESULTS.md, "why the defaults").
     steps: PositiveInt = 4000
     batch_size: PositiveInt = 128    # global: split evenly across DDP ranks (official: 4 GPUs x 128 = 512)
     blr: PositiveFloat = 3.2e-5      # lr = blr * batch_size (official rule, no /256; official blr 1e-6)
@@ -211,9 +209,9 @@ class RdmTrain(Section):
 
 
 class RdmSample(Section):
-    """The RDM's DDIM sampler. Official RCG: 250 steps, eta 1 (the ImageNet and cifar10 presets pin it). The
-    default, deterministic DDIM at 100 steps, is 2.5x cheaper and no worse on the default run's RDM: FD ratio
-    1.44 (mean of 5 eval seeds) vs 1.58, rcg judge FID 42.08 vs 42.29 (bench/RESULTS.md)."""
+    """The RDM's DDIM sampler: ``steps`` DDIM steps, ``eta`` the share of fresh noise (0 = deterministic DDIM),
+    ``temperature`` a factor on that noise. Official RCG: 250 steps, eta 1 (the ImageNet and cifar10 presets pin
+    it); the default is deterministic DDIM at 100 steps (bench/RESULTS.md, "why the defaults")."""
     steps: PositiveInt = 100
     eta: float = Field(0.0, ge=0)
     temperature: PositiveFloat = 1.0
@@ -244,18 +242,18 @@ class Rdm(Section):
 
 # ---------------------------------------------------------------------------------------- tokenizer
 class TokenizerModel(Section):
-    """VQGAN architecture (pipeline.models.vqgan). Default: a tiny f=4 model (8x8 tokens on 32 px) that trains on 2 CPU
-    cores in minutes; the official one is ch 128, ch_mult [1,1,2,2,4], 2 blocks, 256-d codes, n_embed 1024.
+    """VQGAN architecture (pipeline.models.vqgan). Default: a tiny f=4 model (8x8 tokens on 32 px); the official
+    one is ch 128, ch_mult [1,1,2,2,4], 2 blocks, 256-d codes, n_embed 1024.
 
     The default keeps one width: where the width changes, the official (MaskGIT) block drops its input and keeps
     only the GroupNorm'd branch, and at 16-32 channels GroupNorm is per channel, so each image's mean colour is
-    lost there (ch 16 x [1,2,2]: 18.9 dB, colours drifting; ch 32 x [1,1,1]: 21.2 dB at the same steps)."""
+    lost there (bench/RESULTS.md, "why the defaults")."""
     ch: PositiveInt = 32
     ch_mult: list[PositiveInt] = [1, 1, 1]   # downsampling factor 2**(len-1): 4 -> 8x8 tokens on 32x32
     num_res_blocks: PositiveInt = 1
     z_channels: PositiveInt = 32
     embed_dim: PositiveInt = 32
-    n_embed: PositiveInt = 1024              # 4x4-pixel k-means bound on the built-in val set: 22.3 dB at 256, 23.9 at 1024
+    n_embed: PositiveInt = 1024              # codebook size (ids are stored as uint16)
     beta: float = Field(0.25, ge=0)
 
     @model_validator(mode="after")
@@ -268,10 +266,7 @@ class TokenizerModel(Section):
 
 class TokenizerTrain(Section):
     """VQGAN training (stages/train_tokenizer.py); the codebook learns by EMA, so only the encoder, decoder and
-    discriminator have optimisers. Default: ~3.3 min on 2 CPU cores (small batches, many steps). A cosine lr
-    over 1500 steps without the PatchGAN matched its PSNR (23.54 / 22.27 dB at seeds 0 / 1 vs 23.23 / 22.77) in
-    3/4 of the time, but MAGE trained on its tokens followed the reps less: RCG's lead over the baseline fell
-    from 3.9 to 0.75 judge FID (bench/RESULTS.md)."""
+    discriminator have optimisers. Default: small batches, many steps, the PatchGAN in the last quarter (bench/RESULTS.md, "why the defaults")."""
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 8           # global: split evenly across DDP ranks
     lr: PositiveFloat = 2e-3              # Adam(0.5, 0.9) for the VQGAN and the discriminator
@@ -282,7 +277,7 @@ class TokenizerTrain(Section):
     disc_layers: PositiveInt = 2          # 256 px); 2 layers see 34 px patches, a whole 32 px image
     codebook_weight: float = Field(1.0, ge=0)  # on the quantiser loss; with the EMA codebook only its commitment
     pixel_l1_weight: float = Field(0.0, ge=0)  # reconstruction = l1 * |x - x'| + l2 * (x - x')^2 (no LPIPS here);
-    pixel_l2_weight: float = Field(1.0, ge=0)  # L2 reached +0.4 dB PSNR over L1 at equal steps on the built-in set
+    pixel_l2_weight: float = Field(1.0, ge=0)  # (L2 rather than L1 by default: bench/RESULTS.md, "why the defaults")
     restart_every: NonNegativeInt = 200   # restart codes unused over this many steps; 0 = never
     checkpoint_every: PositiveInt = how_to_run(500)
     log_every: PositiveInt = how_to_run(50)
@@ -306,15 +301,14 @@ class Tokenize(Section):
     batch_size: PositiveInt = 128
     chunk_size: PositiveInt = 1024
     workers: NonNegativeInt = how_to_run(2)
-    bf16: bool = False  # bf16 where native; nearest-code ties then differ: ~2% of tokens change vs fp32
+    bf16: bool = False  # bf16 where native; nearest-code ties then fall otherwise: some tokens differ from fp32
 
 
 # -------------------------------------------------------------------------------------------- pixel
 class PixelModel(Section):
     """MAGE (pipeline.models.mage); codebook size, token grid and rep size come from the stores. Default: a small
-    CPU size for the default run's 8x8 tokens, width 64 (0.4M params): at the default run's few CPU minutes a
-    model this size, trained for 2.2x the steps, beats width 128 in every row (bench/RESULTS.md); MAGE-B is
-    768/12/12 with a 768/8/16 decoder (presets)."""
+    CPU size for the default run's 8x8 tokens, width 64 (0.4M params; bench/RESULTS.md, "why the defaults"); MAGE-B is 768/12/12 with a
+    768/8/16 decoder (presets)."""
     vocab: Literal["official", "compact"] = "compact"  # official: codebook + 1000 + 1 ids (needed by official files)
     embed_dim: PositiveInt = 64
     depth: PositiveInt = 4
@@ -342,9 +336,9 @@ class PixelModel(Section):
 
 
 class PixelTrain(Section):
-    """MAGE's recipe (RCG_REFERENCE.md 3.4): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
-    cosine to 0, clip 3.0. Default: ~22 epochs of the built-in set, ~5 minutes on 2 CPU cores; ImageNet: batch
-    4096, blr 1.5e-4, 200-800 epochs."""
+    """MAGE's recipe (docs/official.md §3.2): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
+    cosine to 0, clip 3.0. Default: ~22 epochs of the built-in set; ImageNet: batch 4096, blr 1.5e-4, 200-800
+    epochs."""
     steps: PositiveInt = 1300
     batch_size: PositiveInt = 64       # global: split evenly across DDP ranks (and accumulation micro-batches)
     accum_steps: PositiveInt = 1       # gradient accumulation: each rank runs batch_size / world / accum at a time
@@ -353,8 +347,8 @@ class PixelTrain(Section):
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: PositiveFloat | None = 3.0
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
-    codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours: ~2x fewer steps to
-                                       # a given loss on the built-in set; official and the ImageNet presets: random)
+    codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours: bench/RESULTS.md, "why the defaults";
+                                       # official and the ImageNet presets: random)
     bf16: bool = False                 # bf16 autocast where native (official: fp16), else fp32
     checkpoint_every: PositiveInt = how_to_run(200)
     log_every: PositiveInt = how_to_run(20)
@@ -423,8 +417,7 @@ class JudgeModel(Section):
 
 
 class JudgeTrain(Section):
-    """Supervised training on the train split's labels (stages/train_judge.py); ~25 s on 2 CPU cores (4 epochs
-    gave val accuracy 0.908, 8 give 0.992: a judge that knows the classes is worth 15 s)."""
+    """Supervised training on the train split's labels (stages/train_judge.py); epochs: bench/RESULTS.md, "why the defaults"."""
     epochs: PositiveInt = 8
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3           # AdamW, one-cycle: linear warm-up over the first epoch, cosine to 0
@@ -452,8 +445,7 @@ class SslJudgeModel(Section):
 
 class SslJudgeTrain(Section):
     """MoCo v3 on the train split's centre crops (stages/train_ssl_judge.py), batched random-resized crops and
-    colour jitter. Default run: 25 s on 2 CPU cores, val k-NN 0.202 (0.164 at random init; lr 3e-3: 0.182, 8
-    epochs: 0.206 for twice the seconds)."""
+    colour jitter (bench/RESULTS.md, "why the defaults")."""
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 128     # global: split evenly across DDP ranks
     lr: PositiveFloat = 1e-2          # AdamW, linear warm-up over the first epoch, cosine to 0
@@ -497,7 +489,7 @@ class Score(Section):
     batch_size: PositiveInt = how_to_run(100)  # features do not depend on it
     workers: NonNegativeInt = how_to_run(0)
     isc_splits: PositiveInt = 10
-    kid_subsets: PositiveInt = 20  # torch-fidelity's default is 100: ~30 s per space per setting on 2 CPU cores
+    kid_subsets: PositiveInt = 20  # torch-fidelity's default is 100 (bench/RESULTS.md, "why the defaults")
     kid_subset_size: PositiveInt = 1000  # capped at the sample / reference count (with a warning)
     prc_k: PositiveInt = 3
     min_samples: PositiveInt = 1000  # fewer samples: every figure of the setting carries a 'few_samples' warning

@@ -1,4 +1,4 @@
-"""MAGE's iterative masked-token decoding (RCG_REFERENCE.md 3.5), beside the model rather than inside it.
+"""MAGE's iterative masked-token decoding (docs/official.md §3.3), beside the model rather than inside it.
 
 From a fully masked grid (or a partly given one: infill), each of T steps predicts every unknown token, samples
 it from the softmax, keeps the most confident and re-masks the rest, following the cosine schedule. All noise

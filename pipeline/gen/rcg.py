@@ -1,4 +1,4 @@
-"""RCG's two passes (RCG_REFERENCE.md 2.4, 3.5): the RDM samples a representation, the pixel generator decodes
+"""RCG's two passes (docs/official.md §2.4, §3.3): the RDM samples a representation, the pixel generator decodes
 tokens conditioned on it, the VQGAN turns the tokens into pixels. One function, :func:`generate`, serves every
 setting the comparison needs:
 

@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights with LDM's LitEma warm-up (RCG_REFERENCE.md 2.3).
+"""Exponential moving average of model weights with LDM's LitEma warm-up (docs/official.md §2.3).
 
 The RDM samples with the EMA weights; the warm-up decay (1+n)/(10+n) lets the average follow the
 fast-changing early weights instead of remembering the random init for ~10k steps.

@@ -95,7 +95,7 @@ def represent(model: MoCoViT, images01: torch.Tensor, input_size: int | None = N
 
     The encoder is frozen, so it is forced into eval mode: the projector BNs must use their running stats.
     With ``return_features``: (r_hat, the pre-projector cls feature [B, embed_dim], the projector output
-    [B, proj_dim] before standardisation), so a check can see each stage of RCG_REFERENCE.md 1.2.
+    [B, proj_dim] before standardisation), so a check can see each step of docs/official.md §1.2.
     """
     model.eval()
     x = normalize_for_encoder(images01.float(), input_size or model.patch_embed.img_size[0])

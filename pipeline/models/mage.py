@@ -1,5 +1,5 @@
 """MAGE pixel generator as RCG modifies it: a ViT encoder-decoder over VQGAN token ids, conditioned through
-sequence position 0 (RCG_REFERENCE.md 3), its masked-token training loss, and the official-checkpoint import.
+sequence position 0 (docs/official.md §3), its masked-token training loss, and the official-checkpoint import.
 
 Module names follow the official code, so ``MAGE.state_dict()`` keys are the official ``model`` keys minus the
 parameters the official forward never reads and the frozen encoder / VQGAN it embeds (the import, with those

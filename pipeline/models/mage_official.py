@@ -2,7 +2,7 @@
 :class:`~pipeline.models.mage.MAGE`: every key accounted for, and the frozen encoder and VQGAN the file embeds
 checked against the stores a run pairs it with.
 
-Two layouts: RCG's rep-conditioned MAGE (RCG_REFERENCE.md 3.6; the ``rep`` generator) and LTH14/mage's
+Two layouts: RCG's rep-conditioned MAGE (docs/official.md §3.4; the ``rep`` generator) and LTH14/mage's
 unconditional MAGE (``models_mage.py``; the ``none`` generator, the baseline), which has no rep slot
 (``fake_latent``, ``latent_prior_proj``) and embeds no encoder: its position 0 is the token embedding of the class
 id 1100, which the import turns into the constant slot of our ``none`` generator (:func:`unconditional_slot`).

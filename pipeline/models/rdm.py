@@ -1,7 +1,7 @@
 """Representation Diffusion Model: RCG's SimpleMLP denoiser, its class embedder, and the official-checkpoint import.
 
 Module names follow the official code so ``SimpleMLP.state_dict()`` keys equal the official
-``model.diffusion_model.*`` keys with the prefix stripped (RCG_REFERENCE.md 2.1, 2.5).
+``model.diffusion_model.*`` keys with the prefix stripped (docs/official.md §2.1, §2.5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The RDM's Gaussian diffusion: schedule, x0-prediction loss and the DDIM sampler RCG generates with.
 
 Kept apart from the network (EDM-style): ``model_fn(x_t, t, y) -> x0_hat`` is all it needs.
-Numbers follow the official LDM/RCG code (RCG_REFERENCE.md 2.2, 2.4).
+Numbers follow the official LDM/RCG code (docs/official.md §2.2, §2.4).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class GaussianDiffusion(nn.Module):
 
     def ddim_step(self, model_fn: ModelFn, x: torch.Tensor, t: int, a_prev: float, sigma: float,
                   y: torch.Tensor | None, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """One DDIM step x_t -> x_prev (RCG_REFERENCE.md 2.4): x0_hat = net(x_t, t) (no clipping),
+        """One DDIM step x_t -> x_prev (docs/official.md §2.4): x0_hat = net(x_t, t) (no clipping),
         eps_hat = (sqrt(1/abar_t) x_t - x0_hat) / sqrt(1/abar_t - 1),
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma temperature z."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Training the Representation Diffusion Model on an in-memory rep store, on the shared loop (RCG_REFERENCE.md 2).
+"""Training the Representation Diffusion Model on an in-memory rep store, on the shared loop (docs/official.md §2).
 
 Official recipe: AdamW (wd 0.01), lr = blr x global batch, constant (optionally warm-up + cosine), EMA with
 LitEma's warm-up updated inside the forward, i.e. before the optimizer step (it lags one step), x0 loss
