@@ -55,7 +55,7 @@ from pipeline.core.config import Params, Paths, RdmModel, RdmSample, Runtime, Sa
 from pipeline.core.distributed import Dist  # noqa: E402
 from pipeline.models.view_encoder import encoder_fn  # noqa: E402
 from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
-from pipeline.gen.rcg import Models, Pixel, Rdm, generate  # noqa: E402
+from pipeline.gen.rcg import LoadedPixel, LoadedRdm, Models, generate  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
@@ -335,8 +335,8 @@ def check_sample(s: Sizes, modes: list[str], device: torch.device) -> Result:
         tokenizer = VQGAN(**s.vqgan).to(device).eval().requires_grad_(False)
         rdm = RDM(**rdm_kwargs(RdmModel(**s.rdm))).to(device).eval().requires_grad_(False)
         mage = build_mage(s, device).eval().requires_grad_(False)
-        pixel = Pixel(mage, "rep", (side, side), mage.codebook_size, mage.rep_dim, None, None, None, "random")
-        return Models(pixel, tokenizer, "random", Rdm(rdm, GaussianDiffusion().to(device), None, "random"))
+        pixel = LoadedPixel(mage, "rep", (side, side), mage.codebook_size, mage.rep_dim, None, None, None, "random")
+        return Models(pixel, tokenizer, "random", LoadedRdm(rdm, GaussianDiffusion().to(device), None, "random"))
 
     @torch.inference_mode()
     def one_image(models: Models) -> float:

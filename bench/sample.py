@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params  # noqa: E402
 from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens, gumbel  # noqa: E402
-from pipeline.gen.rcg import Models, Pixel, Rdm  # noqa: E402
+from pipeline.gen.rcg import LoadedPixel, LoadedRdm, Models  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, Attention, mage_kwargs  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
 from pipeline.samplers.diffusion import sample_reps  # noqa: E402
@@ -58,8 +58,8 @@ def build(size: str, device: torch.device) -> Models:
     mage_model = p.pixel.model.model_copy(update=mage_over)
     mage = MAGE(**mage_kwargs(mage_model, tokenizer.quantize.n_embed, side * side, rdm_model.in_channels,
                               "rep")).eval().to(device)
-    pixel = Pixel(mage, "rep", (side, side), mage.codebook_size, mage.rep_dim, None, None, None, "bench")
-    return Models(pixel, tokenizer, "bench", Rdm(rdm, GaussianDiffusion().to(device), None, "bench"))
+    pixel = LoadedPixel(mage, "rep", (side, side), mage.codebook_size, mage.rep_dim, None, None, None, "bench")
+    return Models(pixel, tokenizer, "bench", LoadedRdm(rdm, GaussianDiffusion().to(device), None, "bench"))
 
 
 def measure(models: Models, batch: int, iterations: int, rdm_steps: int, guidance: float,

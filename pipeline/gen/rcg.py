@@ -47,7 +47,8 @@ OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every offi
 
 # ------------------------------------------------------------------------------------------------ models
 @dataclass
-class Rdm:
+class LoadedRdm:
+    """An RDM file loaded for sampling, with the identity the compatibility checks compare."""
     model: RDM
     diffusion: GaussianDiffusion
     encoder: str | None  # weights_sha256 of the encoder whose reps it was trained on, when the file says
@@ -55,7 +56,8 @@ class Rdm:
 
 
 @dataclass
-class Pixel:
+class LoadedPixel:
+    """A pixel-generator file loaded for sampling, with what the compatibility checks compare."""
     model: MAGE
     conditioning: str        # rep / none / class / cluster
     grid: tuple[int, int]    # token grid (h, w)
@@ -72,10 +74,10 @@ class Pixel:
 @dataclass
 class Models:
     """What one setting samples with, plus the identities the compatibility checks compare."""
-    pixel: Pixel
+    pixel: LoadedPixel
     tokenizer: VQGAN
     tokenizer_sha256: str
-    rdm: Rdm | None = None
+    rdm: LoadedRdm | None = None
     hashes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -88,7 +90,7 @@ class Models:
         return self.pixel.grid[0] * f, self.pixel.grid[1] * f
 
 
-def load_rdm_any(path: str | Path, device: torch.device) -> Rdm:
+def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
     """An "rcg-rdm" model file or an official RCG RDM checkpoint, in eval mode with its EMA weights."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if isinstance(ckpt, dict) and "format" in ckpt:
@@ -109,7 +111,7 @@ def load_rdm_any(path: str | Path, device: torch.device) -> Rdm:
         embedded = official_rdm_encoder(sd)
         encoder = weights_sha256(import_mocov3_state_dict(embedded)) if embedded else None
         diffusion = GaussianDiffusion()
-    return Rdm(model.eval().to(device), diffusion.to(device), encoder, file_sha256(path))
+    return LoadedRdm(model.eval().to(device), diffusion.to(device), encoder, file_sha256(path))
 
 
 def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
@@ -119,7 +121,7 @@ def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
     return model.eval().requires_grad_(False).to(device)
 
 
-def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
+def load_pixel_file(path: str | Path, device: torch.device) -> LoadedPixel:
     """An "rcg-pixel" model file (EMA weights when it has them) or an official rep-conditioned MAGE checkpoint
     (square grid; heads inferred for MAGE-B/L), with what the compatibility checks compare: ours record the
     stores they were trained on, an official file embeds its encoder and VQGAN, whose weights are hashed."""
@@ -150,7 +152,7 @@ def load_pixel_file(path: str | Path, device: torch.device) -> Pixel:
         grid, tokenizer_file = (side, side), None
         encoder = weights_sha256(import_mocov3_state_dict(embedded_encoder)) if embedded_encoder else None
         tokenizer_weights, counts = weights_sha256(embedded_vqgan), None
-    return Pixel(model.eval().to(device).requires_grad_(False), model.conditioning, grid, model.codebook_size,
+    return LoadedPixel(model.eval().to(device).requires_grad_(False), model.conditioning, grid, model.codebook_size,
                  model.rep_dim, model.num_labels or None, tokenizer_file, encoder, file_sha256(path),
                  tokenizer_weights, [int(c) for c in counts] if counts else None)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pipeline.core.artifacts import load_model_file
 from pipeline.core.errors import RcgError
 
-FORMAT = "rcg-pixel"
+MODEL_FORMAT = "rcg-pixel"  # data/models/pixel-<conditioning>.pt, trained here or imported
 CONDITIONINGS = ("rep", "none", "class", "cluster")
 Conditioning = Literal["rep", "none", "class", "cluster"]
 OFFICIAL_EXTRA_IDS = 1000  # the official vocabulary: codebook, 1000 unused "class" ids, [MASK] last
@@ -295,7 +295,7 @@ def load_pixel(path: str | Path, use_ema: bool = True) -> tuple[MAGE, dict]:
     file has them and ``use_ema``. ``payload["config"]`` holds ``model`` (the kwargs), ``conditioning``,
     ``grid`` [h, w], ``labels`` (class/cluster: ``num_labels``, ``counts``; cluster: ``centroids``) and the
     identities of the stores it was trained on."""
-    payload = load_model_file(path, FORMAT)
+    payload = load_model_file(path, MODEL_FORMAT)
     model = MAGE(**payload["config"]["model"])
     sd = payload["ema_state_dict"] if use_ema and "ema_state_dict" in payload else payload["state_dict"]
     model.load_state_dict({k: v for k, v in sd.items() if k != "num_updates"})
