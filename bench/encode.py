@@ -37,7 +37,7 @@ def make_inputs(root: Path, size: int, overrides: list[str]) -> list[str]:
     params = load_params(None, overrides)
     config = params.encoder.model.model_dump()
     torch.manual_seed(0)
-    save_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT, {"model": config},
+    save_model_file(params.paths.model_file("encoder"), MODEL_FORMAT, {"model": config},
                     MoCoViT(**config).state_dict(), summary={"source": "bench"})
     return overrides
 

@@ -65,7 +65,7 @@ def main() -> None:
     params = load_params(Path("params.yaml"), args.overrides)
     device = torch.device("cpu")
     store = load_store(params.paths.reps, params.rdm.model, device)
-    model, config = load_rdm(params.paths.models / "rdm.pt")  # EMA weights, as RCG samples
+    model, config = load_rdm(params.paths.model_file("rdm"))  # EMA weights, as RCG samples
     diffusion = GaussianDiffusion(**config["diffusion"])
     n, v, dim = store.shape
     m = args.samples

@@ -47,7 +47,7 @@ def main() -> None:
     device = torch.device("cpu")
     figures: dict[str, dict[str, float]] = {name: {} for name in sets}
     for space in ("judge", "ssl_judge"):
-        extractor = create_extractor(space, params.paths.models / f"{space}.pt", device)
+        extractor = create_extractor(space, params.paths.model_file(space), device)
         with np.load(params.paths.data / "reference" / f"{space}.npz") as npz:
             ref = Reference("train", npz["mu"], npz["sigma"], torch.from_numpy(npz["features"]))
         for name, images in sets.items():

@@ -49,7 +49,7 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
     params = load_params(None, overrides)
     kwargs = model_kwargs(params.tokenizer.model)
     torch.manual_seed(0)
-    save_model_file(params.paths.models / "tokenizer.pt", MODEL_FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
+    save_model_file(params.paths.model_file("tokenizer"), MODEL_FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
                     summary={"source": "bench"})
     return overrides
 
@@ -65,7 +65,7 @@ def child(overrides: list[str]) -> dict:
     writer, summary = build_token_store(params, Dist(), device)
     writer.finalize()
 
-    model = load_frozen_tokenizer(params.paths.models / "tokenizer.pt", device)[0]
+    model = load_frozen_tokenizer(params.paths.model_file("tokenizer"), device)[0]
     b, v, crop = params.tokenize.batch_size, params.views.count, params.views.crop
     fn = tokenizer_fn(model, device, params.tokenize.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)

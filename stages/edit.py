@@ -56,9 +56,9 @@ def run(params: Params, image: Path, box: str, out: Path, rep_from: Path | None 
         seed: int = 0, composite: bool = True) -> dict:
     if rep_from is not None and rep_from_rdm:
         raise RcgError("give --rep-from OTHER or --rep-from-rdm, not both")
-    models_dir = params.paths.models
-    pixel, tokenizer = pixel or models_dir / "pixel-rep.pt", tokenizer or models_dir / "tokenizer.pt"
-    encoder, rdm = encoder or models_dir / "encoder.pt", rdm or models_dir / "rdm.pt"
+    paths = params.paths
+    pixel, tokenizer = pixel or paths.model_file("pixel", "rep"), tokenizer or paths.model_file("tokenizer")
+    encoder, rdm = encoder or paths.model_file("encoder"), rdm or paths.model_file("rdm")
     needed = [(pixel, "--pixel"), (tokenizer, "--tokenizer")] + ([(rdm, "--rdm")] if rep_from_rdm else [(encoder, "--encoder")])
     for path, flag in needed:
         if not Path(path).is_file():

@@ -23,7 +23,7 @@ PARAMS = ["seed", "views", "encode"]
 def finish(params: Params, writer: StoreWriter, stats: dict) -> dict:
     """Main rank, after every rank is done: move the store into place, probe it, write the metrics."""
     writer.finalize()
-    payload = load_encoder_file(params.paths.models / "encoder.pt")[1]
+    payload = load_encoder_file(params.paths.model_file("encoder"))[1]
     metrics = encoder_knn_probe(params.paths.reps, params.paths.shards, ViewRecipe(**params.views.model_dump()),
                                 payload["config"], params.encode, params.seed, device_for(params.runtime))
     out = params.paths.metrics / "encoder.json"

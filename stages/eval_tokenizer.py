@@ -33,13 +33,12 @@ def run(params: Params) -> dict:
     summary = {}
     if d.is_main:
         started = time.perf_counter()
-        models = params.paths.models
         for name, stage in (("tokenizer", "train-tokenizer"), ("encoder", "pretrain-encoder")):
-            if not (models / f"{name}.pt").is_file():
-                raise RcgError(f"no {name} model at {models / f'{name}.pt'}: run `rcg {stage}` first")
+            if not params.paths.model_file(name).is_file():
+                raise RcgError(f"no {name} model at {params.paths.model_file(name)}: run `rcg {stage}` first")
         device = device_for(params.runtime)
-        tokenizer, payload = load_tokenizer(models / "tokenizer.pt")
-        encoder = load_encoder_file(models / "encoder.pt")[0].to(device)
+        tokenizer, payload = load_tokenizer(params.paths.model_file("tokenizer"))
+        encoder = load_encoder_file(params.paths.model_file("encoder"))[0].to(device)
         shards, rows = held_out(params.paths.shards, params.tokenizer.eval.num_images)
         metrics = evaluate_tokenizer(tokenizer, encoder, shards, rows, ViewRecipe(**params.views.model_dump()),
                                      params.tokenizer.eval.batch_size, device)

@@ -61,7 +61,7 @@ def import_official(params: Params) -> dict:
     path, config = params.encoder.checkpoint, params.encoder.model.model_dump()
     model = load_encoder_as(path, config)
     summary = {"source": "official", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
-    out = params.paths.models / "encoder.pt"
+    out = params.paths.model_file("encoder")
     save_model_file(out, MODEL_FORMAT, {"model": config}, model.state_dict(), summary=summary)
     CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     return {"output": str(out), **summary}
@@ -105,7 +105,7 @@ def pretrain(params: Params, d: Dist) -> dict:
         return {"loss": net(x1, x2, m), "m": m}
 
     result = loop.run(step, loader)
-    out = params.paths.models / "encoder.pt"
+    out = params.paths.model_file("encoder")
     summary = {"source": "pretrained", "epochs": p.epochs, **result, "world": d.world, "lr": base_lr}
     if d.is_main:
         save_model_file(out, MODEL_FORMAT, {"model": config}, model.base_encoder.state_dict(), summary=summary)

@@ -31,9 +31,9 @@ def _setting(params: Sample, name: str) -> SampleSetting:
 
 def dvc_files(params: Params, name: str) -> Files:
     setting = _setting(params.sample, name)
-    models = params.paths.models
-    files = Files(models / f"pixel-{setting.generator}.pt", models / "tokenizer.pt",
-                  models / "rdm.pt" if setting.reps == "rdm" else None, params.paths.reps, params.paths.shards,
+    paths = params.paths
+    files = Files(paths.model_file("pixel", setting.generator), paths.model_file("tokenizer"),
+                  paths.model_file("rdm") if setting.reps == "rdm" else None, params.paths.reps, params.paths.shards,
                   params.paths.data / "samples" / f"{name}.zarr", params.paths.metrics / "figures" / name)
     for path, stage in ((files.pixel, f"train-pixel {setting.generator}"), (files.tokenizer, "train-tokenizer"),
                         (files.rdm, "train-rdm")):

@@ -138,7 +138,7 @@ def run(params: Params) -> dict:
                        num_val=len(val))
     else:
         log("train_judge: no val split; metrics/judge.json reports the train accuracy only")
-    out = params.paths.models / "judge.pt"
+    out = params.paths.model_file("judge")
     save_model_file(out, MODEL_FORMAT, config, model.state_dict(),
                     summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
     write_json(params.paths.metrics / "judge.json", metrics)

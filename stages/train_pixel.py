@@ -69,7 +69,7 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     torch.manual_seed(params.seed)  # identical init on every rank (the loop then seeds dropout per rank and step)
     model = MAGE(**kwargs).to(device)
     if t.codebook_init:
-        model.init_from_codebook(tokenizer_codebook(params.paths.models / "tokenizer.pt", params.paths.tokens,
+        model.init_from_codebook(tokenizer_codebook(params.paths.model_file("tokenizer"), params.paths.tokens,
                                                     data.identity["tokens"]),
                                  seeded_generator("cpu", params.seed, "pixel.codebook_init"))
     lr = t.blr * t.batch_size / 256
@@ -128,7 +128,7 @@ def run(params: Params, item: str) -> dict:
             raise RcgError(f"importing pixel.checkpoints.{conditioning} needs no torchrun: run it on one process")
         model, summary = load_official_mage_model(checkpoint, kwargs, data.identity["reps"], str(paths.reps),
                                                   data.identity["tokens"], str(paths.tokens),
-                                                  paths.models / "tokenizer.pt")
+                                                  paths.model_file("tokenizer"))
         model, ema = model.to(device), None
         CurveLog(paths.plots / f"{STAGE}-{conditioning}.csv", [])  # what dvc.yaml declares; no training rows
     else:
@@ -156,7 +156,7 @@ def run(params: Params, item: str) -> dict:
             labels["centroids"] = data.centroids
     config = {"model": kwargs, "conditioning": conditioning, "grid": data.grid, "labels": labels,
               "reps": data.identity["reps"], "tokens": data.identity["tokens"], "holdout": p.eval.num_images}
-    out, metrics_path = paths.models / f"pixel-{conditioning}.pt", paths.metrics / f"pixel-{conditioning}.json"
+    out, metrics_path = paths.model_file("pixel", conditioning), paths.metrics / f"pixel-{conditioning}.json"
     save_model_file(out, MODEL_FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None, summary)
     write_json(metrics_path, metrics)
     if "val_loss" in metrics:

@@ -53,7 +53,7 @@ def run(params: Params) -> dict:
     config = {"model": kwargs, "diffusion": rdm["diffusion"], "sample": rdm["sample"], "store": store.identity,
               "whitening": {k: rdm["model"][k] for k in ("whiten_power", "whiten_eps")},
               "min_snr_gamma": None if summary["source"] == "official" else rdm["train"]["min_snr_gamma"]}
-    out_path, metrics_path = params.paths.models / "rdm.pt", params.paths.metrics / "rdm.json"
+    out_path, metrics_path = params.paths.model_file("rdm"), params.paths.metrics / "rdm.json"
     save_model_file(out_path, MODEL_FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None,
                     summary)
     write_json(metrics_path, {**metrics, **{k: summary[k] for k in ("source", "encoder_check") if k in summary}})

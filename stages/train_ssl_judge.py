@@ -120,7 +120,7 @@ def run(params: Params) -> dict:
         return summary
     metrics = {**knn_metrics(base, shards, params, device), "num_train": len(shards),
                "resolution": resolution, "feature_dim": base.feature_dim, "epochs": t.epochs, **summary}
-    out = params.paths.models / "ssl_judge.pt"
+    out = params.paths.model_file("ssl_judge")
     save_model_file(out, MODEL_FORMAT, config, base.state_dict(),
                     summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
     write_json(params.paths.metrics / "ssl_judge.json", metrics)

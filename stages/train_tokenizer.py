@@ -192,7 +192,7 @@ def restart_dead_codes(quantizer: VectorQuantizer, ema: CodebookEMA, z_flat: tor
 
 def run(params: Params) -> dict:
     require_file(params.tokenizer.checkpoint, "tokenizer.checkpoint")
-    out = params.paths.models / "tokenizer.pt"
+    out = params.paths.model_file("tokenizer")
     if params.tokenizer.checkpoint is not None:
         d = distributed.init(params.runtime)
         summary = import_official(params, out) if d.is_main else {"output": str(out)}

@@ -146,3 +146,12 @@ def test_preset_takes_overrides():
     p = preset("imagenet256_vitb", ["sample.num_samples=8", "sample.settings.rcg.guidance=2"])
     assert p.sample.num_samples == 8 and p.sample.settings["rcg"].guidance == 2
     assert p.sample.settings["rcg"].iterations == 20 and p.sample.rdm.steps == 250
+
+
+def test_model_files_are_named_in_one_place():
+    paths = Params().paths
+    assert paths.model_file("encoder") == Path("data/models/encoder.pt")
+    assert paths.model_file("pixel", "rep") == Path("data/models/pixel-rep.pt")
+    for bad in (("pixel",), ("rdm", "rep"), ("vae",)):
+        with pytest.raises(ValueError):
+            paths.model_file(*bad)

@@ -40,6 +40,9 @@ def _is_how_to_run(info: FieldInfo) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- data
+MODEL_FILES = ("encoder", "tokenizer", "rdm", "pixel", "judge", "ssl_judge")  # what data/models/ holds
+
+
 class Paths(Section):
     """Where artifacts live; stage outputs are fixed names under these roots (README, "Running stages")."""
     data: Path = Path("data")
@@ -53,6 +56,15 @@ class Paths(Section):
     def tokens(self) -> Path: return self.data / "tokens.zarr"
     @property
     def models(self) -> Path: return self.data / "models"
+
+    def model_file(self, kind: str, conditioning: str | None = None) -> Path:
+        """The model file a stage writes: ``models/<kind>.pt``, the pixel generators ``models/pixel-<conditioning>.pt``
+        (``kind`` one of MODEL_FILES)."""
+        if kind not in MODEL_FILES:
+            raise ValueError(f"unknown model file kind {kind!r} (one of {', '.join(MODEL_FILES)})")
+        if (kind == "pixel") != (conditioning is not None):
+            raise ValueError("a pixel generator's file is named by its conditioning, and only a pixel generator's")
+        return self.models / (f"pixel-{conditioning}.pt" if kind == "pixel" else f"{kind}.pt")
     @property
     def state(self) -> Path: return self.data / "state"
     @property

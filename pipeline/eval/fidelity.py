@@ -343,8 +343,8 @@ def scored_spaces(cfg: Score) -> list[str]:
 
 def extractor_weights(params: Params, space: str) -> Path:
     """The file each space's extractor loads: the trained judge / encoder model files, or Inception's weights."""
-    return {"judge": params.paths.models / "judge.pt", "encoder": params.paths.models / "encoder.pt",
-            "ssl_judge": params.paths.models / "ssl_judge.pt", "inception": params.score.inception_weights}[space]
+    return {"judge": params.paths.model_file("judge"), "encoder": params.paths.model_file("encoder"),
+            "ssl_judge": params.paths.model_file("ssl_judge"), "inception": params.score.inception_weights}[space]
 
 
 def reference_dir(params: Params) -> Path:

@@ -57,7 +57,7 @@ def build_rep_store(params, d: Dist, device: torch.device) -> tuple[StoreWriter,
 
     The store's identity names the encoder file, its config and weights hash (what train_rdm checks an official
     RDM against) and how views become reps. Returns the writer (the main rank finalises it) and timing stats."""
-    path = params.paths.models / "encoder.pt"
+    path = params.paths.model_file("encoder")
     model, payload = load_frozen_encoder(path, device)
     dim = payload["config"]["model"]["proj_dim"]
     identity = {

@@ -47,7 +47,7 @@ def tokenizer_fn(model: VQGAN, device: torch.device, bf16: bool) -> Callable[[to
 def build_token_store(params, d: Dist, device: torch.device) -> tuple[StoreWriter, dict]:
     """Tokenize this rank's pending chunks into ``tokens.zarr.partial`` (rank 0 creates or vets the partial).
     Returns the writer (the main rank finalises it) and timing stats."""
-    path = params.paths.models / "tokenizer.pt"
+    path = params.paths.model_file("tokenizer")
     model, payload = load_frozen_tokenizer(path, device)
     recipe = ViewRecipe(**params.views.model_dump())
     f = model.downsample_factor
