@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.core.artifacts import load_checkpoint, weights_sha256
+from pipeline.core.artifacts import is_model_file, load_checkpoint, weights_sha256
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
@@ -47,7 +47,7 @@ def read_image(path: Path, flag: str) -> Image.Image:
 def load_any_encoder(path: Path) -> MoCoViT:
     """An "rcg-encoder" model file or an official MoCo v3 checkpoint."""
     ckpt = load_checkpoint(path)
-    return load_encoder_file(path)[0] if isinstance(ckpt, dict) and "format" in ckpt else load_encoder(path)
+    return load_encoder_file(path)[0] if is_model_file(ckpt) else load_encoder(path)
 
 
 def run(params: Params, image: Path, box: str, out: Path, rep_from: Path | None = None, rep_from_rdm: bool = False,

@@ -328,6 +328,22 @@ def test_imports_an_official_checkpoint(tmp_path):
     assert metrics["source"] == "official" and metrics["weights"] == "ema" and metrics["fd_generated"] > 0
 
 
+def test_an_official_file_loads_without_a_store(tmp_path):
+    """official_rdm needs the file alone: the raw weights in eval mode, the EMA beside them, the file's config."""
+    from pipeline.models.rdm import official_rdm
+    ckpt = tmp_path / "checkpoint-last.pth"
+    config = rdm_kwargs(micro_params(tmp_path).rdm.model)
+    src = official_file(ckpt, config, ENCODER)
+    model, ema, got, sd = official_rdm(ckpt)
+    assert got == {k: v for k, v in config.items() if k != "dropout"} and not model.training
+    assert "pretrained_encoder.cls_token" in sd
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[k], v)
+    ema.copy_to(model.net)
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[k], v + 0.5)
+
+
 def test_official_checkpoint_must_fit_the_store_and_params(tmp_path):
     ckpt = tmp_path / "checkpoint-last.pth"
     config = rdm_kwargs(micro_params(tmp_path).rdm.model)

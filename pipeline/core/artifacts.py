@@ -93,10 +93,16 @@ def save_torch(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def is_model_file(ckpt: Any) -> bool:
+    """Whether a loaded checkpoint is one of our model files (:func:`save_model_file`) rather than an official
+    checkpoint: the one ours-or-official test."""
+    return isinstance(ckpt, dict) and "format" in ckpt
+
+
 def load_model_file(path: str | Path, fmt: str) -> dict:
     """Read a model file written by :func:`save_model_file` and check it is the expected kind."""
     payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or "format" not in payload:
+    if not is_model_file(payload):
         raise RcgError(f"{path} is not an rcg model file (no 'format' key); "
                        "official checkpoints are imported by the stage that owns them")
     if payload["format"] != fmt:

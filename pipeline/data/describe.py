@@ -45,9 +45,9 @@ def _store(path: Path) -> dict:
 def _model(path: Path) -> dict:
     import argparse
 
-    from pipeline.core.artifacts import load_checkpoint
+    from pipeline.core.artifacts import is_model_file, load_checkpoint
     payload = load_checkpoint(path, safe_globals=(argparse.Namespace,))
-    if isinstance(payload, dict) and "format" in payload and "state_dict" in payload:
+    if is_model_file(payload) and "state_dict" in payload:
         sd = payload["state_dict"]
         return {"kind": "model file", "path": str(path), "format": payload["format"],
                 "version": payload.get("version"), "parameters": sum(t.numel() for t in sd.values()),

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.core.artifacts import file_sha256, load_checkpoint, weights_sha256
+from pipeline.core.artifacts import file_sha256, is_model_file, load_checkpoint, weights_sha256
 from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import autocast as runtime_autocast
@@ -38,7 +38,7 @@ from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.mocov3_weights import import_mocov3_state_dict
 from pipeline.models.mage import MAGE, load_pixel
 from pipeline.models.mage_official import convert_official_mage, official_layout
-from pipeline.models.rdm import RDM, convert_official_rdm, load_rdm, official_rdm_encoder
+from pipeline.models.rdm import RDM, load_rdm, official_rdm, official_rdm_encoder
 from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
 from pipeline.core.rng import purpose, seeded_generator
 
@@ -93,7 +93,7 @@ class Models:
 def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
     """An "rcg-rdm" model file or an official RCG RDM checkpoint, in eval mode with its EMA weights."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
-    if isinstance(ckpt, dict) and "format" in ckpt:
+    if is_model_file(ckpt):
         model, config = load_rdm(path)
         diffusion = GaussianDiffusion(**config["diffusion"])
         encoder = ((config.get("store") or {}).get("encoder") or {}).get("weights_sha256")
@@ -101,13 +101,9 @@ def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
         sd = ckpt.get("model", ckpt.get("state_dict")) if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
             raise RcgError(f"{path} is neither an rcg-rdm model file nor an official RDM checkpoint")
-        try:
-            config, net, ema, cond = convert_official_rdm(sd)
-        except RcgError as exc:
-            raise RcgError(f"{path}: {exc}") from None
-        model = RDM(**config)
-        model.net.load_state_dict(ema if ema is not None else net)
-        model.cond_stage_model.load_state_dict(cond)
+        model, ema, _, _ = official_rdm(path, sd=sd)
+        if ema is not None:
+            ema.copy_to(model.net)  # RCG samples with the EMA weights
         embedded = official_rdm_encoder(sd)
         encoder = weights_sha256(import_mocov3_state_dict(embedded)) if embedded else None
         diffusion = GaussianDiffusion()
@@ -117,7 +113,7 @@ def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
 def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
     """An "rcg-tokenizer" model file or a raw VQGAN checkpoint (the official one), frozen, in eval mode."""
     ckpt = load_checkpoint(path)
-    model = load_tokenizer(path)[0] if isinstance(ckpt, dict) and "format" in ckpt else load_official_vqgan(path)
+    model = load_tokenizer(path)[0] if is_model_file(ckpt) else load_official_vqgan(path)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -126,7 +122,7 @@ def load_pixel_file(path: str | Path, device: torch.device) -> LoadedPixel:
     (square grid; heads inferred for MAGE-B/L), with what the compatibility checks compare: ours record the
     stores they were trained on, an official file embeds its encoder and VQGAN, whose weights are hashed."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
-    if isinstance(ckpt, dict) and "format" in ckpt:
+    if is_model_file(ckpt):
         model, payload = load_pixel(path)
         config = payload["config"]
         tokens, reps = config.get("tokens") or {}, config.get("reps") or {}

@@ -338,6 +338,24 @@ def check_official_encoder(embedded: dict, store_identity: dict, store_name: str
     return "weights"
 
 
+def official_rdm(path: str | Path, device: torch.device | str = "cpu",
+                 sd: Mapping[str, Any] | None = None) -> tuple[RDM, EMA | None, dict, Mapping[str, Any]]:
+    """An official RCG RDM file as a model, with nothing else to check against: (RDM on ``device`` in eval mode
+    with the file's raw weights, its EMA or None, ``RDM(**config)``'s config, the file's state dict). RCG samples
+    with the EMA: ``ema.copy_to(model.net)``. The one place an official RDM becomes a model."""
+    sd = read_official_rdm(path) if sd is None else sd
+    config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
+    model = RDM(**config)
+    model.net.load_state_dict(net_sd)
+    model.cond_stage_model.load_state_dict(cond_sd)
+    model.to(device)
+    ema = None
+    if ema_sd is not None:
+        ema = EMA(model.net)  # evaluated, never updated: the decay does not matter
+        ema.load_state_dict(ema_sd)
+    return model.eval(), ema, config, sd
+
+
 def load_official_rdm_model(path: Path, ours: dict, whiten_power: float, schedule: Mapping[str, Any],
                             store_identity: dict, store_name: str,
                             device: torch.device) -> tuple[RDM, EMA | None, dict, dict]:
@@ -347,7 +365,7 @@ def load_official_rdm_model(path: Path, ours: dict, whiten_power: float, schedul
     ``rdm.diffusion`` fields) is the official one and that it was trained on the encoder the store
     (``store_identity``) was made with."""
     sd = read_official_rdm(path)
-    config, net_sd, ema_sd, cond_sd = load_official_rdm(path, sd)
+    config = load_official_rdm(path, sd)[0]
     diffs = [f"{k} {ours[k]} (file: {config[k]})" for k in config if ours[k] != config[k]]
     if whiten_power:
         diffs.append(f"whiten_power {whiten_power} (official RDMs run on the raw reps: 0)")
@@ -357,15 +375,8 @@ def load_official_rdm_model(path: Path, ours: dict, whiten_power: float, schedul
         raise RcgError(f"rdm.checkpoint {path} uses the official schedule (T=1000, 0.0015..0.0195); "
                        "rdm.diffusion must keep its defaults")
     encoder_check = check_official_encoder(official_rdm_encoder(sd), store_identity, store_name, path)
-    model = RDM(**config)
-    model.net.load_state_dict(net_sd)
-    model.cond_stage_model.load_state_dict(cond_sd)
-    model.to(device)
-    ema = None
-    if ema_sd is not None:
-        ema = EMA(model.net)  # evaluated, never updated: the decay does not matter
-        ema.load_state_dict(ema_sd)
-    else:
+    model, ema, config, _ = official_rdm(path, device, sd)
+    if ema is None:
         log(f"warning: {path} has no EMA weights; evaluating its raw weights")
     return model, ema, config, {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path),
                                 "encoder_check": encoder_check}
