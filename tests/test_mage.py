@@ -129,6 +129,22 @@ def test_loss_counts_masked_positions_only():
     assert accuracy == (logits.argmax(-1) == tokens)[masked].float().mean()
 
 
+def test_loss_takes_its_masks_and_null_slots_from_the_caller():
+    """masked=, dropped=, null= replace the draws: given the generator's own draws, the same loss; others, another."""
+    model = tiny().eval()
+    tokens, reps = torch.randint(32, (6, 16)), torch.randn(6, 8)
+    drawn, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    null = torch.rand(6, generator=gen) < 0.1
+    masked, dropped, _ = model.sample_masks(6, gen)
+    given, _ = masked_token_loss(model, tokens, reps, None, masked=masked, dropped=dropped, null=null)
+    assert torch.equal(given, drawn)
+    other, _ = masked_token_loss(model, tokens, reps, None, masked=masked, dropped=dropped, null=~null)
+    assert not torch.equal(other, drawn)
+    with pytest.raises(RcgError, match="together"):
+        masked_token_loss(model, tokens, reps, gen, masked=masked)
+
+
 def test_loss_through_a_compiled_wrapper():
     """runtime.compile hands the loss a torch.compile wrapper as ``net``: it must be called, not truth-tested
     (an OptimizedModule has no len()). The eager backend traces the same graph without a C++ build."""
@@ -228,6 +244,20 @@ def test_decoding_mask_counts_one_batch_guidance_and_seeds():
     again = decode_tokens(model, cond, torch.Generator().manual_seed(1), num_iter=20, guidance=3.0)
     other = decode_tokens(model, cond, torch.Generator().manual_seed(2), num_iter=20, guidance=3.0)
     assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_a_decoding_step_returns_the_logits_it_sampled_from():
+    from pipeline.gen.masked_decoding import decode_step
+    model = tiny(seq_len=256).eval()
+    cond = model.condition(torch.randn(3, 8))
+    out = decode_tokens(model, cond, torch.Generator().manual_seed(1), num_iter=4, guidance=2.0)
+    gen, slots = torch.Generator().manual_seed(1), torch.cat([cond, model.null_condition(3)])
+    ids = torch.full((3, 256), model.mask_id)
+    to_decode = torch.full((3, 1), 256.0, dtype=torch.float64)
+    for step in range(4):
+        ids, sampled, logits = decode_step(model, ids, slots, step, 4, to_decode, gen, 6.0, 2.0, return_logits=True)
+        assert logits.shape == (3, 256, 32)
+    assert torch.equal(sampled, out)  # the steps by hand are decode_tokens
 
 
 def test_guidance_zero_runs_one_branch_and_guidance_changes_the_result():

@@ -116,6 +116,10 @@ def test_sample_reps_maps_back_to_the_store_space():
     z = d.ddim_sample(model, (5, 8), y, steps=10, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(reps, z @ model.whitening.inverse_map.T + 2.0)
     assert {"whitening.mean", "whitening.forward_map", "whitening.inverse_map"} <= set(model.state_dict())
+    g = torch.Generator().manual_seed(4)  # x_T and noise passed through: the generator's own draws, the same reps
+    x_T = torch.randn(5, 8, generator=g)
+    noise = torch.stack([torch.randn(5, 8, generator=g) for _ in range(10)])
+    assert torch.equal(sample_reps(model, d, y, steps=10, x_T=x_T, noise=noise), reps)
 
 
 def _randomize(model):

@@ -57,20 +57,35 @@ def decode_tokens(model: MAGE, cond: torch.Tensor, generator: torch.Generator, n
     to_decode = (ids == model.mask_id).sum(1, keepdim=True).double()  # N of the schedule: L unless infilling
     sampled = ids
     for step in range(num_iter):
-        logits = model(torch.cat([ids, ids]) if guidance > 0 else ids, slots).float()
-        if guidance > 0:
-            logits = guided_logits(*logits.chunk(2), guidance_scale(guidance, step, num_iter))
-        logp = torch.log_softmax(logits, -1)
-        unknown = ids == model.mask_id
-        draw = (logp + gumbel(logp.shape, generator, device)).argmax(-1)  # Gumbel-max: a softmax sample
-        sampled = torch.where(unknown, draw, ids)
-        ratio = (step + 1) / num_iter
-        n_mask = torch.floor(to_decode * math.cos(math.pi / 2 * ratio))
-        n_mask = torch.maximum(torch.ones_like(n_mask), torch.minimum(unknown.sum(1, keepdim=True) - 1, n_mask))
-        confidence = logp.gather(-1, draw[..., None])[..., 0]
-        confidence = confidence + choice_temperature * (1 - ratio) * gumbel(confidence.shape, generator, device)
-        confidence = confidence.masked_fill(~unknown, math.inf)
-        cutoff = confidence.sort(-1).values.gather(-1, n_mask.long() - 1)
-        remask = (confidence <= cutoff) & unknown.any(1, keepdim=True)  # ties can re-mask more (official)
-        ids = torch.where(remask, model.mask_id, sampled)
+        ids, sampled = decode_step(model, ids, slots, step, num_iter, to_decode, generator, choice_temperature,
+                                   guidance)
     return sampled
+
+
+@torch.no_grad()
+def decode_step(model: MAGE, ids: torch.Tensor, slots: torch.Tensor, step: int, num_iter: int,
+                to_decode: torch.Tensor, generator: torch.Generator, choice_temperature: float = 6.0,
+                guidance: float = 0.0, return_logits: bool = False) -> tuple[torch.Tensor, ...]:
+    """Step ``step`` of ``num_iter`` of :func:`decode_tokens`: ``ids`` [B, L] (``model.mask_id`` where unknown),
+    ``slots`` the slot vectors ([2B, rep_dim] with the unconditional half when ``guidance`` > 0), ``to_decode``
+    [B, 1] the schedule's N per row (float64). -> (the ids for the next step, this step's sampled ids[, with
+    ``return_logits`` the logits [B, L, codebook] they were sampled from, guidance applied]): an outside check
+    can compare a step's logits with the official code's."""
+    device = slots.device
+    logits = model(torch.cat([ids, ids]) if guidance > 0 else ids, slots).float()
+    if guidance > 0:
+        logits = guided_logits(*logits.chunk(2), guidance_scale(guidance, step, num_iter))
+    logp = torch.log_softmax(logits, -1)
+    unknown = ids == model.mask_id
+    draw = (logp + gumbel(logp.shape, generator, device)).argmax(-1)  # Gumbel-max: a softmax sample
+    sampled = torch.where(unknown, draw, ids)
+    ratio = (step + 1) / num_iter
+    n_mask = torch.floor(to_decode * math.cos(math.pi / 2 * ratio))
+    n_mask = torch.maximum(torch.ones_like(n_mask), torch.minimum(unknown.sum(1, keepdim=True) - 1, n_mask))
+    confidence = logp.gather(-1, draw[..., None])[..., 0]
+    confidence = confidence + choice_temperature * (1 - ratio) * gumbel(confidence.shape, generator, device)
+    confidence = confidence.masked_fill(~unknown, math.inf)
+    cutoff = confidence.sort(-1).values.gather(-1, n_mask.long() - 1)
+    remask = (confidence <= cutoff) & unknown.any(1, keepdim=True)  # ties can re-mask more (official)
+    ids = torch.where(remask, model.mask_id, sampled)
+    return (ids, sampled, logits) if return_logits else (ids, sampled)

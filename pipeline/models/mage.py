@@ -255,17 +255,28 @@ class MAGE(nn.Module):
         return masked, rank < self.num_dropped, ratio.float()
 
 
-def masked_token_loss(model: MAGE, tokens: torch.Tensor, c: torch.Tensor | None, generator: torch.Generator,
-                      net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_token_loss(model: MAGE, tokens: torch.Tensor, c: torch.Tensor | None, generator: torch.Generator | None,
+                      net: nn.Module | None = None, *, masked: torch.Tensor | None = None,
+                      dropped: torch.Tensor | None = None,
+                      null: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MAGE's training loss on codebook ids ``tokens`` [B, L] with conditioning input ``c`` (reps, labels or None):
     label-smoothed cross-entropy averaged over the masked positions only (dropped ones count as masked), with
     the slot dropped to ``fake_latent`` with probability ``rep_drop_prob`` per sample. All randomness comes from
     ``generator``. ``net`` is the module to call (a DDP / compiled wrapper of ``model``). -> (loss, accuracy of
-    the argmax on the masked positions)."""
+    the argmax on the masked positions).
+
+    ``null`` [B] bool (the samples whose slot is the null rep) and ``masked`` / ``dropped`` [B, L] bool (given
+    together; ``dropped`` a subset of ``masked``), when given, are used instead of draws from ``generator`` (as
+    ``GaussianDiffusion.training_loss`` takes ``t`` and ``noise``): an outside check can pin them. What is not
+    given is drawn in the same order as without them (``null``, then the masks)."""
+    if (masked is None) != (dropped is None):
+        raise RcgError("masked_token_loss: give masked and dropped together")
     b, device = len(tokens), tokens.device
-    null = torch.rand(b, generator=generator, device=device) < model.rep_drop_prob
+    if null is None:
+        null = torch.rand(b, generator=generator, device=device) < model.rep_drop_prob
     cond = model.condition(c, null=null, batch=b)
-    masked, dropped, _ = model.sample_masks(b, generator, device)
+    if masked is None:
+        masked, dropped, _ = model.sample_masks(b, generator, device)
     logits = (model if net is None else net)(tokens.masked_fill(masked, model.mask_id), cond, dropped)
     ce = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none",
                          label_smoothing=model.label_smoothing).view(b, -1)

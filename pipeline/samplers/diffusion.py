@@ -136,8 +136,10 @@ class GaussianDiffusion(nn.Module):
 
 @torch.no_grad()
 def sample_reps(model: RDM, diffusion: GaussianDiffusion, labels: torch.Tensor, steps: int = 250, eta: float = 1.0,
-                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[len(labels), D] representations in the store's space: DDIM in the RDM's space, mapped back."""
+                temperature: float = 1.0, generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(labels), D] representations in the store's space: DDIM in the RDM's space, mapped back. ``x_T`` and
+    ``noise`` (in the RDM's space) go to :meth:`GaussianDiffusion.ddim_sample`: given, they replace the draws."""
     z = diffusion.ddim_sample(model, (len(labels), model.whitening.mean.numel()), labels, steps=steps, eta=eta,
-                              temperature=temperature, generator=generator)
+                              temperature=temperature, generator=generator, x_T=x_T, noise=noise)
     return model.whitening.decode(z)
