@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import builtin_shards, images_per_s  # noqa: E402
-from pipeline.core.artifacts import save_model_file  # noqa: E402
+from pipeline.core.artifacts import save_model  # noqa: E402
 from pipeline.core.config import load_params  # noqa: E402
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT  # noqa: E402
+from pipeline.models.encoder import MoCoViT  # noqa: E402
 from pipeline.core.runtime import configure, device_for  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def make_inputs(root: Path, size: int, overrides: list[str]) -> list[str]:
     params = load_params(None, overrides)
     config = params.encoder.model.model_dump()
     torch.manual_seed(0)
-    save_model_file(params.paths.model_file("encoder"), MODEL_FORMAT, {"model": config},
+    save_model("encoder", params.paths.model_file("encoder"), {"model": config},
                     MoCoViT(**config).state_dict(), summary={"source": "bench"})
     return overrides
 

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import load_params  # noqa: E402
 from pipeline.eval.metrics import frechet_distance, gaussian_stats  # noqa: E402
-from pipeline.models.rdm import load_rdm  # noqa: E402
+import pipeline.models.rdm  # noqa: E402,F401  (registers the "rdm" model kind)
+from pipeline.core.artifacts import load_model  # noqa: E402
 from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps  # noqa: E402
 from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
 from pipeline.eval.rdm_eval import draw_reps  # noqa: E402
@@ -65,7 +66,8 @@ def main() -> None:
     params = load_params(Path("params.yaml"), args.overrides)
     device = torch.device("cpu")
     store = load_store(params.paths.reps, params.rdm.model, device)
-    model, config = load_rdm(params.paths.model_file("rdm"))  # EMA weights, as RCG samples
+    model, payload = load_model("rdm", params.paths.model_file("rdm"))  # EMA weights, as RCG samples
+    config = payload["config"]
     diffusion = GaussianDiffusion(**config["diffusion"])
     n, v, dim = store.shape
     m = args.samples

@@ -32,13 +32,13 @@ def main() -> None:
     ap.add_argument("--inception", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
-    from pipeline.core.artifacts import save_model_file
+    from pipeline.core.artifacts import save_model
     from pipeline.core.config import load_params
     from pipeline.data.eval_images import ShardImages
     from pipeline.data.sample_store import SampleWriter
     from pipeline.data.shards import ShardSet
     from pipeline.eval.fidelity import create_extractor, extract
-    from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
+    from pipeline.models.encoder import MoCoViT
 
     root = a.root.resolve()
     if a.threads:
@@ -57,7 +57,7 @@ def main() -> None:
     if not enc.is_file():
         torch.manual_seed(0)
         cfg = params.encoder.model.model_dump()
-        save_model_file(enc, MODEL_FORMAT, {"model": cfg}, MoCoViT(**cfg).state_dict(), summary={"source": "random"})
+        save_model("encoder", enc, {"model": cfg}, MoCoViT(**cfg).state_dict(), summary={"source": "random"})
     judged = run_stage("train_judge", params, root)
     print(json.dumps({"what": "train_judge", "threads": torch.get_num_threads(), **judged}))
     ssl = run_stage("train_ssl_judge", params, root)

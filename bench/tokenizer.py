@@ -27,7 +27,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 from bench.common import builtin_shards, images_per_s  # noqa: E402
-from pipeline.core.artifacts import save_model_file  # noqa: E402
+from pipeline.core.artifacts import save_model  # noqa: E402
 from pipeline.core.config import load_params, preset  # noqa: E402
 from pipeline.core.runtime import configure, device_for  # noqa: E402
 
@@ -44,12 +44,12 @@ def make_inputs(root: Path, images: int, overrides: list[str]) -> list[str]:
     """Built-in shards and a random-init tokenizer file; returns the params overrides."""
     import torch
 
-    from pipeline.models.vqgan import MODEL_FORMAT, VQGAN, model_kwargs
+    from pipeline.models.vqgan import VQGAN, model_kwargs
     overrides = builtin_shards(root, images, overrides)
     params = load_params(None, overrides)
     kwargs = model_kwargs(params.tokenizer.model)
     torch.manual_seed(0)
-    save_model_file(params.paths.model_file("tokenizer"), MODEL_FORMAT, {"model": kwargs}, VQGAN(**kwargs).state_dict(),
+    save_model("tokenizer", params.paths.model_file("tokenizer"), {"model": kwargs}, VQGAN(**kwargs).state_dict(),
                     summary={"source": "bench"})
     return overrides
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.core.artifacts import is_model_file, load_checkpoint, weights_sha256
+from pipeline.core.artifacts import is_model_file, load_checkpoint, load_model, weights_sha256
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
 from pipeline.gen import figures as fig
 from pipeline.gen.editing import edit, fit_image
 from pipeline.gen.rcg import load_models
-from pipeline.models.encoder import MoCoViT, image_rep, load_encoder, load_encoder_file
+from pipeline.models.encoder import MoCoViT, image_rep, load_encoder
 from pipeline.samplers.diffusion import sample_reps
 from pipeline.core.rng import seeded_generator
 
@@ -47,7 +47,7 @@ def read_image(path: Path, flag: str) -> Image.Image:
 def load_any_encoder(path: Path) -> MoCoViT:
     """An "rcg-encoder" model file or an official MoCo v3 checkpoint."""
     ckpt = load_checkpoint(path)
-    return load_encoder_file(path)[0] if is_model_file(ckpt) else load_encoder(path)
+    return load_model("encoder", path)[0] if is_model_file(ckpt) else load_encoder(path)
 
 
 def run(params: Params, image: Path, box: str, out: Path, rep_from: Path | None = None, rep_from_rdm: bool = False,

@@ -7,14 +7,14 @@ shape -> ``metrics/encoder.json`` (docs/metrics.md).
 from __future__ import annotations
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import write_json
+from pipeline.core.artifacts import load_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.stores import StoreWriter, open_store
 from pipeline.models.view_encoder import build_rep_store
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.encoder_eval import encoder_knn_probe
-from pipeline.models.encoder import load_encoder_file
+import pipeline.models.encoder  # noqa: F401  (registers the "encoder" model kind)
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "views", "encode"]
@@ -23,7 +23,7 @@ PARAMS = ["seed", "views", "encode"]
 def finish(params: Params, writer: StoreWriter, stats: dict) -> dict:
     """Main rank, after every rank is done: move the store into place, probe it, write the metrics."""
     writer.finalize()
-    payload = load_encoder_file(params.paths.model_file("encoder"))[1]
+    payload = load_model("encoder", params.paths.model_file("encoder"))[1]
     metrics = encoder_knn_probe(params.paths.reps, params.paths.shards, ViewRecipe(**params.views.model_dump()),
                                 payload["config"], params.encode, params.seed, device_for(params.runtime))
     out = params.paths.metrics / "encoder.json"

@@ -13,15 +13,15 @@ import time
 import numpy as np
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import write_json
+from pipeline.core.artifacts import load_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import device_for
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.tokenizer_eval import evaluate_tokenizer, held_out, reconstructions
 from pipeline.gen.figures import interleave, save_png
-from pipeline.models.encoder import load_encoder_file
-from pipeline.models.vqgan import load_tokenizer
+import pipeline.models.encoder  # noqa: F401  (registers the "encoder" model kind)
+import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["views", "tokenizer.eval"]
@@ -37,8 +37,8 @@ def run(params: Params) -> dict:
             if not params.paths.model_file(name).is_file():
                 raise RcgError(f"no {name} model at {params.paths.model_file(name)}: run `rcg {stage}` first")
         device = device_for(params.runtime)
-        tokenizer, payload = load_tokenizer(params.paths.model_file("tokenizer"))
-        encoder = load_encoder_file(params.paths.model_file("encoder"))[0].to(device)
+        tokenizer, payload = load_model("tokenizer", params.paths.model_file("tokenizer"))
+        encoder = load_model("encoder", params.paths.model_file("encoder"))[0].to(device)
         shards, rows = held_out(params.paths.shards, params.tokenizer.eval.num_images)
         metrics = evaluate_tokenizer(tokenizer, encoder, shards, rows, ViewRecipe(**params.views.model_dump()),
                                      params.tokenizer.eval.batch_size, device)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import file_sha256, save_model_file
+from pipeline.core.artifacts import file_sha256, save_model
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import require_file
@@ -21,7 +21,7 @@ from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb
 from pipeline.data.shards import ShardSet
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_as
+from pipeline.models.encoder import MoCoViT, load_encoder_as
 from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
@@ -62,7 +62,7 @@ def import_official(params: Params) -> dict:
     model = load_encoder_as(path, config)
     summary = {"source": "official", "checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
     out = params.paths.model_file("encoder")
-    save_model_file(out, MODEL_FORMAT, {"model": config}, model.state_dict(), summary=summary)
+    save_model("encoder", out, {"model": config}, model.state_dict(), summary=summary)
     CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     return {"output": str(out), **summary}
 
@@ -108,7 +108,7 @@ def pretrain(params: Params, d: Dist) -> dict:
     out = params.paths.model_file("encoder")
     summary = {"source": "pretrained", "epochs": p.epochs, **result, "world": d.world, "lr": base_lr}
     if d.is_main:
-        save_model_file(out, MODEL_FORMAT, {"model": config}, model.base_encoder.state_dict(), summary=summary)
+        save_model("encoder", out, {"model": config}, model.base_encoder.state_dict(), summary=summary)
     d.barrier()
     return {"output": str(out), **summary}
 

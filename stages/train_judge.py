@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import file_sha256, save_model_file, write_json
+from pipeline.core.artifacts import file_sha256, save_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
@@ -27,7 +27,7 @@ from pipeline.core.progress import log, progress
 from pipeline.core.runtime import device_for
 from pipeline.data.eval_images import ShardImages
 from pipeline.data.shards import INDEX_FILE, META_FILE, ShardSet
-from pipeline.models.judge import MODEL_FORMAT, Judge, judge_input
+from pipeline.models.judge import Judge, judge_input
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop, param_groups
@@ -139,7 +139,7 @@ def run(params: Params) -> dict:
     else:
         log("train_judge: no val split; metrics/judge.json reports the train accuracy only")
     out = params.paths.model_file("judge")
-    save_model_file(out, MODEL_FORMAT, config, model.state_dict(),
+    save_model("judge", out, config, model.state_dict(),
                     summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
     write_json(params.paths.metrics / "judge.json", metrics)
     d.barrier()

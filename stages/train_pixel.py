@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import load_model_file, save_model_file, write_json
+from pipeline.core.artifacts import load_model_file, save_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError, require_file
@@ -28,7 +28,7 @@ from pipeline.core.runtime import device_for
 from pipeline.data.alignment import check_tokenizer
 from pipeline.data.pixel_data import PixelBatches, PixelData, load_pixel_data
 from pipeline.eval.pixel_eval import masked_token_eval
-from pipeline.models.mage import CONDITIONINGS, MAGE, MODEL_FORMAT, mage_kwargs, masked_token_loss
+from pipeline.models.mage import CONDITIONINGS, MAGE, mage_kwargs, masked_token_loss
 from pipeline.models.mage_official import load_official_mage_model
 from pipeline.models.vqgan import MODEL_FORMAT as TOKENIZER_FORMAT
 from pipeline.models.ema import EMA
@@ -157,7 +157,7 @@ def run(params: Params, item: str) -> dict:
     config = {"model": kwargs, "conditioning": conditioning, "grid": data.grid, "labels": labels,
               "reps": data.identity["reps"], "tokens": data.identity["tokens"], "holdout": p.eval.num_images}
     out, metrics_path = paths.model_file("pixel", conditioning), paths.metrics / f"pixel-{conditioning}.json"
-    save_model_file(out, MODEL_FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None, summary)
+    save_model("pixel", out, config, model.state_dict(), ema.state_dict() if ema is not None else None, summary)
     write_json(metrics_path, metrics)
     if "val_loss" in metrics:
         log(f"{STAGE}@{conditioning}: val loss {metrics['val_loss']:.4f} (unconditional slot "

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import save_model_file, write_json
+from pipeline.core.artifacts import save_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError, require_file
 from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.rep_store import load_store, store_stats
 from pipeline.eval.rdm_eval import evaluate
-from pipeline.models.rdm import MODEL_FORMAT, load_official_rdm_model, rdm_kwargs
+from pipeline.models.rdm import load_official_rdm_model, rdm_kwargs
 from pipeline.train.rdm import STAGE, train_rdm
 from pipeline.train.state import CurveLog
 
@@ -54,7 +54,7 @@ def run(params: Params) -> dict:
               "whitening": {k: rdm["model"][k] for k in ("whiten_power", "whiten_eps")},
               "min_snr_gamma": None if summary["source"] == "official" else rdm["train"]["min_snr_gamma"]}
     out_path, metrics_path = params.paths.model_file("rdm"), params.paths.metrics / "rdm.json"
-    save_model_file(out_path, MODEL_FORMAT, config, model.state_dict(), ema.state_dict() if ema is not None else None,
+    save_model("rdm", out_path, config, model.state_dict(), ema.state_dict() if ema is not None else None,
                     summary)
     write_json(metrics_path, {**metrics, **{k: summary[k] for k in ("source", "encoder_check") if k in summary}})
     log(f"train_rdm: FD generated {metrics['fd_generated']:.4f} vs lower bound {metrics['fd_lower_bound']:.4f} "

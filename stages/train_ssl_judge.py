@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import file_sha256, save_model_file, write_json
+from pipeline.core.artifacts import file_sha256, save_model, write_json
 from pipeline.core.config import Params
 from pipeline.core.progress import progress
 from pipeline.core.runtime import device_for
@@ -28,7 +28,7 @@ from pipeline.data.eval_images import ShardImages
 from pipeline.data.shards import INDEX_FILE, META_FILE, ShardSet
 from pipeline.eval.probes import knn_accuracy
 from pipeline.models.moco import TwoCropAugment, momentum_at
-from pipeline.models.ssl_judge import MODEL_FORMAT, MoCoConv, SslJudgeNet, resized_crops
+from pipeline.models.ssl_judge import MoCoConv, SslJudgeNet, resized_crops
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.loop import TrainLoop, param_groups
@@ -121,7 +121,7 @@ def run(params: Params) -> dict:
     metrics = {**knn_metrics(base, shards, params, device), "num_train": len(shards),
                "resolution": resolution, "feature_dim": base.feature_dim, "epochs": t.epochs, **summary}
     out = params.paths.model_file("ssl_judge")
-    save_model_file(out, MODEL_FORMAT, config, base.state_dict(),
+    save_model("ssl_judge", out, config, base.state_dict(),
                     summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
     write_json(params.paths.metrics / "ssl_judge.json", metrics)
     d.barrier()

@@ -17,13 +17,13 @@ import torch.distributed as tdist
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
-from pipeline.core.artifacts import file_sha256, save_model_file
+from pipeline.core.artifacts import file_sha256, save_model
 from pipeline.core.config import Params
 from pipeline.core.errors import RcgError, require_file
 from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb, resize_short_side
 from pipeline.data.shards import ShardSet
-from pipeline.models.vqgan import ARCH, MODEL_FORMAT, model_kwargs
+from pipeline.models.vqgan import ARCH, model_kwargs
 from pipeline.models.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
                                    load_official_vqgan)
 from pipeline.models.vqgan_loss import VQGANLoss
@@ -76,7 +76,7 @@ def import_official(params: Params, out: Path) -> dict:
         raise RcgError(f"{path} does not match tokenizer.model ({'; '.join(diffs)}); "
                        f"set tokenizer.model to the file's architecture")
     summary = {"source": "official", "checkpoint": str(path), "sha256": file_sha256(path)}
-    save_model_file(out, MODEL_FORMAT, {"model": wanted}, model.state_dict(), summary=summary)
+    save_model("tokenizer", out, {"model": wanted}, model.state_dict(), summary=summary)
     CurveLog(params.paths.plots / f"{STAGE}.csv", [])  # what dvc.yaml declares; no training rows
     return {"output": str(out), **summary, "model": wanted}
 
@@ -171,7 +171,7 @@ def train(params: Params, out: Path) -> dict:
     d.barrier()
     summary = {"source": "trained", **result, "final": {k: round(v, 6) for k, v in loop.final.items()}}
     if d.is_main:
-        save_model_file(out, MODEL_FORMAT, {"model": kwargs}, model.state_dict(), summary=summary)
+        save_model("tokenizer", out, {"model": kwargs}, model.state_dict(), summary=summary)
     return {"output": str(out), **summary}
 
 

@@ -155,3 +155,23 @@ def test_model_files_are_named_in_one_place():
     for bad in (("pixel",), ("rdm", "rep"), ("vae",)):
         with pytest.raises(ValueError):
             paths.model_file(*bad)
+
+
+def test_every_model_file_kind_loads_and_saves_through_one_registry(tmp_path):
+    """The kinds pipeline.models registers are Paths' MODEL_FILES; a file saved as a kind loads back as it, in eval
+    mode; an unregistered kind or a file of another kind is one line."""
+    import pipeline.models.encoder, pipeline.models.judge, pipeline.models.mage  # noqa: E401,F401
+    import pipeline.models.rdm, pipeline.models.ssl_judge, pipeline.models.vqgan  # noqa: E401,F401
+    from pipeline.core.artifacts import MODEL_KINDS, load_model, save_model
+    from pipeline.core.config import MODEL_FILES
+    from pipeline.models.judge import Judge
+    assert set(MODEL_KINDS) == set(MODEL_FILES)
+    config = {"img_size": 16, "num_classes": 5, "width": 8, "stages": 2}
+    path = tmp_path / "judge.pt"
+    save_model("judge", path, {"model": config}, Judge(**config).state_dict())
+    model, payload = load_model("judge", path)
+    assert isinstance(model, Judge) and not model.training and payload["format"] == "rcg-judge"
+    with pytest.raises(RcgError, match="holds a 'rcg-judge' model, expected 'rcg-encoder'"):
+        load_model("encoder", path)
+    with pytest.raises(RcgError, match="no model kind 'vae'"):
+        load_model("vae", path)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from official_files import mocov3_file, rep_mage_file, uncond_mage_file
-from pipeline.core.artifacts import load_checkpoint
+from pipeline.core.artifacts import load_checkpoint, load_model
 from pipeline.core.errors import RcgError
-from pipeline.models.mage import MAGE, MAGE_SIZES, load_pixel
+from pipeline.models.mage import MAGE, MAGE_SIZES
 from pipeline.models.mage_official import REP_SLOT, convert_official_mage, load_official_mage, official_unused_shapes
 from pipeline.models.vqgan import VQGAN
 from stages import train_pixel
@@ -98,7 +98,7 @@ def test_stage_imports_the_unconditional_mage(tmp_path):
     summary = train_pixel.run(params, "none")
     assert (summary["source"], summary["vqgan_check"]) == ("official", "weights") and "encoder_check" not in summary
     assert not (params.paths.state / "train_pixel-none.pt").exists()  # nothing trained
-    model, payload = load_pixel(params.paths.models / "pixel-none.pt")
+    model, payload = load_model("pixel", params.paths.models / "pixel-none.pt")
     assert payload["summary"]["checkpoint"] == str(path) and model.conditioning == "none"
     ids = masked_ids(model, seed=1)
     torch.testing.assert_close(model(ids, model.condition(batch=3)), official_unconditional_logits(src, ids),

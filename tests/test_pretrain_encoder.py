@@ -6,8 +6,8 @@ import torch
 
 from conftest import micro_params
 from official_files import mocov3_file
-from pipeline.core.artifacts import file_sha256, load_model_file
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, load_encoder_file, represent
+from pipeline.core.artifacts import file_sha256, load_model, load_model_file
+from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
 from pipeline.core.errors import RcgError
 from pipeline.models.moco import MoCoV3
 from pipeline.train.state import TrainState
@@ -24,7 +24,7 @@ def test_pretrain_writes_a_loadable_encoder(workspace):
     params = micro_params(workspace, ["encoder.train.log_every=1"])
     summary = pretrain_encoder.run(params)
     assert summary["source"] == "pretrained" and summary["steps"] == 6  # 48 images / 16 = 3 steps x 2 epochs
-    model, payload = load_encoder_file(params.paths.models / "encoder.pt")
+    model, payload = load_model("encoder", params.paths.models / "encoder.pt")
     assert payload["config"] == {"model": params.encoder.model.model_dump()}
     assert payload["summary"]["epochs"] == 2 and payload["summary"]["final_loss"] > 0
     assert not model.training and not any(p.requires_grad for p in model.parameters())

@@ -95,7 +95,7 @@ def test_bad_settings_name_the_key(tmp_path, override, fragment):
 import threading  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from pipeline.core.artifacts import file_sha256, save_model_file  # noqa: E402
+from pipeline.core.artifacts import file_sha256, load_model, save_model_file  # noqa: E402
 from pipeline.data.stores import StoreWriter  # noqa: E402
 from pipeline.data.views import ViewRecipe  # noqa: E402
 from pipeline.gen import rcg  # noqa: E402
@@ -509,14 +509,14 @@ def test_official_mage_file_samples_and_its_vqgan_is_checked(files, tmp_path):
 
     from pipeline.core.config import RdmSample
     from pipeline.models.mage_official import official_unused_shapes
-    from pipeline.models.vqgan import load_tokenizer
+    import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     torch.manual_seed(5)
     kwargs = dict(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1,
                   num_heads=4, decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4)
     model = MAGE(**kwargs)
     sd = dict(model.state_dict())
     sd.update({k: torch.randn(s) for k, s in official_unused_shapes(kwargs).items()})
-    sd.update({f"vqgan.{k}": v for k, v in load_tokenizer(files["tokenizer"])[0].state_dict().items()})
+    sd.update({f"vqgan.{k}": v for k, v in load_model("tokenizer", files["tokenizer"])[0].state_dict().items()})
     sd["pretrained_encoder.cls_token"] = torch.zeros(1, 1, 4)
     path = tmp_path / "mage-official.pth"
     torch.save({"model": sd, "model_ema": None, "args": argparse.Namespace(temp=6.0)}, path)
@@ -536,11 +536,11 @@ def test_official_unconditional_mage_file_samples_as_the_baseline(files, tmp_pat
     """LTH14/mage's unconditional file (no rep slot, no encoder) samples offline as the baseline generator."""
     from official_files import uncond_mage_file
     from pipeline.core.config import RdmSample
-    from pipeline.models.vqgan import load_tokenizer
+    import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     torch.manual_seed(7)
     mage = MAGE(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1, num_heads=4,
                 decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4, conditioning="none")  # heads inferred
-    path = uncond_mage_file(tmp_path / "mage-uncond.pth", mage, load_tokenizer(files["tokenizer"])[0].state_dict())
+    path = uncond_mage_file(tmp_path / "mage-uncond.pth", mage, load_model("tokenizer", files["tokenizer"])[0].state_dict())
     models = rcg.load_models(path, files["tokenizer"], None, torch.device("cpu"))
     assert models.pixel.conditioning == "none" and models.pixel.encoder is None
     s = setting(generator="none", reps=None)
@@ -555,7 +555,7 @@ def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
 
     from pipeline.core.config import RdmSample
     from pipeline.models.rdm import ema_shadow_name
-    from pipeline.models.vqgan import load_tokenizer
+    import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     torch.manual_seed(6)
     rdm = RDM(in_channels=DIM, time_embed_dim=16, model_channels=32, bottleneck_channels=32, out_channels=DIM,
               num_res_blocks=2, embed_dim=16)
@@ -564,7 +564,7 @@ def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
           **{ema_shadow_name(n): v for n, v in ema.items()},
           "cond_stage_model.embedding.weight": rdm.cond_stage_model.embedding.weight.detach()}
     torch.save({"model": sd, "args": argparse.Namespace(x=1)}, tmp_path / "rdm-official.pth")
-    torch.save(load_tokenizer(files["tokenizer"])[0].state_dict(), tmp_path / "vqgan.ckpt")
+    torch.save(load_model("tokenizer", files["tokenizer"])[0].state_dict(), tmp_path / "vqgan.ckpt")
     models = rcg.load_models(files["rep"], tmp_path / "vqgan.ckpt", tmp_path / "rdm-official.pth", torch.device("cpu"))
     assert all(torch.equal(p, ema[n]) for n, p in models.rdm.model.net.named_parameters())
     assert models.rdm.encoder is None and not models.rdm.model.whitening.is_active

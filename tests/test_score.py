@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.artifacts import save_model_file
+from pipeline.core.artifacts import load_model, save_model_file
 from pipeline.core.config import dump_yaml
 from pipeline.core.errors import RcgError
 from pipeline.data.sample_store import SampleWriter
@@ -21,7 +21,7 @@ from pipeline.data.shards import ShardSet
 from pipeline.data.eval_images import centre_crop
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, raised
 from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
-from pipeline.models.judge import load_judge_file
+import pipeline.models.judge  # noqa: F401  (registers the "judge" model kind)
 from stages import compare, reference, score, train_judge, train_ssl_judge
 from conftest import micro_params
 from test_fidelity import write_random_inception
@@ -79,7 +79,7 @@ def test_train_judge_writes_a_judge_that_registers(scored):
     metrics = json.loads((root / "metrics" / "judge.json").read_text())
     assert metrics["num_train"] == 48 and metrics["num_val"] == 16 and metrics["num_classes"] == 10
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["steps"] == 9 and judged["val_accuracy"] == metrics["val_accuracy"]
-    model, payload = load_judge_file(root / "data" / "models" / "judge.pt")
+    model, payload = load_model("judge", root / "data" / "models" / "judge.pt")
     assert payload["config"]["model"]["img_size"] == 16 and model.feature_dim == 128
     assert EXTRACTOR_NAMES["judge"] == "rcg-judge"
     assert (root / "metrics" / "plots" / "train_judge.csv").is_file()  # the shared loop's curve
@@ -173,7 +173,7 @@ def test_stale_reference_is_refused(scored, tmp_path):
     shutil.copytree(root / "data", work / "data")
     params = params_for(work)
     score.run(params, "oracle")
-    model, payload = load_judge_file(work / "data" / "models" / "judge.pt")
+    model, payload = load_model("judge", work / "data" / "models" / "judge.pt")
     save_model_file(work / "data" / "models" / "judge.pt", "rcg-judge", payload["config"],
                     {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()})
     with pytest.raises(RcgError, match="computed with another .*judge.pt: rerun `rcg reference judge`"):

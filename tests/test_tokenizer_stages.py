@@ -13,7 +13,7 @@ import zarr
 
 from conftest import kill_after, micro_params
 from pipeline.data.alignment import check_aligned
-from pipeline.core.artifacts import file_sha256, load_model_file, save_model_file
+from pipeline.core.artifacts import file_sha256, load_model, load_model_file, save_model_file
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
 from pipeline.core.errors import RcgError
@@ -21,7 +21,7 @@ from pipeline.data.images import decode_rgb
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
 from pipeline.data.views import ViewRecipe, make_view
-from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, load_tokenizer
+from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer
 from pipeline.models.vqgan_loss import VQGANLoss
 from pipeline.models.view_tokenizer import build_token_store
 from stages import encode, eval_tokenizer, shard, train_tokenizer
@@ -64,7 +64,7 @@ def tokens(params) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ training
 def test_training_writes_a_loadable_model_and_curves(trained):
     params = params_for(trained)
-    model, payload = load_tokenizer(params.paths.models / "tokenizer.pt")
+    model, payload = load_model("tokenizer", params.paths.models / "tokenizer.pt")
     assert isinstance(model, VQGAN) and payload["format"] == "rcg-tokenizer" and not model.training
     assert payload["config"]["model"] == train_tokenizer.model_kwargs(params.tokenizer.model)
     summary = payload["summary"]
@@ -200,7 +200,7 @@ def test_official_import_round_trip(workspace):
     params = params_for(workspace, f"tokenizer.checkpoint={ckpt}")
     summary = train_tokenizer.run(params)
     assert summary["source"] == "official" and summary["sha256"] == file_sha256(ckpt)
-    model, payload = load_tokenizer(params.paths.models / "tokenizer.pt")
+    model, payload = load_model("tokenizer", params.paths.models / "tokenizer.pt")
     assert payload["config"]["model"] == kwargs and payload["summary"]["checkpoint"] == str(ckpt)
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -245,7 +245,7 @@ def test_token_store_layout_identity_and_pixels(tok_workspace):
     data = arr[:]
     assert data.max() < 32 and len(np.unique(data)) > 4
     # tokens[i, v] are the VQGAN's tokens of make_view(image i, v), the function encode uses too
-    model = load_tokenizer(model_file)[0].eval()
+    model = load_model("tokenizer", model_file)[0].eval()
     for i, v in [(0, 0), (0, 1), (21, 1), (47, 0)]:
         view = make_view(decode_rgb(shards.read(i)), shards.keys[i], v, recipe)
         x = torch.from_numpy(view.copy()).permute(2, 0, 1)[None].float() / 255
@@ -318,7 +318,7 @@ def test_check_aligned_accepts_same_views_refuses_others(tok_workspace):
         check_aligned(other.paths.tokens, params.paths.reps)
 
     retrained = tok_workspace / "retrained.pt"
-    model, payload = load_tokenizer(model_file)
+    model, payload = load_model("tokenizer", model_file)
     save_model_file(retrained, "rcg-tokenizer", payload["config"], {k: v + 1 for k, v in model.state_dict().items()})
     with pytest.raises(RcgError, match=r"tokens.zarr was made by another tokenizer than .*retrained.pt"):
         check_aligned(params.paths.tokens, params.paths.reps, retrained)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.artifacts import file_sha256, save_model_file, weights_sha256
+from pipeline.core.artifacts import file_sha256, load_model, save_model_file, weights_sha256
 from pipeline.core.config import EncoderModel
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
@@ -16,7 +16,7 @@ from pipeline.data.clusters import kmeans
 from pipeline.data.pixel_data import PixelBatches, load_pixel_data
 from pipeline.data.stores import StoreWriter
 from pipeline.models.encoder import MoCoViT
-from pipeline.models.mage import MAGE, load_pixel, masked_token_loss
+from pipeline.models.mage import MAGE, masked_token_loss
 from pipeline.models.vqgan import VQGAN
 from stages import train_pixel
 from conftest import MICRO, micro_params
@@ -87,7 +87,7 @@ def trained(tmp_path_factory):
 def test_every_conditioning_trains_and_writes_its_outputs(trained):
     root, params, summaries = trained
     for cond, summary in summaries.items():
-        model, payload = load_pixel(params.paths.models / f"pixel-{cond}.pt")
+        model, payload = load_model("pixel", params.paths.models / f"pixel-{cond}.pt")
         assert model.conditioning == cond and payload["config"]["grid"] == [H, W]
         assert (model.codebook_size, model.seq_len, model.rep_dim) == (K, H * W, D)
         metrics = json.loads((params.paths.metrics / f"pixel-{cond}.json").read_text())
@@ -97,10 +97,10 @@ def test_every_conditioning_trains_and_writes_its_outputs(trained):
         rows = list(csv.DictReader(open(params.paths.plots / f"train_pixel-{cond}.csv")))
         assert [int(r["step"]) for r in rows] == [2, 4, 6] and {"loss", "accuracy", "lr"} <= set(rows[0])
         assert summary["source"] == "trained" and summary["steps"] == 6
-    _, payload = load_pixel(params.paths.models / "pixel-class.pt")
+    _, payload = load_model("pixel", params.paths.models / "pixel-class.pt")
     labels = payload["config"]["labels"]
     assert labels["num_labels"] == CLASSES and sum(labels["counts"]) == N - 8
-    _, payload = load_pixel(params.paths.models / "pixel-cluster.pt")
+    _, payload = load_model("pixel", params.paths.models / "pixel-cluster.pt")
     assert payload["config"]["labels"]["num_labels"] <= 3 and payload["config"]["labels"]["centroids"].shape[1] == D
 
 
@@ -125,8 +125,8 @@ def test_resumed_training_equals_uninterrupted(trained, tmp_path, monkeypatch):
     resumed = train_pixel.run(params, "rep")
     assert resumed["resumed_from"] == 3
     root, ref_params, _ = trained
-    a = load_pixel(params.paths.models / "pixel-rep.pt")[0].state_dict()
-    b = load_pixel(ref_params.paths.models / "pixel-rep.pt")[0].state_dict()
+    a = load_model("pixel", params.paths.models / "pixel-rep.pt")[0].state_dict()
+    b = load_model("pixel", ref_params.paths.models / "pixel-rep.pt")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -215,7 +215,7 @@ def test_ddp_ranks_train_one_model(tmp_path):
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    model, payload = load_pixel(tmp_path / "data" / "models" / "pixel-class.pt")
+    model, payload = load_model("pixel", tmp_path / "data" / "models" / "pixel-class.pt")
     assert payload["summary"]["world"] == 2
     assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
 
@@ -256,7 +256,7 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
     params = params_for(tmp_path, f"pixel.checkpoints.rep={good}", extra={"model": {"vocab": "official"}})
     summary = train_pixel.run(params, "rep")
     assert (summary["source"], summary["encoder_check"], summary["vqgan_check"]) == ("official", "weights", "weights")
-    loaded = load_pixel(params.paths.models / "pixel-rep.pt")[0]
+    loaded = load_model("pixel", params.paths.models / "pixel-rep.pt")[0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
     other_vq = VQGAN(**VQ).state_dict()
@@ -291,18 +291,18 @@ def test_presets_name_the_pixel_architecture(name):
 def test_real_micro_stores_train_and_an_official_file_built_from_their_models_passes(workspace):
     """The stores as encode / tokenize really write them (micro pipeline), then a file in the official layout
     embedding that very encoder and VQGAN: both checks compare weights."""
-    from pipeline.models.encoder import load_encoder_file
-    from pipeline.models.vqgan import load_tokenizer
+    import pipeline.models.encoder  # noqa: F401  (registers the "encoder" model kind)
+    import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     from stages import encode, pretrain_encoder, tokenize_views, train_tokenizer
     params = params_for(workspace)
     for stage in (pretrain_encoder, encode, train_tokenizer, tokenize_views):
         stage.run(params)
     summary = train_pixel.run(params, "rep")
-    model, payload = load_pixel(params.paths.models / "pixel-rep.pt")
+    model, payload = load_model("pixel", params.paths.models / "pixel-rep.pt")
     grid = payload["config"]["grid"]
     assert summary["source"] == "trained" and model.seq_len == grid[0] * grid[1]
-    encoder, _ = load_encoder_file(params.paths.models / "encoder.pt")
-    vqgan, _ = load_tokenizer(params.paths.models / "tokenizer.pt")
+    encoder, _ = load_model("encoder", params.paths.models / "encoder.pt")
+    vqgan, _ = load_model("tokenizer", params.paths.models / "tokenizer.pt")
     official = MAGE(**{**payload["config"]["model"], "vocab": "official"})
     path = official_file(workspace, official, encoder.state_dict(), vqgan.state_dict())
     params = params_for(workspace, f"pixel.checkpoints.rep={path}", extra={"model": {"vocab": "official"}})

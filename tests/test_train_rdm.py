@@ -8,14 +8,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline.core.artifacts import load_checkpoint, load_model_file, save_model_file, weights_sha256
+from pipeline.core.artifacts import load_checkpoint, load_model, load_model_file, save_model_file, weights_sha256
 from pipeline.core.config import EncoderModel
 from pipeline.samplers.diffusion import GaussianDiffusion
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MoCoViT
 from pipeline.core.errors import RcgError
 from pipeline.data.rep_store import RepBatches, load_store, store_stats
-from pipeline.models.rdm import RDM, load_rdm, rdm_kwargs
+from pipeline.models.rdm import RDM, rdm_kwargs
 from pipeline.data.stores import StoreWriter
 from stages import train_rdm
 from conftest import MICRO, micro_params
@@ -77,7 +77,8 @@ def test_trains_from_the_store_and_writes_model_metrics_curves(tmp_path):
     assert set(ema) - {"num_updates"} == {k[len("net."):] for k in raw if k.startswith("net.")}
     assert not torch.equal(ema["out.2.weight"], raw["net.out.2.weight"])  # an average, not a copy
 
-    model, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    model, payload = load_model("rdm", tmp_path / "data" / "models" / "rdm.pt")
+    config = payload["config"]
     assert torch.equal(model.net.out[2].weight, ema["out.2.weight"])  # samples with the EMA weights
     assert config["diffusion"]["timesteps"] == 1000
 
@@ -124,7 +125,8 @@ def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
     make_store(tmp_path)
     params = micro_params(tmp_path, ["rdm.model.whiten_power=0.25", "rdm.train.min_snr_gamma=5"])
     train_rdm.run(params)
-    model, config = load_rdm(tmp_path / "data" / "models" / "rdm.pt")
+    model, payload = load_model("rdm", tmp_path / "data" / "models" / "rdm.pt")
+    config = payload["config"]
     assert config["whitening"] == {"whiten_power": 0.25, "whiten_eps": 1e-3} and config["min_snr_gamma"] == 5
     store = load(params)
     mean, _ = store_stats(store.reps)
@@ -180,7 +182,7 @@ def test_a_model_file_without_its_whitening_is_refused(tmp_path):
     old = {k: v for k, v in payload["state_dict"].items() if not k.startswith("whitening.")}
     save_model_file(path, "rcg-rdm", payload["config"], old, payload["ema_state_dict"], payload["summary"])
     with pytest.raises(RcgError, match="predates RDM files that carry their whitening map; rerun train_rdm"):
-        load_rdm(path)
+        load_model("rdm", path)
 
 
 def test_warmup_and_cosine_schedule(tmp_path):

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from conftest import micro_params
+from pipeline.core.artifacts import load_model
 from pipeline.core.errors import RcgError
 from pipeline.data.synthetic import write_builtin
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, create_extractor
-from pipeline.models.ssl_judge import load_ssl_judge_file, resized_crops
+from pipeline.models.ssl_judge import resized_crops
 from stages import reference, score, shard, train_judge, train_ssl_judge
 from test_dvc import _dvc, _project, _ran
 
@@ -143,7 +144,7 @@ def test_ssl_judge_trains_without_labels_and_registers_with_torch_fidelity(works
     metrics = json.loads((params.paths.metrics / "ssl_judge.json").read_text())
     assert metrics["labelled"] and metrics["knn_split"] == "val" and 0 <= metrics["knn_top1"] <= 1
     assert summary["knn_top1"] == metrics["knn_top1"] and metrics["steps"] == 6  # 2 epochs of 48 / 16
-    model, payload = load_ssl_judge_file(params.paths.models / "ssl_judge.pt")
+    model, payload = load_model("ssl_judge", params.paths.models / "ssl_judge.pt")
     assert payload["config"]["model"]["img_size"] == 16 and model.feature_dim == 16
     extractor = create_extractor("ssl_judge", params.paths.models / "ssl_judge.pt", torch.device("cpu"))
     assert extractor.get_name() == EXTRACTOR_NAMES["ssl_judge"] == "rcg-ssl-judge"

@@ -15,8 +15,9 @@ import pickle
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from pipeline.core.errors import RcgError
 
@@ -111,6 +112,49 @@ def load_model_file(path: str | Path, fmt: str) -> dict:
         raise RcgError(f"{path} has model-file version {payload.get('version')}, "
                        f"this code reads version {MODEL_FILE_VERSION}")
     return payload
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one way to load and save a model file: load_model(kind, path) / save_model(kind, path, ...)
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How one kind of model file becomes a model: the ``format`` its files carry and ``build(payload, path,
+    **options)``, the model with the file's weights."""
+    kind: str
+    fmt: str
+    build: Callable[..., Any]
+
+
+MODEL_KINDS: dict[str, ModelKind] = {}
+
+
+def register_model_kind(kind: str, fmt: str, build: Callable[..., Any]) -> None:
+    """Called once by each model's own module (``pipeline.models.<module>``), so code that loads a kind imports
+    that module, and DVC's deps (the import closure) see it."""
+    MODEL_KINDS[kind] = ModelKind(kind, fmt, build)
+
+
+def _model_kind(kind: str) -> ModelKind:
+    if kind not in MODEL_KINDS:
+        raise RcgError(f"no model kind {kind!r} is registered: import its module from pipeline.models first "
+                       f"(registered: {', '.join(sorted(MODEL_KINDS)) or 'none'})")
+    return MODEL_KINDS[kind]
+
+
+def load_model(kind: str, path: str | Path, **options: Any) -> tuple[Any, dict]:
+    """(the model in eval mode, the file's payload) of a ``kind`` model file (``encoder``, ``tokenizer``, ``rdm``,
+    ``pixel``, ``judge``, ``ssl_judge``: the names of ``Paths.model_file``); ``options`` go to the kind's build
+    (``use_ema`` for ``rdm`` and ``pixel``). Official checkpoints are read by ``pipeline.models`` importers."""
+    spec = _model_kind(kind)
+    payload = load_model_file(path, spec.fmt)
+    return spec.build(payload, path, **options).eval(), payload
+
+
+def save_model(kind: str, path: str | Path, config: dict, state_dict: dict, ema_state_dict: dict | None = None,
+               summary: dict | None = None) -> None:
+    """Write a ``kind`` model file atomically (what :func:`load_model` reads back)."""
+    save_model_file(path, _model_kind(kind).fmt, config, state_dict, ema_state_dict, summary)
 
 
 @contextlib.contextmanager

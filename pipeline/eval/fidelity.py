@@ -33,15 +33,15 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from pipeline.core.artifacts import load_checkpoint
+from pipeline.core.artifacts import load_checkpoint, load_model
 from pipeline.core.config import Params, Score
 from pipeline.core.errors import RcgError
 from pipeline.data.images import decode_rgb
 from pipeline.data.sample_store import open_samples
 from pipeline.eval.metrics import frechet_distance, gaussian_stats
-from pipeline.models.encoder import load_encoder_file, represent
-from pipeline.models.judge import judge_input, load_judge_file
-from pipeline.models.ssl_judge import load_ssl_judge_file
+from pipeline.models.encoder import represent
+from pipeline.models.judge import judge_input
+import pipeline.models.ssl_judge  # noqa: F401  (registers the "ssl_judge" model kind)
 
 SPACES = ("judge", "encoder", "ssl_judge", "inception")
 EXTRACTOR_NAMES = {"judge": "rcg-judge", "encoder": "rcg-encoder", "ssl_judge": "rcg-ssl-judge",
@@ -81,7 +81,7 @@ class JudgeExtractor(_ModelFileExtractor):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise RcgError("rcg-judge: feature_extractor_weights_path must name a judge model file")
-        self.model, _ = load_judge_file(feature_extractor_weights_path)
+        self.model, _ = load_model("judge", feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -107,7 +107,7 @@ class EncoderExtractor(_ModelFileExtractor):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise RcgError("rcg-encoder: feature_extractor_weights_path must name an encoder model file")
-        self.model, _ = load_encoder_file(feature_extractor_weights_path)
+        self.model, _ = load_model("encoder", feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -133,7 +133,7 @@ class SslJudgeExtractor(_ModelFileExtractor):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
             raise RcgError("rcg-ssl-judge: feature_extractor_weights_path must name an ssl_judge model file")
-        self.model, _ = load_ssl_judge_file(feature_extractor_weights_path)
+        self.model, _ = load_model("ssl_judge", feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:

@@ -29,17 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.core.artifacts import file_sha256, is_model_file, load_checkpoint, weights_sha256
+from pipeline.core.artifacts import file_sha256, is_model_file, load_checkpoint, load_model, weights_sha256
 from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import autocast as runtime_autocast
 from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.mocov3_weights import import_mocov3_state_dict
-from pipeline.models.mage import MAGE, load_pixel
+from pipeline.models.mage import MAGE
 from pipeline.models.mage_official import convert_official_mage, official_layout
-from pipeline.models.rdm import RDM, load_rdm, official_rdm, official_rdm_encoder
-from pipeline.models.vqgan import VQGAN, load_official_vqgan, load_tokenizer
+from pipeline.models.rdm import RDM, official_rdm, official_rdm_encoder
+from pipeline.models.vqgan import VQGAN, load_official_vqgan
 from pipeline.core.rng import purpose, seeded_generator
 
 OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every official RCG file
@@ -94,7 +94,8 @@ def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
     """An "rcg-rdm" model file or an official RCG RDM checkpoint, in eval mode with its EMA weights."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if is_model_file(ckpt):
-        model, config = load_rdm(path)
+        model, payload = load_model("rdm", path)
+        config = payload["config"]
         diffusion = GaussianDiffusion(**config["diffusion"])
         encoder = ((config.get("store") or {}).get("encoder") or {}).get("weights_sha256")
     else:
@@ -113,7 +114,7 @@ def load_rdm_any(path: str | Path, device: torch.device) -> LoadedRdm:
 def load_tokenizer_any(path: str | Path, device: torch.device) -> VQGAN:
     """An "rcg-tokenizer" model file or a raw VQGAN checkpoint (the official one), frozen, in eval mode."""
     ckpt = load_checkpoint(path)
-    model = load_tokenizer(path)[0] if is_model_file(ckpt) else load_official_vqgan(path)
+    model = load_model("tokenizer", path)[0] if is_model_file(ckpt) else load_official_vqgan(path)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -123,7 +124,7 @@ def load_pixel_file(path: str | Path, device: torch.device) -> LoadedPixel:
     stores they were trained on, an official file embeds its encoder and VQGAN, whose weights are hashed."""
     ckpt = load_checkpoint(path, safe_globals=(argparse.Namespace,))
     if is_model_file(ckpt):
-        model, payload = load_pixel(path)
+        model, payload = load_model("pixel", path)
         config = payload["config"]
         tokens, reps = config.get("tokens") or {}, config.get("reps") or {}
         grid, tokenizer_file = tuple(config["grid"]), (tokens.get("tokenizer") or {}).get("sha256")

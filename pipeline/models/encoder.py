@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.artifacts import load_checkpoint, register_model_kind
 from pipeline.core.errors import RcgError
 from pipeline.models.mocov3_weights import import_mocov3_state_dict, infer_vit_config
 
@@ -157,9 +157,11 @@ def load_encoder_as(path: str | Path, config: dict) -> MoCoViT:
     return model.eval().requires_grad_(False)
 
 
-def load_encoder_file(path: str | Path) -> tuple[MoCoViT, dict]:
-    """The frozen encoder of an "rcg-encoder" model file, and the file's payload (config, summary)."""
-    payload = load_model_file(path, MODEL_FORMAT)
+def _from_file(payload: dict, path: str | Path) -> MoCoViT:
+    """The frozen encoder of an "rcg-encoder" model file (``load_model("encoder", path)``)."""
     model = MoCoViT(**payload["config"]["model"])
     _load_strict(model, payload["state_dict"], str(path))
-    return model.eval().requires_grad_(False), payload
+    return model.requires_grad_(False)
+
+
+register_model_kind("encoder", MODEL_FORMAT, _from_file)

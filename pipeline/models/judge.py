@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.artifacts import load_model_file
+from pipeline.core.artifacts import register_model_kind
 
 MODEL_FORMAT = "rcg-judge"
 
@@ -57,9 +57,11 @@ def judge_input(images: torch.Tensor, img_size: int) -> torch.Tensor:
     return x
 
 
-def load_judge_file(path: str | Path) -> tuple[Judge, dict]:
-    """The frozen judge of an "rcg-judge" model file (eval mode), and the file's payload."""
-    payload = load_model_file(path, MODEL_FORMAT)
+def _from_file(payload: dict, path: str | Path) -> Judge:
+    """The frozen judge of an "rcg-judge" model file (``load_model("judge", path)``)."""
     model = Judge(**payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
-    return model.eval().requires_grad_(False), payload
+    return model.requires_grad_(False)
+
+
+register_model_kind("judge", MODEL_FORMAT, _from_file)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.artifacts import load_model_file
+from pipeline.core.artifacts import register_model_kind
 from pipeline.core.errors import RcgError
 
 MODEL_FORMAT = "rcg-pixel"  # data/models/pixel-<conditioning>.pt, trained here or imported
@@ -301,13 +301,15 @@ def mage_kwargs(model_params: Any, codebook_size: int, seq_len: int, rep_dim: in
                 mask_ratio_max=m.mask_ratio_max, rep_drop_prob=m.rep_drop_prob, label_smoothing=m.label_smoothing)
 
 
-def load_pixel(path: str | Path, use_ema: bool = True) -> tuple[MAGE, dict]:
-    """(MAGE in eval mode, the file's payload) from an "rcg-pixel" model file, with the EMA weights when the
-    file has them and ``use_ema``. ``payload["config"]`` holds ``model`` (the kwargs), ``conditioning``,
+def _from_file(payload: dict, path: str | Path, use_ema: bool = True) -> MAGE:
+    """MAGE from an "rcg-pixel" model file (``load_model("pixel", path, use_ema=...)``), with the EMA weights when
+    the file has them and ``use_ema``. ``payload["config"]`` holds ``model`` (the kwargs), ``conditioning``,
     ``grid`` [h, w], ``labels`` (class/cluster: ``num_labels``, ``counts``; cluster: ``centroids``) and the
     identities of the stores it was trained on."""
-    payload = load_model_file(path, MODEL_FORMAT)
     model = MAGE(**payload["config"]["model"])
     sd = payload["ema_state_dict"] if use_ema and "ema_state_dict" in payload else payload["state_dict"]
     model.load_state_dict({k: v for k, v in sd.items() if k != "num_updates"})
-    return model.eval(), payload
+    return model
+
+
+register_model_kind("pixel", MODEL_FORMAT, _from_file)

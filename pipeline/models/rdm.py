@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model_file, weights_sha256
+from pipeline.core.artifacts import file_sha256, load_checkpoint, register_model_kind, weights_sha256
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.models.ema import EMA
@@ -395,11 +395,10 @@ def rdm_kwargs(model_params) -> dict:
                 num_res_blocks=m.num_res_blocks, dropout=m.dropout, embed_dim=m.context_channels)
 
 
-def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, dict]:
-    """(RDM in eval mode, the file's config) from an "rcg-rdm" model file; the MLP carries the EMA weights
-    (what RCG samples with) unless ``use_ema`` is False or the file has none. ``config["diffusion"]`` is its
-    schedule: ``pipeline.samplers.diffusion.GaussianDiffusion(**config["diffusion"])``."""
-    payload = load_model_file(path, MODEL_FORMAT)
+def _from_file(payload: dict, path: str | Path, use_ema: bool = True) -> RDM:
+    """The RDM of an "rcg-rdm" model file (``load_model("rdm", path, use_ema=...)``); the MLP carries the EMA
+    weights (what RCG samples with) unless ``use_ema`` is False or the file has none. ``payload["config"]
+    ["diffusion"]`` is its schedule: ``pipeline.samplers.diffusion.GaussianDiffusion(**...)``."""
     config = payload["config"]
     model = RDM(**config["model"])
     if not any(k.startswith("whitening.") for k in payload["state_dict"]):
@@ -407,4 +406,7 @@ def load_rdm(path: str | Path, use_ema: bool = True) -> tuple[RDM, dict]:
     model.load_state_dict(payload["state_dict"])
     if use_ema and "ema_state_dict" in payload:
         model.net.load_state_dict({k: v for k, v in payload["ema_state_dict"].items() if k != "num_updates"})
-    return model.eval(), config
+    return model
+
+
+register_model_kind("rdm", MODEL_FORMAT, _from_file)

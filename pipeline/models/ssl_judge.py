@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.artifacts import load_model_file
+from pipeline.core.artifacts import register_model_kind
 from pipeline.models.encoder import build_mlp
 from pipeline.models.moco import contrastive_loss
 
@@ -115,9 +115,11 @@ def resized_crops(images: torch.Tensor, crop_min: float, generator: torch.Genera
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def load_ssl_judge_file(path: str | Path) -> tuple[SslJudgeNet, dict]:
-    """The frozen network of an "rcg-ssl-judge" model file (eval mode), and the file's payload."""
-    payload = load_model_file(path, MODEL_FORMAT)
+def _from_file(payload: dict, path: str | Path) -> SslJudgeNet:
+    """The frozen network of an "rcg-ssl-judge" model file (``load_model("ssl_judge", path)``)."""
     model = SslJudgeNet(**payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
-    return model.eval().requires_grad_(False), payload
+    return model.requires_grad_(False)
+
+
+register_model_kind("ssl_judge", MODEL_FORMAT, _from_file)

@@ -13,14 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.core.artifacts import file_sha256, weights_sha256
+from pipeline.core.artifacts import file_sha256, load_model, weights_sha256
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import uses_bf16
 from pipeline.data.stores import StoreWriter
 from pipeline.data.view_store import build_view_store, views_to_float
 from pipeline.data.views import ViewRecipe
-from pipeline.models.encoder import MoCoViT, load_encoder_file, represent
+from pipeline.models.encoder import MoCoViT, represent
 
 NORMALIZATION = {
     "function": "pipeline.models.encoder.represent/v1",
@@ -36,7 +36,7 @@ def load_frozen_encoder(path: Path, device: torch.device) -> tuple[MoCoViT, dict
     if not path.is_file():
         raise RcgError(f"no encoder model at {path}: run `rcg pretrain-encoder` first "
                        "(it imports encoder.checkpoint when one is set)")
-    model, payload = load_encoder_file(path)
+    model, payload = load_model("encoder", path)
     return model.to(device), payload
 
 

@@ -13,14 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.core.artifacts import file_sha256
+from pipeline.core.artifacts import file_sha256, load_model
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import autocast as runtime_autocast
 from pipeline.data.stores import StoreWriter
 from pipeline.data.view_store import build_view_store, views_to_float
 from pipeline.data.views import ViewRecipe
-from pipeline.models.vqgan import VQGAN, load_tokenizer
+from pipeline.models.vqgan import VQGAN
 
 
 def load_frozen_tokenizer(path: Path, device: torch.device) -> tuple[VQGAN, dict]:
@@ -29,7 +29,7 @@ def load_frozen_tokenizer(path: Path, device: torch.device) -> tuple[VQGAN, dict
     if not path.is_file():
         raise RcgError(f"no tokenizer model at {path}: run `rcg train-tokenizer` first "
                        "(it imports tokenizer.checkpoint when one is set)")
-    model, payload = load_tokenizer(path)
+    model, payload = load_model("tokenizer", path)
     return model.to(device).eval().requires_grad_(False), payload
 
 

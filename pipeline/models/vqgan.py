@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.core.artifacts import load_checkpoint, load_model_file
+from pipeline.core.artifacts import load_checkpoint, register_model_kind
 from pipeline.core.errors import RcgError
 
 MODEL_FORMAT = "rcg-tokenizer"  # data/models/tokenizer.pt, trained here or imported
@@ -302,9 +302,11 @@ def model_kwargs(m) -> dict:
             "beta": m.beta}
 
 
-def load_tokenizer(path: str | Path) -> tuple[VQGAN, dict]:
-    """The VQGAN of a MODEL_FORMAT model file (trained or imported), in eval mode, and the file's payload."""
-    payload = load_model_file(path, MODEL_FORMAT)
+def _from_file(payload: dict, path: str | Path) -> VQGAN:
+    """The VQGAN of an "rcg-tokenizer" model file, trained or imported (``load_model("tokenizer", path)``)."""
     model = VQGAN(**payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
+    return model
+
+
+register_model_kind("tokenizer", MODEL_FORMAT, _from_file)
