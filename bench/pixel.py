@@ -34,7 +34,7 @@ from pipeline.data.stores import StoreWriter  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, mage_kwargs, masked_token_loss  # noqa: E402
-from pipeline.models.mocov3_weights import VIT_SIZES  # noqa: E402
+from pipeline.models.official.mocov3 import VIT_SIZES  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 from pipeline.train.loop import param_groups  # noqa: E402
 

@@ -18,7 +18,8 @@ from pipeline.core.runtime import device_for
 from pipeline.gen import figures as fig
 from pipeline.gen.editing import edit, fit_image
 from pipeline.gen.rcg import load_models
-from pipeline.models.encoder import MoCoViT, image_rep, load_encoder
+from pipeline.models.encoder import MoCoViT, image_rep
+from pipeline.models.official.encoder import load_encoder
 from pipeline.samplers.diffusion import sample_reps
 from pipeline.core.rng import seeded_generator
 

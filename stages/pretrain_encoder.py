@@ -21,7 +21,8 @@ from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb
 from pipeline.data.shards import ShardSet
-from pipeline.models.encoder import MoCoViT, load_encoder_as
+from pipeline.models.encoder import MoCoViT
+from pipeline.models.official.encoder import load_encoder_as
 from pipeline.models.moco import MoCoV3, TwoCropAugment, momentum_at
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity

@@ -29,7 +29,7 @@ from pipeline.data.alignment import check_tokenizer
 from pipeline.data.pixel_data import PixelBatches, PixelData, load_pixel_data
 from pipeline.eval.pixel_eval import masked_token_eval
 from pipeline.models.mage import CONDITIONINGS, MAGE, mage_kwargs, masked_token_loss
-from pipeline.models.mage_official import load_official_mage_model
+from pipeline.models.official.mage import load_official_mage_model
 from pipeline.models.vqgan import MODEL_FORMAT as TOKENIZER_FORMAT
 from pipeline.models.ema import EMA
 from pipeline.train.identity import resume_identity

@@ -1,7 +1,7 @@
 """Stage ``train_rdm``: the Representation Diffusion Model, trained on the cached ``reps.zarr`` and evaluated.
 
 Reads the store into memory (``pipeline.data.rep_store``), trains the RDM on it or, with ``rdm.checkpoint``
-set, imports an official one (``pipeline.models.rdm.load_official_rdm_model``; its curve CSV is then a header
+set, imports an official one (``pipeline.models.official.rdm.load_official_rdm_model``; its curve CSV is then a header
 alone), scores its samples (``pipeline.eval.rdm_eval``) and writes ``rdm.pt`` and ``metrics/rdm.json``. The reps
 are mapped into the RDM's (optionally whitened) space on the way in, and samples back on the way out.
 """
@@ -18,7 +18,8 @@ from pipeline.core.progress import log
 from pipeline.core.runtime import device_for
 from pipeline.data.rep_store import load_store, store_stats
 from pipeline.eval.rdm_eval import evaluate
-from pipeline.models.rdm import load_official_rdm_model, rdm_kwargs
+from pipeline.models.official.rdm import load_official_rdm_model
+from pipeline.models.rdm import rdm_kwargs
 from pipeline.train.rdm import STAGE, train_rdm
 from pipeline.train.state import CurveLog
 

@@ -24,8 +24,8 @@ from pipeline.core.runtime import device_for
 from pipeline.data.images import decode_rgb, resize_short_side
 from pipeline.data.shards import ShardSet
 from pipeline.models.vqgan import ARCH, model_kwargs
-from pipeline.models.vqgan import (VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, infer_vqgan_config,
-                                   load_official_vqgan)
+from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats
+from pipeline.models.official.vqgan import infer_vqgan_config, load_official_vqgan
 from pipeline.models.vqgan_loss import VQGANLoss
 from pipeline.train.batches import StepBatches
 from pipeline.train.identity import resume_identity, shards_identity

@@ -15,8 +15,9 @@ import torch
 from pipeline.samplers.diffusion import GaussianDiffusion
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.mage import MAGE
-from pipeline.models.mage_official import REP_SLOT, official_unused_shapes
-from pipeline.models.rdm import RDM, ema_shadow_name
+from pipeline.models.official.mage import REP_SLOT, official_unused_shapes
+from pipeline.models.rdm import RDM
+from pipeline.models.official.rdm import ema_shadow_name
 from pipeline.models.vqgan import VQGAN
 
 

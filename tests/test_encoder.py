@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import pipeline.models.encoder as enc
 from official_files import mocov3_file
-from pipeline.models.encoder import (MoCoViT, load_encoder, load_encoder_as, normalize_for_encoder, represent,
-                                     standardize)
-from pipeline.models.mocov3_weights import VIT_SIZES, import_mocov3_state_dict, infer_vit_config
+from pipeline.models.encoder import MoCoViT, normalize_for_encoder, represent, standardize
+from pipeline.models.official.encoder import load_encoder, load_encoder_as
+from pipeline.models.official.mocov3 import VIT_SIZES, import_mocov3_state_dict, infer_vit_config
 from pipeline.core.artifacts import load_checkpoint
 from pipeline.core.errors import RcgError
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline.core.errors import RcgError
 from pipeline.gen.masked_decoding import decode_tokens, guidance_scale, guided_logits
 from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss
-from pipeline.models.mage_official import convert_official_mage, load_official_mage, official_unused_shapes
+from pipeline.models.official.mage import convert_official_mage, load_official_mage, official_unused_shapes
 
 MANIFEST = Path("/work/shared/reference/manifests/mage_b_repcond.json")
 TINY = dict(codebook_size=32, seq_len=16, rep_dim=8, vocab="compact", embed_dim=16, depth=2, num_heads=2,

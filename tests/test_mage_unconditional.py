@@ -13,7 +13,7 @@ from official_files import mocov3_file, rep_mage_file, uncond_mage_file
 from pipeline.core.artifacts import load_checkpoint, load_model
 from pipeline.core.errors import RcgError
 from pipeline.models.mage import MAGE, MAGE_SIZES
-from pipeline.models.mage_official import REP_SLOT, convert_official_mage, load_official_mage, official_unused_shapes
+from pipeline.models.official.mage import REP_SLOT, convert_official_mage, load_official_mage, official_unused_shapes
 from pipeline.models.vqgan import VQGAN
 from stages import train_pixel
 from test_train_pixel import ENCODER, VQ, D, H, K, W, params_for, stores_with_a_tokenizer

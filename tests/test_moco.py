@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.models.encoder import MoCoViT
-from pipeline.models.mocov3_weights import VIT_SIZES
+from pipeline.models.official.mocov3 import VIT_SIZES
 from pipeline.models.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
 
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")

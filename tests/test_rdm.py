@@ -8,8 +8,8 @@ import torch
 
 from pipeline.core.errors import RcgError
 from pipeline.models.ema import EMA
-from pipeline.models.rdm import (RDM, RepWhitening, SimpleMLP, convert_official_rdm, ema_shadow_name, load_official_rdm,
-                                 timestep_embedding)
+from pipeline.models.rdm import RDM, RepWhitening, SimpleMLP, timestep_embedding
+from pipeline.models.official.rdm import convert_official_rdm, ema_shadow_name, load_official_rdm
 from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 
 MANIFEST = Path("/work/shared/reference/manifests/rdm_vitb_l12_w1536.json")

@@ -508,7 +508,7 @@ def test_official_mage_file_samples_and_its_vqgan_is_checked(files, tmp_path):
     import argparse
 
     from pipeline.core.config import RdmSample
-    from pipeline.models.mage_official import official_unused_shapes
+    from pipeline.models.official.mage import official_unused_shapes
     import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     torch.manual_seed(5)
     kwargs = dict(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1,
@@ -554,7 +554,7 @@ def test_official_rdm_and_raw_vqgan_files_load(files, tmp_path):
     import argparse
 
     from pipeline.core.config import RdmSample
-    from pipeline.models.rdm import ema_shadow_name
+    from pipeline.models.official.rdm import ema_shadow_name
     import pipeline.models.vqgan  # noqa: F401  (registers the "tokenizer" model kind)
     torch.manual_seed(6)
     rdm = RDM(in_channels=DIM, time_embed_dim=16, model_channels=32, bottleneck_channels=32, out_channels=DIM,

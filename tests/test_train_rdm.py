@@ -332,7 +332,7 @@ def test_imports_an_official_checkpoint(tmp_path):
 
 def test_an_official_file_loads_without_a_store(tmp_path):
     """official_rdm needs the file alone: the raw weights in eval mode, the EMA beside them, the file's config."""
-    from pipeline.models.rdm import official_rdm
+    from pipeline.models.official.rdm import official_rdm
     ckpt = tmp_path / "checkpoint-last.pth"
     config = rdm_kwargs(micro_params(tmp_path).rdm.model)
     src = official_file(ckpt, config, ENCODER)

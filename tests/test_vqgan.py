@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline.core.errors import RcgError
-from pipeline.models.vqgan import VQGAN, code_usage, codebook_stats, infer_vqgan_config, load_official_vqgan
+from pipeline.models.vqgan import VQGAN, code_usage, codebook_stats
+from pipeline.models.official.vqgan import infer_vqgan_config, load_official_vqgan
 from pipeline.models.vqgan_loss import VQGANLoss, hinge_d_loss
 
 MANIFEST = Path("/work/shared/reference/manifests/vqgan_jax_strongaug.json")

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.core.artifacts import load_checkpoint, register_model_kind
+from pipeline.core.artifacts import register_model_kind
 from pipeline.core.errors import RcgError
-from pipeline.models.mocov3_weights import import_mocov3_state_dict, infer_vit_config
 
 MODEL_FORMAT = "rcg-encoder"  # data/models/encoder.pt, whether pretrained here or imported
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,7 +112,7 @@ def image_rep(encoder: MoCoViT, image: np.ndarray, device: torch.device) -> torc
     return represent(encoder, x, input_size=encoder.patch_embed.img_size[0])[0]
 
 
-def _load_strict(model: nn.Module, sd: dict, source: str) -> None:
+def load_strict(model: nn.Module, sd: dict, source: str) -> None:
     """Strict load with a one-line account of missing/unexpected keys and shape mismatches."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -128,39 +127,10 @@ def _load_strict(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def load_encoder(path: str | Path, num_heads: int | None = None) -> MoCoViT:
-    """Build a MoCoViT whose shape is read from the file, load it strictly, and return it frozen in eval mode."""
-    sd = import_mocov3_state_dict(load_checkpoint(path))
-    model = MoCoViT(**infer_vit_config(sd, num_heads))
-    _load_strict(model, sd, str(path))
-    return model.eval().requires_grad_(False)
-
-
-def load_encoder_as(path: str | Path, config: dict) -> MoCoViT:
-    """Import an official file into the architecture ``config`` names (MoCoViT kwargs), frozen in eval mode.
-
-    A mismatch names the fields that differ (read from the file's shapes) and the keys/shapes that do not fit.
-    """
-    sd = import_mocov3_state_dict(load_checkpoint(path))
-    model = MoCoViT(**config)
-    try:
-        _load_strict(model, sd, "its state dict")
-    except RcgError as exc:
-        try:
-            have = infer_vit_config(sd, config["num_heads"])
-        except RcgError:
-            raise RcgError(f"{path}: {exc}") from None
-        diffs = ", ".join(f"{k} {have[k]} (params: {config[k]})" for k in config if have[k] != config[k])
-        if not diffs:
-            raise RcgError(f"{path}: {exc}") from None
-        raise RcgError(f"{path} is another architecture than encoder.model: the file has {diffs}; {exc}") from None
-    return model.eval().requires_grad_(False)
-
-
 def _from_file(payload: dict, path: str | Path) -> MoCoViT:
     """The frozen encoder of an "rcg-encoder" model file (``load_model("encoder", path)``)."""
     model = MoCoViT(**payload["config"]["model"])
-    _load_strict(model, payload["state_dict"], str(path))
+    load_strict(model, payload["state_dict"], str(path))
     return model.requires_grad_(False)
 
 

@@ -3,7 +3,7 @@ sequence position 0 (docs/official.md §3), its masked-token training loss, and 
 
 Module names follow the official code, so ``MAGE.state_dict()`` keys are the official ``model`` keys minus the
 parameters the official forward never reads and the frozen encoder / VQGAN it embeds (the import, with those
-accounted for, is :mod:`pipeline.models.mage_official`). Iterative decoding lives beside this file, in
+accounted for, is :mod:`pipeline.models.official.mage`). Iterative decoding lives beside this file, in
 :mod:`pipeline.gen.masked_decoding`.
 """
 

@@ -21,8 +21,9 @@ from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model_fil
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.models.mage import MAGE, MAGE_SIZES, OFFICIAL_EXTRA_IDS, BertEmbeddings
-from pipeline.models.rdm import check_official_encoder
-from pipeline.models.vqgan import MODEL_FORMAT as VQGAN_FORMAT, infer_vqgan_config
+from pipeline.models.official.mocov3 import check_official_encoder
+from pipeline.models.vqgan import MODEL_FORMAT as VQGAN_FORMAT
+from pipeline.models.official.vqgan import infer_vqgan_config
 
 ENCODER_PREFIX, VQGAN_PREFIX = "pretrained_encoder.", "vqgan."
 REP_SLOT = ("fake_latent", "latent_prior_proj.weight", "latent_prior_proj.bias")  # RCG's additions to MAGE

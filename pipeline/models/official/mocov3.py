@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
+from pipeline.core.artifacts import weights_sha256
 from pipeline.core.errors import RcgError
+from pipeline.core.progress import log
 
 # MoCo v3's sizes (its ViT-S uses 12 heads, unlike DeiT-S's 6).
 VIT_SIZES = {
@@ -57,3 +60,35 @@ def infer_vit_config(state_dict: dict, num_heads: int | None = None) -> dict:
                 depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads,
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
                 proj_hidden_dim=sd["head.0.weight"].shape[0], proj_dim=sd["head.6.weight"].shape[0])
+
+
+def check_official_encoder(embedded: dict, store_identity: dict, store_name: str, path: Path,
+                           model_name: str = "RDM") -> str:
+    """Refuse an official RDM (or MAGE: ``model_name``) trained on another encoder than the one a store's reps came from.
+
+    The file carries the MoCo v3 weights it was trained with (``pretrained_encoder.*``); the store records
+    its encoder's config (and, when the encode stage wrote it, ``weights_sha256``) in ``store_identity``, so
+    the check reads nothing beyond the store. Returns what was compared: "weights" or "architecture".
+    """
+    if not embedded:
+        raise RcgError(f"{path} carries no pretrained_encoder.* weights: nothing shows which encoder it was "
+                       "trained with")
+    enc = store_identity.get("encoder") or {}
+    have = (enc.get("config") or {}).get("model")
+    if not isinstance(have, dict):
+        raise RcgError(f"{store_name} does not record its encoder's config (identity.encoder.config.model)")
+    try:
+        trained = infer_vit_config(embedded, have.get("num_heads"))
+    except RcgError as exc:
+        raise RcgError(f"{path}: pretrained_encoder.*: {exc}") from None
+    diffs = [f"{k} {trained[k]} (store's encoder: {have[k]})" for k in trained if k in have and trained[k] != have[k]]
+    if diffs:
+        raise RcgError(f"this {model_name} was trained with another encoder than the one {store_name} was encoded with: "
+                       + ", ".join(diffs))
+    if "weights_sha256" not in enc:
+        log(f"warning: {store_name} records no encoder weights hash; checked the encoder architecture only")
+        return "architecture"
+    if weights_sha256(import_mocov3_state_dict(embedded)) != enc["weights_sha256"]:
+        raise RcgError(f"this {model_name} was trained with another encoder than the one {store_name} was encoded with "
+                       "(same architecture, different weights)")
+    return "weights"
