@@ -35,11 +35,13 @@ from pipeline.core.errors import RcgError
 from pipeline.core.runtime import autocast as runtime_autocast
 from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
 from pipeline.gen.masked_decoding import decode_tokens
-from pipeline.models.mocov3_weights import import_mocov3_state_dict
+from pipeline.models.official.mocov3 import import_mocov3_state_dict
 from pipeline.models.mage import MAGE
-from pipeline.models.mage_official import convert_official_mage, official_layout
-from pipeline.models.rdm import RDM, official_rdm, official_rdm_encoder
-from pipeline.models.vqgan import VQGAN, load_official_vqgan
+from pipeline.models.official.mage import convert_official_mage, official_layout
+from pipeline.models.rdm import RDM
+from pipeline.models.official.rdm import official_rdm, official_rdm_encoder
+from pipeline.models.vqgan import VQGAN
+from pipeline.models.official.vqgan import load_official_vqgan
 from pipeline.core.rng import purpose, seeded_generator
 
 OFFICIAL_REP_DIM = 256  # MoCo v3's projector output: the rep size of every official RCG file
