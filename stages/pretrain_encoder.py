@@ -88,9 +88,8 @@ def pretrain(params: Params, d: Dist) -> dict:
                                   weight_decay=p.weight_decay, fused=cuda)
     identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
-    loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
-                     optimizer=optimizer, lr=warmup_cosine(base_lr, total, warmup), log_every=p.log_every,
-                     checkpoint_every=p.checkpoint_every, samples_per_step=p.batch_size, bf16=p.bf16)
+    loop = TrainLoop.from_section(STAGE, params, p, d, device, steps=total, identity=identity, modules={"model": model},
+                                  optimizer=optimizer, lr=warmup_cosine(base_lr, total, warmup))
     sampler = StepBatches(len(shards), p.batch_size, params.seed, loop.start, total, d.rank, d.world,
                           key="encoder.train.batch_size")
     augment = TwoCropAugment(config["img_size"], crop_min=p.crop_min, hue=p.hue, grayscale=p.grayscale)

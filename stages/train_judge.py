@@ -76,9 +76,8 @@ def train(model: Judge, shards: ShardSet, resolution: int, params: Params, d: Di
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
-    loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": model},
-                     optimizer=opt, lr=warmup_cosine(cfg.lr, total, per_epoch), log_every=cfg.log_every,
-                     checkpoint_every=cfg.checkpoint_every, samples_per_step=cfg.batch_size)
+    loop = TrainLoop.from_section(STAGE, params, cfg, d, device, steps=total, identity=identity,
+                                  modules={"model": model}, optimizer=opt, lr=warmup_cosine(cfg.lr, total, per_epoch))
     sampler = StepBatches(len(shards), cfg.batch_size, params.seed, loop.start, total, d.rank, d.world,
                           key="judge.train.batch_size")
     loader = DataLoader(LabelledCrops(shards, resolution), batch_sampler=sampler, num_workers=cfg.workers,

@@ -78,11 +78,10 @@ def train(params: Params, data: PixelData, kwargs: dict, conditioning: str, d: D
     keys = ["seed", "pixel.model", "pixel.train", "pixel.eval.num_images"] + \
         (["pixel.cluster"] if conditioning == "cluster" else [])
     identity = resume_identity(params, keys, conditioning=conditioning, **data.identity)
-    loop = TrainLoop(f"{STAGE}-{conditioning}", params, d, device, steps=t.steps, identity=identity,
-                     modules={"model": model}, optimizer=optimizer, lr=warmup_cosine(lr, t.steps, t.warmup_steps),
-                     grad_clip=t.grad_clip, accum=t.accum_steps, ema=ema, ema_model=model if ema else None,
-                     log_every=t.log_every, checkpoint_every=t.checkpoint_every, samples_per_step=t.batch_size,
-                     bf16=t.bf16)
+    loop = TrainLoop.from_section(f"{STAGE}-{conditioning}", params, t, d, device, steps=t.steps, identity=identity,
+                                  modules={"model": model}, optimizer=optimizer,
+                                  lr=warmup_cosine(lr, t.steps, t.warmup_steps), ema=ema,
+                                  ema_model=model if ema else None)
     net = loop.wrap(model)
     batches = PixelBatches(data, t.batch_size, t.accum_steps, params.seed, d)
 

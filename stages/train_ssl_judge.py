@@ -97,9 +97,8 @@ def run(params: Params) -> dict:
     moco.to(device).train()
     opt = torch.optim.AdamW(param_groups(moco, t.weight_decay), lr=t.lr)
     identity = resume_identity(params, PARAMS, shards=shards_identity(params.paths.shards))
-    loop = TrainLoop(STAGE, params, d, device, steps=total, identity=identity, modules={"model": moco}, optimizer=opt,
-                     lr=warmup_cosine(t.lr, total, per_epoch), log_every=t.log_every,
-                     checkpoint_every=t.checkpoint_every, samples_per_step=t.batch_size)
+    loop = TrainLoop.from_section(STAGE, params, t, d, device, steps=total, identity=identity, modules={"model": moco},
+                                  optimizer=opt, lr=warmup_cosine(t.lr, total, per_epoch))
     sampler = StepBatches(len(shards), t.batch_size, cfg.seed, loop.start, total, d.rank, d.world,
                           key="ssl_judge.train.batch_size")
     loader = DataLoader(StepCrops(shards, resolution), batch_sampler=sampler, num_workers=t.workers,

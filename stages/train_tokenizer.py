@@ -113,11 +113,10 @@ def train(params: Params, out: Path) -> dict:
     opt_d = torch.optim.Adam(disc.parameters(), lr=tr.lr, betas=(0.5, 0.9), fused=cuda)
     identity = resume_identity(params, PARAMS,
                                shards=shards_identity(params.paths.shards))
-    loop = TrainLoop(STAGE, params, d, device, steps=tr.steps, identity=identity,
-                     modules={"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d},
-                     lr=warmup_cosine(tr.lr, tr.steps) if tr.cosine else None, lr_optimizers=(opt_g, opt_d),
-                     log_every=tr.log_every, checkpoint_every=tr.checkpoint_every, samples_per_step=tr.batch_size,
-                     bf16=tr.bf16)
+    loop = TrainLoop.from_section(STAGE, params, tr, d, device, steps=tr.steps, identity=identity,
+                                  modules={"model": model, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d},
+                                  lr=warmup_cosine(tr.lr, tr.steps) if tr.cosine else None,
+                                  lr_optimizers=(opt_g, opt_d))
     counts = loop.extra.get("counts", torch.zeros(n_embed, dtype=torch.long)).to(device)  # since the last restart
     win_counts = loop.extra.get("win_counts", torch.zeros_like(counts)).to(device)  # since the last log
     sampler = StepBatches(len(shards), tr.batch_size, params.seed, loop.start, tr.steps, d.rank, d.world,

@@ -105,6 +105,19 @@ class TrainLoop:
         self.curve: list[dict] = list(self.extra.get("curve", []))  # every logged row so far, {"step": s, ...}
         self._ddp: DistributedDataParallel | None = None
 
+    @classmethod
+    def from_section(cls, name: str, params: Params, section: Any, d: Dist, device: torch.device, *, steps: int,
+                     identity: dict, modules: Mapping[str, Any], **options: Any) -> "TrainLoop":
+        """The loop of a ``*.train`` params section, in one call: its ``log_every``, ``checkpoint_every``, global
+        ``batch_size`` (the samples of a step) and, where the section has them, ``bf16``, ``grad_clip`` and
+        ``accum_steps``; ``options`` give the rest (optimizer, lr, EMA, ...)."""
+        fields = dict(log_every=section.log_every, checkpoint_every=section.checkpoint_every,
+                      samples_per_step=section.batch_size)
+        for key, field in (("bf16", "bf16"), ("grad_clip", "grad_clip"), ("accum", "accum_steps")):
+            if hasattr(section, field):
+                fields[key] = getattr(section, field)
+        return cls(name, params, d, device, steps=steps, identity=identity, modules=modules, **fields, **options)
+
     # ------------------------------------------------------------------------------------------ helpers
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` as the step should call it: DDP across ranks (world > 1), then ``torch.compile`` when

@@ -51,9 +51,8 @@ def train_rdm(params: Params, store: RepStore, stats: tuple[np.ndarray, np.ndarr
     identity = resume_identity(params, ["seed", "rdm.model", "rdm.diffusion", "rdm.train"],
                                store=store.identity, store_shape=list(store.shape))
     schedule = warmup_cosine(lr, t.steps, t.warmup_steps) if t.cosine else warmup_constant(lr, t.warmup_steps)
-    loop = TrainLoop(STAGE, params, d, device, steps=t.steps, identity=identity, modules={"model": model, "ema": ema},
-                     optimizer=optimizer, lr=schedule, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                     samples_per_step=t.batch_size, bf16=t.bf16)
+    loop = TrainLoop.from_section(STAGE, params, t, d, device, steps=t.steps, identity=identity,
+                                  modules={"model": model, "ema": ema}, optimizer=optimizer, lr=schedule)
     net = loop.wrap(model)
     rep_batches = RepBatches(store, t.batch_size // d.world, params.seed, d)
     if loop.start < t.steps:
