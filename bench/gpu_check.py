@@ -54,7 +54,8 @@ from bench.ddp_check import check_ddp  # noqa: E402
 from pipeline.core.config import Params, Paths, RdmModel, RdmSample, Runtime, SampleSetting  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
 from pipeline.models.view_encoder import encoder_fn  # noqa: E402
-from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.models.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.losses.diffusion import x0_loss  # noqa: E402
 from pipeline.gen.rcg import LoadedPixel, LoadedRdm, Models, generate  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss  # noqa: E402
@@ -278,7 +279,7 @@ def check_rdm_step(s: Sizes, modes: list[str], device: torch.device) -> Result:
         return model
 
     def one_step() -> None:
-        diffusion.training_loss(build(), x0[:1], y[:1], gen).backward()
+        x0_loss(diffusion, build(), x0[:1], y[:1], gen).backward()
 
     result = Result("samples/s", b, gflop(one_step))
 
@@ -290,7 +291,7 @@ def check_rdm_step(s: Sizes, modes: list[str], device: torch.device) -> Result:
 
         def step(net: nn.Module, item: tuple) -> dict:
             ema.update(model.net)  # as pipeline.train.rdm: LitEma inside the forward, before the optimizer step
-            return {"loss": diffusion.training_loss(net, *item)}
+            return {"loss": x0_loss(diffusion, net, *item)}
 
         return {"rate": loop_rate("rdm", model, step, (x0, y, gen), optimizer, b, s.warmup["rdm_step"],
                                   s.timed["rdm_step"], bf16, compiled, None, device)}

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.core.config import Params, load_params, preset  # noqa: E402
-from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.models.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.losses.diffusion import x0_loss  # noqa: E402
 from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.moco import MoCoV3  # noqa: E402
@@ -133,7 +134,7 @@ def rdm_rows(params: Params) -> tuple[list[Row], RDM]:
     model.cond_stage_model.requires_grad_(False)
     diffusion = GaussianDiffusion()
     x0, y = torch.randn(2, r.model.in_channels), torch.zeros(2, dtype=torch.long)
-    step = gflop(lambda: diffusion.training_loss(model, x0, y, torch.Generator().manual_seed(0),
+    step = gflop(lambda: x0_loss(diffusion, model, x0, y, torch.Generator().manual_seed(0),
                                                  min_snr_gamma=r.train.min_snr_gamma).backward(), per=2)
     work = [] if r.checkpoint is not None else [
         Row("train_rdm", f"{r.train.steps} steps x {r.train.batch_size} reps, MLP {r.model.model_channels}x"

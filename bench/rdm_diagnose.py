@@ -25,7 +25,8 @@ from pipeline.core.config import load_params  # noqa: E402
 from pipeline.eval.metrics import frechet_distance, gaussian_stats  # noqa: E402
 import pipeline.models.rdm  # noqa: E402,F401  (registers the "rdm" model kind)
 from pipeline.core.artifacts import load_model  # noqa: E402
-from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps  # noqa: E402
+from pipeline.models.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.samplers.diffusion import ddim_schedule, sample_reps  # noqa: E402
 from pipeline.data.rep_store import load_store, store_stats  # noqa: E402
 from pipeline.eval.rdm_eval import draw_reps  # noqa: E402
 from pipeline.core.rng import seeded_generator  # noqa: E402
@@ -43,7 +44,7 @@ def sampler_floor(diffusion, eigval: np.ndarray, scale: np.ndarray, steps: int, 
     """Population FD of an *exact* Gaussian model under DDIM(steps, eta) as the stage samples (the noisy x at
     abar_0 returned), in closed form: per eigen-direction (variance eigval / scale^2 in the RDM's space) every
     step is linear, so the variance recursion V <- k^2 V + sigma^2 from V_T = 1 gives the sampled variance."""
-    tau, a_prev, sigma = diffusion.ddim_schedule(steps, eta)
+    tau, a_prev, sigma = ddim_schedule(diffusion, steps, eta)
     abar = diffusion.alphas_cumprod.double().numpy()
     lam = np.clip(eigval, 0, None) / scale ** 2
     var = np.ones_like(lam)

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.core.config import Params  # noqa: E402
-from pipeline.samplers.diffusion import GaussianDiffusion  # noqa: E402
+from pipeline.models.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens, gumbel  # noqa: E402
 from pipeline.gen.rcg import LoadedPixel, LoadedRdm, Models  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, Attention, mage_kwargs  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.samplers.diffusion import GaussianDiffusion
+from pipeline.models.diffusion import GaussianDiffusion
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.mage import MAGE
 from pipeline.models.official.mage import REP_SLOT, official_unused_shapes

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from pipeline.samplers.diffusion import GaussianDiffusion
+from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.losses.diffusion import x0_loss
+from pipeline.samplers.diffusion import ddim_sample, ddim_schedule, ddim_step
 from pipeline.core.errors import RcgError
 
 
@@ -25,14 +27,14 @@ def test_schedule_values():
 
 def test_ddim_sigmas_and_timesteps():
     d = GaussianDiffusion()
-    tau, a_prev, sigma = d.ddim_schedule(250, eta=1.0)
+    tau, a_prev, sigma = ddim_schedule(d, 250, eta=1.0)
     assert tau[0] == 1 and tau[1] == 5 and tau[-1] == 997 and len(tau) == 250
     assert a_prev[0].item() == pytest.approx(0.9985, rel=1e-6)  # abar[0], not 1
     assert round(sigma[-1].item(), 4) == 0.2745  # first sampling step, t=997
     assert round(sigma[0].item(), 4) == 0.0274  # last sampling step, t=1
-    assert torch.all(d.ddim_schedule(250, eta=0.0)[2] == 0)
+    assert torch.all(ddim_schedule(d, 250, eta=0.0)[2] == 0)
     with pytest.raises(RcgError):
-        d.ddim_schedule(1000, eta=1.0)  # stride 1 would index abar[1000]
+        ddim_schedule(d, 1000, eta=1.0)  # stride 1 would index abar[1000]
 
 
 def test_q_sample_statistics():
@@ -60,7 +62,7 @@ def test_training_loss_is_x0_mse():
         seen.update(x_t=x_t, t=t, y=y)
         return torch.zeros_like(x_t) + 0.5
 
-    loss = d.training_loss(stub, x0, y=torch.arange(8), generator=torch.Generator().manual_seed(3))
+    loss = x0_loss(d, stub, x0, y=torch.arange(8), generator=torch.Generator().manual_seed(3))
     assert loss.item() == pytest.approx(((0.5 - x0) ** 2).mean().item(), rel=1e-6)
     assert torch.equal(seen["y"], torch.arange(8))
     # replay the generator: t ~ U{0..T-1}, then eps; x_t must be the forward process at that t
@@ -84,9 +86,9 @@ def test_min_snr_weighting():
     snr = abar / (1 - abar)
     assert torch.allclose(d.snr(t), snr)
     assert snr.max() > 5 > snr.min()  # both sides of the clamp are exercised
-    loss = d.training_loss(stub, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    loss = x0_loss(d, stub, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
     assert loss.item() == pytest.approx((error * snr.clamp(max=5.0)).mean().item(), rel=1e-5)
-    plain = d.training_loss(stub, x0, None, generator=torch.Generator().manual_seed(3))
+    plain = x0_loss(d, stub, x0, None, generator=torch.Generator().manual_seed(3))
     assert plain.item() == pytest.approx(error.mean().item(), rel=1e-5)
 
 
@@ -99,7 +101,7 @@ def test_ddim_oracle_lands_on_point():
         calls.append(int(t[0]))
         return p.expand_as(x)
 
-    x = d.ddim_sample(oracle, (4000, 3), None, steps=250, generator=torch.Generator().manual_seed(0))
+    x = ddim_sample(d, oracle, (4000, 3), None, steps=250, generator=torch.Generator().manual_seed(0))
     assert calls[0] == 997 and calls[-1] == 1 and len(calls) == 250
     assert torch.allclose(x.mean(0), p * 0.9985 ** 0.5, atol=0.005)
     # the returned sample is the noisy x_prev at abar[0] (std sqrt(1 - 0.9985)), not x0_hat
@@ -109,12 +111,12 @@ def test_ddim_oracle_lands_on_point():
 def test_ddim_reproducible_and_temperature():
     d = GaussianDiffusion()
     f = lambda x, t, y: 0.5 * x  # noqa: E731
-    a = d.ddim_sample(f, (5, 4), None, steps=10, generator=torch.Generator().manual_seed(7))
-    b = d.ddim_sample(f, (5, 4), None, steps=10, generator=torch.Generator().manual_seed(7))
-    c = d.ddim_sample(f, (5, 4), None, steps=10, temperature=0.0, generator=torch.Generator().manual_seed(7))
+    a = ddim_sample(d, f, (5, 4), None, steps=10, generator=torch.Generator().manual_seed(7))
+    b = ddim_sample(d, f, (5, 4), None, steps=10, generator=torch.Generator().manual_seed(7))
+    c = ddim_sample(d, f, (5, 4), None, steps=10, temperature=0.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     ticks = []
-    d.ddim_sample(f, (1, 4), None, steps=10, progress=lambda i, n: ticks.append((i, n)))
+    ddim_sample(d, f, (1, 4), None, steps=10, progress=lambda i, n: ticks.append((i, n)))
     assert ticks[0] == (1, 10) and ticks[-1] == (10, 10)
 
 
@@ -128,21 +130,21 @@ def _net():
 def test_given_draws_equal_the_generator_bit_for_bit():
     """x_T, per-step noise and t passed in give exactly what the generator alone gives (same draw order)."""
     d, f = GaussianDiffusion(), _net()
-    drawn = d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, generator=torch.Generator().manual_seed(7))
+    drawn = ddim_sample(d, f, (5, 4), None, steps=20, temperature=0.7, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     x_T = torch.randn(5, 4, generator=g)
     noise = torch.stack([torch.randn(5, 4, generator=g) for _ in range(20)])
-    assert torch.equal(d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise), drawn)
-    assert not torch.equal(d.ddim_sample(f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise.flip(0)),
+    assert torch.equal(ddim_sample(d, f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise), drawn)
+    assert not torch.equal(ddim_sample(d, f, (5, 4), None, steps=20, temperature=0.7, x_T=x_T, noise=noise.flip(0)),
                            drawn)
 
     x0 = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
-    loss = d.training_loss(f, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    loss = x0_loss(d, f, x0, None, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, 1000, (6,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    assert torch.equal(d.training_loss(f, x0, None, min_snr_gamma=5.0, t=t, noise=eps), loss)
-    assert not torch.equal(d.training_loss(f, x0, None, min_snr_gamma=5.0, t=t.flip(0), noise=eps), loss)
+    assert torch.equal(x0_loss(d, f, x0, None, min_snr_gamma=5.0, t=t, noise=eps), loss)
+    assert not torch.equal(x0_loss(d, f, x0, None, min_snr_gamma=5.0, t=t.flip(0), noise=eps), loss)
 
 
 def test_training_loss_with_given_t_and_noise_is_the_reference_x0_mse():
@@ -155,7 +157,7 @@ def test_training_loss_with_given_t_and_noise_is_the_reference_x0_mse():
         seen.update(x_t=x_t, t=tt)
         return torch.zeros_like(x_t)
 
-    loss = d.training_loss(stub, x0, None, t=t, noise=eps)
+    loss = x0_loss(d, stub, x0, None, t=t, noise=eps)
     abar = torch.tensor([0.9985, 0.11584, 1.4230e-4])
     torch.testing.assert_close(seen["x_t"], abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * eps,
                                rtol=2e-4, atol=1e-4)
@@ -171,7 +173,7 @@ def _abar64() -> torch.Tensor:
 def test_one_ddim_step_is_the_reference_formula():
     """docs/official.md §2.4, first step of the 250-step eta=1 sampler (t=997, a_prev=abar[993])."""
     d, f = GaussianDiffusion(), _net()
-    tau, a_prev, sigma = d.ddim_schedule(250, eta=1.0)
+    tau, a_prev, sigma = ddim_schedule(d, 250, eta=1.0)
     abar = _abar64()
     a_t, a_p = abar[997], abar[993]
     s = ((1 - a_p) / (1 - a_t)).sqrt() * (1 - a_t / a_p).sqrt()
@@ -179,7 +181,7 @@ def test_one_ddim_step_is_the_reference_formula():
     assert sigma[-1].item() == pytest.approx(s.item(), rel=1e-5) and round(s.item(), 4) == 0.2745
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    out = d.ddim_step(f, x, 997, a_prev[-1].item(), sigma[-1].item(), None, z, temperature=0.5)
+    out = ddim_step(d, f, x, 997, a_prev[-1].item(), sigma[-1].item(), None, z, temperature=0.5)
 
     x64 = x.double()
     x0_hat = f(x, torch.full((6,), 997), None).double()
@@ -195,7 +197,7 @@ def test_ddim_sample_is_the_hand_written_loop():
     d, f = GaussianDiffusion(), _net()
     g = torch.Generator().manual_seed(1)
     x_T, noise = torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
-    out = d.ddim_sample(f, (3, 4), None, steps=2, eta=1.0, x_T=x_T, noise=noise)
+    out = ddim_sample(d, f, (3, 4), None, steps=2, eta=1.0, x_T=x_T, noise=noise)
     abar = _abar64()
     x = x_T.double()
     for i, (t, prev) in enumerate([(501, 1), (1, 0)]):
@@ -206,4 +208,4 @@ def test_ddim_sample_is_the_hand_written_loop():
         x = a_p.sqrt() * x0_hat + (1 - a_p - s ** 2).sqrt() * eps_hat + s * noise[i].double()
     torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-4)
     with pytest.raises(RcgError, match="noise has shape"):
-        d.ddim_sample(f, (3, 4), None, steps=2, x_T=x_T, noise=noise[:1])
+        ddim_sample(d, f, (3, 4), None, steps=2, x_T=x_T, noise=noise[:1])

@@ -10,7 +10,8 @@ from pipeline.core.errors import RcgError
 from pipeline.models.ema import EMA
 from pipeline.models.rdm import RDM, RepWhitening, SimpleMLP, timestep_embedding
 from pipeline.models.official.rdm import convert_official_rdm, ema_shadow_name, load_official_rdm
-from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
+from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import ddim_sample, sample_reps
 
 MANIFEST = Path("/work/shared/reference/manifests/rdm_vitb_l12_w1536.json")
 TINY = dict(in_channels=8, time_embed_dim=6, model_channels=12, bottleneck_channels=10, out_channels=8,
@@ -113,7 +114,7 @@ def test_sample_reps_maps_back_to_the_store_space():
     d = GaussianDiffusion()
     y = torch.zeros(5, dtype=torch.long)
     reps = sample_reps(model, d, y, steps=10, generator=torch.Generator().manual_seed(4))
-    z = d.ddim_sample(model, (5, 8), y, steps=10, generator=torch.Generator().manual_seed(4))
+    z = ddim_sample(d, model, (5, 8), y, steps=10, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(reps, z @ model.whitening.inverse_map.T + 2.0)
     assert {"whitening.mean", "whitening.forward_map", "whitening.inverse_map"} <= set(model.state_dict())
     g = torch.Generator().manual_seed(4)  # x_T and noise passed through: the generator's own draws, the same reps

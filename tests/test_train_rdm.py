@@ -10,7 +10,8 @@ import zarr
 
 from pipeline.core.artifacts import load_checkpoint, load_model, load_model_file, save_model_file, weights_sha256
 from pipeline.core.config import EncoderModel
-from pipeline.samplers.diffusion import GaussianDiffusion
+import pipeline.samplers.diffusion as sampler
+import pipeline.train.rdm as rdm_training
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MoCoViT
 from pipeline.core.errors import RcgError
@@ -106,7 +107,7 @@ def test_a_perfect_sampler_scores_the_lower_bound(tmp_path, monkeypatch):
     def perfect(self, model, shape, y, generator=None, **kwargs):  # in the RDM's space, as the sampler works
         return model.whitening.encode(reps[torch.randint(len(reps), (shape[0],), generator=generator)])
 
-    monkeypatch.setattr(GaussianDiffusion, "ddim_sample", perfect)
+    monkeypatch.setattr(sampler, "ddim_sample", perfect)
     ratios, spreads = [], []
     for seed in range(4):
         params = micro_params(tmp_path, [f"seed={seed}", "rdm.train.steps=1", "rdm.eval.num_samples=500"])
@@ -139,13 +140,13 @@ def test_whitened_min_snr_training_keeps_its_map_in_the_model_file(tmp_path):
 def test_training_sees_whitened_reps_and_the_min_snr_weight(tmp_path, monkeypatch):
     make_store(tmp_path)
     store = torch.from_numpy(np.asarray(zarr.open_group(tmp_path / "data" / "reps.zarr", mode="r")["reps"][:]))
-    seen, original = [], GaussianDiffusion.training_loss
+    seen, original = [], rdm_training.x0_loss
 
     def spy(self, model_fn, x0, y, generator=None, min_snr_gamma=None):
         seen.append((x0.detach().clone(), min_snr_gamma))
         return original(self, model_fn, x0, y, generator=generator, min_snr_gamma=min_snr_gamma)
 
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", spy)
+    monkeypatch.setattr(rdm_training, "x0_loss", spy)
     train_rdm.run(micro_params(tmp_path, ["rdm.model.whiten_power=0.25", "rdm.train.min_snr_gamma=5",
                                           "rdm.eval.num_samples=8"]))
     x0 = torch.cat([x for x, _ in seen])
@@ -256,14 +257,14 @@ def test_nan_in_store_names_the_row(tmp_path):
 def test_nan_loss_names_the_step_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     make_store(tmp_path)
     calls = {"n": 0}
-    original = GaussianDiffusion.training_loss
+    original = rdm_training.x0_loss
 
     def nan_from_step_12(self, *args, **kwargs):
         calls["n"] += 1
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] >= 12 else loss
 
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", nan_from_step_12)
+    monkeypatch.setattr(rdm_training, "x0_loss", nan_from_step_12)
     state = tmp_path / "data" / "state" / "train_rdm.pt"
     with pytest.raises(RcgError, match=r"non-finite loss .* at step 12;.*train_rdm\.pt"):
         train_rdm.run(micro_params(tmp_path))

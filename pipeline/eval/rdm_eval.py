@@ -14,7 +14,8 @@ from pipeline.core.progress import progress
 from pipeline.data.rep_store import RepStore
 from pipeline.eval.metrics import frechet_distance, gaussian_stats, knn_precision_recall
 from pipeline.eval.probes import knn_accuracy
-from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
+from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import sample_reps
 from pipeline.models.rdm import RDM
 from pipeline.models.ema import EMA
 from pipeline.core.rng import seeded_generator

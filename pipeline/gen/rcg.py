@@ -33,7 +33,8 @@ from pipeline.core.artifacts import file_sha256, is_model_file, load_checkpoint,
 from pipeline.core.config import RdmSample, SampleSetting
 from pipeline.core.errors import RcgError
 from pipeline.core.runtime import autocast as runtime_autocast
-from pipeline.samplers.diffusion import GaussianDiffusion, sample_reps
+from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.samplers.diffusion import sample_reps
 from pipeline.gen.masked_decoding import decode_tokens
 from pipeline.models.official.mocov3 import import_mocov3_state_dict
 from pipeline.models.mage import MAGE

@@ -267,7 +267,7 @@ def masked_token_loss(model: MAGE, tokens: torch.Tensor, c: torch.Tensor | None,
 
     ``null`` [B] bool (the samples whose slot is the null rep) and ``masked`` / ``dropped`` [B, L] bool (given
     together; ``dropped`` a subset of ``masked``), when given, are used instead of draws from ``generator`` (as
-    ``GaussianDiffusion.training_loss`` takes ``t`` and ``noise``): an outside check can pin them. What is not
+    ``pipeline.losses.diffusion.x0_loss`` takes ``t`` and ``noise``): an outside check can pin them. What is not
     given is drawn in the same order as without them (``null``, then the masks)."""
     if (masked is None) != (dropped is None):
         raise RcgError("masked_token_loss: give masked and dropped together")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -18,16 +17,6 @@ from pipeline.core.artifacts import register_model_kind
 from pipeline.core.errors import RcgError
 
 MODEL_FORMAT = "rcg-rdm"  # data/models/rdm.pt, trained here or imported
-# The noise schedule every official RDM is trained for (rdm.diffusion's defaults).
-OFFICIAL_SCHEDULE = {"timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195}
-
-
-def ldm_betas(timesteps: int, linear_start: float, linear_end: float) -> np.ndarray:
-    """LDM's "linear" schedule: betas linear in sqrt(beta), in float64 (what the diffusion and the official
-    checkpoint check both compute)."""
-    return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of the raw integer t (not rescaled), cos first as in LDM."""
     half = dim // 2
@@ -194,7 +183,7 @@ def rdm_kwargs(model_params) -> dict:
 def _from_file(payload: dict, path: str | Path, use_ema: bool = True) -> RDM:
     """The RDM of an "rcg-rdm" model file (``load_model("rdm", path, use_ema=...)``); the MLP carries the EMA
     weights (what RCG samples with) unless ``use_ema`` is False or the file has none. ``payload["config"]
-    ["diffusion"]`` is its schedule: ``pipeline.samplers.diffusion.GaussianDiffusion(**...)``."""
+    ["diffusion"]`` is its schedule: ``pipeline.models.diffusion.GaussianDiffusion(**...)``."""
     config = payload["config"]
     model = RDM(**config["model"])
     if not any(k.startswith("whitening.") for k in payload["state_dict"]):

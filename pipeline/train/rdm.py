@@ -18,7 +18,8 @@ from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.data.rep_store import RepBatches, RepStore
-from pipeline.samplers.diffusion import GaussianDiffusion
+from pipeline.models.diffusion import GaussianDiffusion
+from pipeline.losses.diffusion import x0_loss
 from pipeline.models.rdm import RDM, rdm_kwargs
 from pipeline.models.ema import EMA
 from pipeline.train.identity import resume_identity
@@ -69,7 +70,7 @@ def train_rdm(params: Params, store: RepStore, stats: tuple[np.ndarray, np.ndarr
     def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Generator], it: int) -> dict:
         x0, y, gen = batch
         ema.update(model.net)  # LitEma updates inside the forward, before the optimizer step: it lags one step
-        return {"loss": diffusion.training_loss(net, x0, y, generator=gen, min_snr_gamma=t.min_snr_gamma)}
+        return {"loss": x0_loss(diffusion, net, x0, y, generator=gen, min_snr_gamma=t.min_snr_gamma)}
 
     summary = loop.run(step, batches())
     return model, ema, kwargs, {"source": "trained", **summary, "lr": lr, "world": d.world}

@@ -15,7 +15,8 @@ from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 from pipeline.models.ema import EMA
 from pipeline.models.official.mocov3 import check_official_encoder
-from pipeline.models.rdm import OFFICIAL_SCHEDULE, RDM, ldm_betas
+from pipeline.models.diffusion import OFFICIAL_SCHEDULE, ldm_betas
+from pipeline.models.rdm import RDM
 
 
 NET_PREFIX = "model.diffusion_model."
