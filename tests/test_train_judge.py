@@ -6,6 +6,7 @@ import torch
 from conftest import micro_params
 from pipeline.core.artifacts import load_checkpoint, load_model_file
 from pipeline.data.shards import ShardSet
+import pipeline.train.judge as recipe
 from stages import train_judge
 
 JUDGE = ["judge.train.epochs=2", "judge.train.batch_size=16", "judge.train.checkpoint_every=2"]
@@ -14,7 +15,7 @@ JUDGE = ["judge.train.epochs=2", "judge.train.batch_size=16", "judge.train.check
 def test_a_step_decodes_its_batch_not_the_split(workspace, monkeypatch):
     """Holding the split in memory (~250 GB at ImageNet 256 px) would decode all 48 images before step 0."""
     reads, at_step = [0], []
-    real_read, real_augment = ShardSet.read, train_judge.augment
+    real_read, real_augment = ShardSet.read, recipe.augment
 
     def read(self, idx):
         reads[0] += 1
@@ -25,7 +26,7 @@ def test_a_step_decodes_its_batch_not_the_split(workspace, monkeypatch):
         return real_augment(x, gen)
 
     monkeypatch.setattr(ShardSet, "read", read)
-    monkeypatch.setattr(train_judge, "augment", augment)
+    monkeypatch.setattr(recipe, "augment", augment)
     train_judge.run(micro_params(workspace, JUDGE))
     assert at_step == [16, 32, 48, 64, 80, 96]  # 6 steps of 16: each one's own images, decoded on the way
 
@@ -37,7 +38,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, micro_shards, monkeypa
         shutil.copytree(micro_shards, root / "data" / "shards")
     train_judge.run(micro_params(whole, JUDGE))
 
-    calls, real_augment = [0], train_judge.augment
+    calls, real_augment = [0], recipe.augment
 
     def die_at_step_3(x, gen):
         if calls[0] == 3:  # the 4th step: after the checkpoint at step 2
@@ -45,11 +46,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, micro_shards, monkeypa
         calls[0] += 1
         return real_augment(x, gen)
 
-    monkeypatch.setattr(train_judge, "augment", die_at_step_3)
+    monkeypatch.setattr(recipe, "augment", die_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train_judge.run(micro_params(killed, JUDGE))
     assert load_checkpoint(killed / "data" / "state" / "train_judge.pt")["step"] == 2
-    monkeypatch.setattr(train_judge, "augment", real_augment)
+    monkeypatch.setattr(recipe, "augment", real_augment)
     assert train_judge.run(micro_params(killed, JUDGE + ["judge.train.workers=2"]))["output"]  # another worker count
     a = load_model_file(whole / "data" / "models" / "judge.pt", "rcg-judge")["state_dict"]
     b = load_model_file(killed / "data" / "models" / "judge.pt", "rcg-judge")["state_dict"]
