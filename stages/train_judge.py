@@ -63,7 +63,7 @@ def run(params: Params) -> dict:
         log("train_judge: no val split; metrics/judge.json reports the train accuracy only")
     out = params.paths.model_file("judge")
     save_model("judge", out, config, model.state_dict(),
-                    summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
+               summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})
     write_json(params.paths.metrics / "judge.json", metrics)
     d.barrier()
     return {"output": str(out), "metrics": str(params.paths.metrics / "judge.json"),

@@ -55,8 +55,7 @@ def run(params: Params) -> dict:
               "whitening": {k: rdm["model"][k] for k in ("whiten_power", "whiten_eps")},
               "min_snr_gamma": None if summary["source"] == "official" else rdm["train"]["min_snr_gamma"]}
     out_path, metrics_path = params.paths.model_file("rdm"), params.paths.metrics / "rdm.json"
-    save_model("rdm", out_path, config, model.state_dict(), ema.state_dict() if ema is not None else None,
-                    summary)
+    save_model("rdm", out_path, config, model.state_dict(), ema.state_dict() if ema is not None else None, summary)
     write_json(metrics_path, {**metrics, **{k: summary[k] for k in ("source", "encoder_check") if k in summary}})
     log(f"train_rdm: FD generated {metrics['fd_generated']:.4f} vs lower bound {metrics['fd_lower_bound']:.4f} "
         f"(ratio {metrics['ratio']:.3f}; Gaussian fit {metrics['fd_gaussian_fit']:.4f}), precision "

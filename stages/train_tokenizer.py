@@ -156,7 +156,8 @@ def train(params: Params, out: Path) -> dict:
         counts.add_(step_counts)
         win_counts.add_(step_counts)
         if tr.restart_every and (it == 0 or (it + 1) % tr.restart_every == 0):  # it 0: a data-based init
-            restart_dead_codes(model.quantize, ema, z_flat, counts, d, stream_seed(params.seed, "tokenizer.restart", it))
+            restart = stream_seed(params.seed, "tokenizer.restart", it)
+            restart_dead_codes(model.quantize, ema, z_flat, counts, d, restart)
             counts.zero_()
         return {"loss": logs["loss"], "rec": logs["rec_loss"], "q": logs["q_loss"], "g": logs["g_loss"], "d": d_loss}
 

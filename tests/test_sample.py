@@ -540,7 +540,8 @@ def test_official_unconditional_mage_file_samples_as_the_baseline(files, tmp_pat
     torch.manual_seed(7)
     mage = MAGE(codebook_size=CODES, seq_len=64, rep_dim=DIM, vocab="official", embed_dim=128, depth=1, num_heads=4,
                 decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4, conditioning="none")  # heads inferred
-    path = uncond_mage_file(tmp_path / "mage-uncond.pth", mage, load_model("tokenizer", files["tokenizer"])[0].state_dict())
+    vqgan_state = load_model("tokenizer", files["tokenizer"])[0].state_dict()
+    path = uncond_mage_file(tmp_path / "mage-uncond.pth", mage, vqgan_state)
     models = rcg.load_models(path, files["tokenizer"], None, torch.device("cpu"))
     assert models.pixel.conditioning == "none" and models.pixel.encoder is None
     s = setting(generator="none", reps=None)

@@ -158,7 +158,8 @@ class EncoderTrain(Section):
     momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
     crop_min: float = Field(0.8, gt=0, le=1)     # RandomResizedCrop scale lower bound (0.08 on ImageNet)
     # Colour made unreliable between the two views (MoCo v3: hue 0.1, grayscale 0.2): the built-in set's colours are
-    # random per image and its classes are shapes, so views that share a colour teach colour, not shape (bench/RESULTS.md, "why the defaults").
+    # random per image and its classes are shapes, so views that share a colour teach colour, not shape
+    # (bench/RESULTS.md, "why the defaults").
     hue: float = Field(0.5, ge=0, le=0.5)        # ColorJitter hue range
     grayscale: float = Field(0.5, ge=0, le=1)    # RandomGrayscale probability
     bf16: bool = False                           # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
@@ -187,7 +188,8 @@ class RdmModel(Section):
     in_channels: PositiveInt = 256
     # Reps enter the diffusion in the PCA basis of the store's covariance, principal direction i scaled by
     # lambda_i^-p (lambda floored at whiten_eps x their mean; unit mean variance overall): p = whiten_power,
-    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.samplers.diffusion.sample_reps maps back.
+    # 0 = the official raw reps, 0.5 = full whitening. Saved in rdm.pt; pipeline.samplers.diffusion.sample_reps
+    # maps back.
     whiten_power: float = Field(0.15, ge=0, le=0.5)
     whiten_eps: PositiveFloat = 1e-3
     time_embed_dim: PositiveInt = 256
@@ -278,7 +280,8 @@ class TokenizerModel(Section):
 
 class TokenizerTrain(Section):
     """VQGAN training (stages/train_tokenizer.py); the codebook learns by EMA, so only the encoder, decoder and
-    discriminator have optimisers. Default: small batches, many steps, the PatchGAN in the last quarter (bench/RESULTS.md, "why the defaults")."""
+    discriminator have optimisers. Default: small batches, many steps, the PatchGAN in the last quarter
+    (bench/RESULTS.md, "why the defaults")."""
     steps: PositiveInt = 2000
     batch_size: PositiveInt = 8           # global: split evenly across DDP ranks
     lr: PositiveFloat = 2e-3              # Adam(0.5, 0.9) for the VQGAN and the discriminator
@@ -319,8 +322,8 @@ class Tokenize(Section):
 # -------------------------------------------------------------------------------------------- pixel
 class PixelModel(Section):
     """MAGE (pipeline.models.mage); codebook size, token grid and rep size come from the stores. Default: a small
-    CPU size for the default run's 8x8 tokens, width 64 (0.4M params; bench/RESULTS.md, "why the defaults"); MAGE-B is 768/12/12 with a
-    768/8/16 decoder (presets)."""
+    CPU size for the default run's 8x8 tokens, width 64 (0.4M params; bench/RESULTS.md, "why the defaults"); MAGE-B is
+    768/12/12 with a 768/8/16 decoder (presets)."""
     vocab: Literal["official", "compact"] = "compact"  # official: codebook + 1000 + 1 ids (needed by official files)
     embed_dim: PositiveInt = 64
     depth: PositiveInt = 4
@@ -359,7 +362,8 @@ class PixelTrain(Section):
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: PositiveFloat | None = 3.0
     ema_decay: float | None = Field(None, gt=0, lt=1)  # None: no EMA (official)
-    codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours: bench/RESULTS.md, "why the defaults";
+    codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours, why:
+                                       # bench/RESULTS.md, "why the defaults";
                                        # official and the ImageNet presets: random)
     bf16: bool = False                 # bf16 autocast where native (official: fp16), else fp32
     checkpoint_every: PositiveInt = how_to_run(200)
@@ -429,7 +433,8 @@ class JudgeModel(Section):
 
 
 class JudgeTrain(Section):
-    """Supervised training on the train split's labels (stages/train_judge.py); epochs: bench/RESULTS.md, "why the defaults"."""
+    """Supervised training on the train split's labels (pipeline.train.judge); epochs:
+    bench/RESULTS.md, "why the defaults"."""
     epochs: PositiveInt = 8
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3           # AdamW, one-cycle: linear warm-up over the first epoch, cosine to 0

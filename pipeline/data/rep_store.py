@@ -124,8 +124,8 @@ class RepBatches:
         device = self.store.device
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(self.store.shape[0], generator=seeded_generator(device, self.seed, "rdm.permutation", epoch),
-                                       device=device)
+            perm_stream = seeded_generator(device, self.seed, "rdm.permutation", epoch)
+            self.perm = torch.randperm(self.store.shape[0], generator=perm_stream, device=device)
         start = (i * self.d.world + self.d.rank) * self.batch
         rows = self.perm[start:start + self.batch]
         gen = seeded_generator(device, self.seed, "rdm.step", step, self.d.rank)

@@ -146,7 +146,8 @@ class RepWhitening(nn.Module):
 
 class RDM(nn.Module):
     """SimpleMLP (``net``) + ClassEmbedder (``cond_stage_model``) + the map into the diffusion's space
-    (``whitening``); ``forward(z_t, t, y) -> z0_hat`` runs in that space, :func:`pipeline.samplers.diffusion.sample_reps` maps back.
+    (``whitening``); ``forward(z_t, t, y) -> z0_hat`` runs in that space,
+    :func:`pipeline.samplers.diffusion.sample_reps` maps back.
 
     Unconditional (``class_cond=False``): as in the official code the embedder has a single row (label 0)
     that the MLP never reads, so ``y`` is ignored and ``n_classes`` is unused.
