@@ -25,7 +25,7 @@ def main() -> None:
     from pipeline.data.eval_images import ShardImages
     from pipeline.data.shards import ShardSet
     from pipeline.eval.fidelity import FD_KEY, Reference, create_extractor, extract, score_features
-    from pipeline.models.moco import gaussian_blur
+    from pipeline.data.augment import gaussian_blur
 
     root = a.root.resolve()
     params = load_params(None, [f"paths.data={root}/data", f"paths.metrics={root}/metrics"])

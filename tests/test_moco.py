@@ -7,7 +7,8 @@ import torch
 
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.official.mocov3 import VIT_SIZES
-from pipeline.models.moco import MoCoV3, TwoCropAugment, contrastive_loss, momentum_at
+from pipeline.models.moco import MoCoV3, contrastive_loss, momentum_at
+from pipeline.data.augment import TwoCropAugment
 
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
 
@@ -115,7 +116,7 @@ def test_two_crop_augment():
 
 
 def test_hsv_round_trip_and_blur():
-    from pipeline.models.moco import gaussian_blur, hsv_to_rgb, rgb_to_hsv
+    from pipeline.data.augment import gaussian_blur, hsv_to_rgb, rgb_to_hsv
     x = torch.rand(4, 3, 8, 8)
     assert torch.allclose(hsv_to_rgb(*rgb_to_hsv(x)), x, atol=1e-5)
     h, s, v = rgb_to_hsv(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))  # red: hue 0; green is a third turn on

@@ -14,7 +14,8 @@ from pipeline.core.distributed import Dist
 from pipeline.core.rng import seeded_generator
 from pipeline.data.judge_data import StepCrops
 from pipeline.data.shards import ShardSet
-from pipeline.models.moco import TwoCropAugment, momentum_at
+from pipeline.models.moco import momentum_at
+from pipeline.data.augment import TwoCropAugment
 from pipeline.models.ssl_judge import MoCoConv, resized_crops
 from pipeline.train.batches import StepBatches
 from pipeline.train.loop import TrainLoop, param_groups
