@@ -18,6 +18,7 @@ from pipeline.data.stores import StoreWriter
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.mage import MAGE, masked_token_loss
 from pipeline.models.vqgan import VQGAN
+import pipeline.train.pixel as recipe
 from stages import train_pixel
 from conftest import MICRO, micro_params
 from official_files import rep_mage_file
@@ -118,10 +119,10 @@ def test_resumed_training_equals_uninterrupted(trained, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(model, tokens, c, *args, **kwargs)
 
-    monkeypatch.setattr(train_pixel, "masked_token_loss", dying)
+    monkeypatch.setattr(recipe, "masked_token_loss", dying)
     with pytest.raises(KeyboardInterrupt):
         train_pixel.run(params, "rep")
-    monkeypatch.setattr(train_pixel, "masked_token_loss", real)
+    monkeypatch.setattr(recipe, "masked_token_loss", real)
     resumed = train_pixel.run(params, "rep")
     assert resumed["resumed_from"] == 3
     root, ref_params, _ = trained
@@ -140,7 +141,7 @@ def test_nan_stops_naming_the_step(tmp_path, monkeypatch):
         loss, acc = real(*args, **kwargs)
         return (loss * float("nan"), acc) if calls[0] == 4 else (loss, acc)
 
-    monkeypatch.setattr(train_pixel, "masked_token_loss", poisoned)
+    monkeypatch.setattr(recipe, "masked_token_loss", poisoned)
     with pytest.raises(RcgError, match="non-finite loss .* at step 4"):
         train_pixel.run(params, "none")
 
