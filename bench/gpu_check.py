@@ -11,7 +11,7 @@ Workloads, each timed in every mode (fp32 eager is the baseline; the table gives
   views in, standardised reps out: what the encode stage runs per batch);
 - ``rdm_step``: the paper's RDM (SimpleMLP 1536 x 12) training step as ``pipeline.train.rdm`` runs it (x0 loss,
   LitEma update, fused AdamW) on ``pipeline.train.loop.TrainLoop`` (its bf16 autocast and ``torch.compile``);
-- ``mage_step``: MAGE-B with the official vocabulary (2025 ids), dropout 0.1, as ``stages/train_pixel.py`` trains
+- ``mage_step``: MAGE-B with the official vocabulary (2025 ids), dropout 0.1, as ``pipeline/train/pixel.py`` trains
   it (``masked_token_loss``, AdamW (0.9, 0.95) without decay on biases/1-D, clip 3) on the same loop;
 - ``sample``: RCG-B sampling with guidance through ``pipeline.gen.rcg.generate``: RDM 250 DDIM steps (eta 1), 20
   MAGE decoding steps with guidance 1 (one 2B batch), the official VQGAN decoder at 256; images/s against the

@@ -104,7 +104,7 @@ def tokenizer_rows(params: Params, n: int) -> tuple[list[Row], VQGAN]:
         x = torch.rand(2, 3, crop, crop)
 
         def step(it: int) -> None:
-            """The stage's step (stages/train_tokenizer.py) at iteration ``it``: the generator's update, then the
+            """The recipe's step (pipeline/train/tokenizer.py) at iteration ``it``: the generator's update, then the
             discriminator's from disc_start."""
             xrec, qloss, _ = model(x)
             loss, _ = loss_fn.generator_loss(x, xrec, qloss, it, model.get_last_layer())

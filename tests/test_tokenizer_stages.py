@@ -21,9 +21,10 @@ from pipeline.data.images import decode_rgb
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
 from pipeline.data.views import ViewRecipe, make_view
-from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer
+from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, model_kwargs
 from pipeline.models.vqgan_loss import VQGANLoss
 from pipeline.models.view_tokenizer import build_token_store
+import pipeline.train.tokenizer as recipe
 from stages import encode, eval_tokenizer, shard, train_tokenizer
 from stages import tokenize_views as tokenize
 
@@ -66,10 +67,10 @@ def test_training_writes_a_loadable_model_and_curves(trained):
     params = params_for(trained)
     model, payload = load_model("tokenizer", params.paths.models / "tokenizer.pt")
     assert isinstance(model, VQGAN) and payload["format"] == "rcg-tokenizer" and not model.training
-    assert payload["config"]["model"] == train_tokenizer.model_kwargs(params.tokenizer.model)
+    assert payload["config"]["model"] == model_kwargs(params.tokenizer.model)
     summary = payload["summary"]
     assert summary["source"] == "trained" and summary["steps"] == 6
-    assert set(summary["final"]) == set(train_tokenizer.CURVES)
+    assert set(summary["final"]) == set(recipe.CURVES)
     with open(params.paths.plots / "train_tokenizer.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
@@ -171,7 +172,7 @@ def _train_worker(rank: int, world: int, port: int, root: str) -> None:
             super().__init__(**kwargs)
             models.append(self)
 
-    train_tokenizer.VQGAN = Recorded
+    recipe.VQGAN = Recorded
     train_tokenizer.run(params_for(Path(root)))
     torch.save(models[0].state_dict(), Path(root) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -192,7 +193,7 @@ def test_ddp_ranks_keep_one_model(workspace):
 
 
 def test_official_import_round_trip(workspace):
-    kwargs = train_tokenizer.model_kwargs(params_for(workspace).tokenizer.model)
+    kwargs = model_kwargs(params_for(workspace).tokenizer.model)
     torch.manual_seed(3)
     src = VQGAN(**kwargs)
     ckpt = workspace / "vqgan_raw.ckpt"
@@ -207,7 +208,7 @@ def test_official_import_round_trip(workspace):
 
 
 def test_official_import_names_differing_fields(workspace):
-    kwargs = train_tokenizer.model_kwargs(params_for(workspace).tokenizer.model)
+    kwargs = model_kwargs(params_for(workspace).tokenizer.model)
     ckpt = workspace / "vqgan_raw.ckpt"
     torch.save(VQGAN(**{**kwargs, "n_embed": 64, "ch_mult": [1, 1, 2]}).state_dict(), ckpt)
     with pytest.raises(RcgError, match=r"does not match tokenizer.model \(ch_mult: file \[1, 1, 2\] vs params "
