@@ -359,3 +359,12 @@ def test_every_training_stage_trains_the_same_under_runtime_compile(workspace, m
         assert plain.keys() == traced.keys(), name
         for key in plain:
             assert torch.allclose(plain[key].float(), traced[key].float(), atol=1e-6), (name, key)
+
+
+def test_the_epoch_chain_under_every_batcher_crosses_epochs_and_drops_tails():
+    from pipeline.data.batches import EpochChain
+    drawn = []
+    chain = EpochChain(lambda e: drawn.append(e) or torch.arange(5) + 10 * e, 5)
+    assert chain.rows(3, 4).tolist() == [3, 4, 10, 11] and chain.rows(7, 2).tolist() == [12, 13]
+    assert drawn == [0, 1]  # walking forward draws each epoch's permutation once
+    assert EpochChain(lambda e: torch.arange(5) + 10 * e, 4).rows(2, 4).tolist() == [2, 3, 10, 11]  # tail dropped

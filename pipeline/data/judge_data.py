@@ -13,7 +13,7 @@ from pipeline.data.shards import ShardSet
 
 
 class LabelledCrops(Dataset):
-    """Item ``(idx, k)`` of a :class:`pipeline.train.batches.StepBatches` batch: image ``idx``'s uint8 [3, R, R]
+    """Item ``(idx, k)`` of a :class:`pipeline.data.batches.StepBatches` batch: image ``idx``'s uint8 [3, R, R]
     centre crop and its label
     (the augmentation is drawn per batch, from the step, in :func:`pipeline.train.judge.train`)."""
 
@@ -40,7 +40,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 class StepCrops(Dataset):
-    """Item ``(idx, k)`` of a :class:`pipeline.train.batches.StepBatches` batch: image ``idx``'s uint8 [3, R, R]
+    """Item ``(idx, k)`` of a :class:`pipeline.data.batches.StepBatches` batch: image ``idx``'s uint8 [3, R, R]
     centre crop."""
 
     def __init__(self, shards: ShardSet, resolution: int):

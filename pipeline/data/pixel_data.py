@@ -21,6 +21,7 @@ import torch
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.data.alignment import check_aligned
+from pipeline.data.batches import EpochChain
 from pipeline.data.clusters import kmeans
 from pipeline.data.mapped import mapped_array
 from pipeline.data.rep_store import finite_reps
@@ -123,20 +124,11 @@ class PixelBatches:
             raise RcgError(f"pixel.train.batch_size ({batch_size}) exceeds the {n} training images")
         self.data, self.batch, self.accum, self.seed, self.d = data, batch_size, accum, seed, d
         self.micro = batch_size // d.world // accum
-        self.epoch, self.perm = -1, None
+        self.chain = EpochChain(lambda epoch: torch.randperm(
+            n, generator=seeded_generator("cpu", seed, "pixel.permutation", epoch)), n)
 
     def _rows(self, first: int, count: int) -> torch.Tensor:
-        n = len(self.data.train_rows)
-        out = []
-        while count:
-            epoch, offset = divmod(first, n)
-            if epoch != self.epoch:
-                self.epoch = epoch
-                self.perm = torch.randperm(n, generator=seeded_generator("cpu", self.seed, "pixel.permutation", epoch))
-            take = min(count, n - offset)
-            out.append(self.perm[offset:offset + take])
-            first, count = first + take, count - take
-        return self.data.train_rows[torch.cat(out).to(self.data.train_rows.device)]
+        return self.data.train_rows[self.chain.rows(first, count).to(self.data.train_rows.device)]
 
     def __call__(self, it: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Generator]]:
         """``accum`` micro-batches of (rows [b], views [b], generator)."""

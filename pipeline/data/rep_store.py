@@ -19,6 +19,7 @@ import torch
 from pipeline.core import distributed
 from pipeline.core.config import RdmModel
 from pipeline.core.errors import RcgError
+from pipeline.data.batches import EpochChain
 from pipeline.data.mapped import mapped_array
 from pipeline.data.stores import open_store
 from pipeline.core.rng import seeded_generator
@@ -116,18 +117,15 @@ class RepBatches:
         if self.per_epoch == 0:
             raise RcgError(f"rdm.train.batch_size ({batch * d.world}: {batch} per rank x {d.world} ranks) exceeds "
                            f"the store's {n} images")
-        self.epoch, self.perm = -1, None
+        device = store.device
+        self.chain = EpochChain(lambda epoch: torch.randperm(
+            n, generator=seeded_generator(device, seed, "rdm.permutation", epoch), device=device),
+            self.per_epoch * batch * d.world)  # whole global batches per epoch, the tail dropped
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """(x0 [B, D], row indices [B], the step's generator for the diffusion noise)."""
-        epoch, i = divmod(step, self.per_epoch)
         device = self.store.device
-        if epoch != self.epoch:
-            self.epoch = epoch
-            perm_stream = seeded_generator(device, self.seed, "rdm.permutation", epoch)
-            self.perm = torch.randperm(self.store.shape[0], generator=perm_stream, device=device)
-        start = (i * self.d.world + self.d.rank) * self.batch
-        rows = self.perm[start:start + self.batch]
+        rows = self.chain.rows(step * self.batch * self.d.world + self.d.rank * self.batch, self.batch)
         gen = seeded_generator(device, self.seed, "rdm.step", step, self.d.rank)
         views = torch.randint(self.store.shape[1], (self.batch,), generator=gen, device=device)
         return self.store.gather(rows, views), rows, gen

@@ -17,7 +17,7 @@ from pipeline.data.shards import ShardSet
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.moco import MoCoV3, momentum_at
 from pipeline.data.augment import TwoCropAugment
-from pipeline.train.batches import StepBatches
+from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop
 from pipeline.train.schedules import warmup_cosine
 

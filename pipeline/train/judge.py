@@ -1,6 +1,6 @@
 """The judge's recipe: a supervised classifier of the train split on the shared loop (AdamW, a one-epoch warm-up
 then cosine, label smoothing; resumable). Step ``it`` decodes the batch that
-:class:`pipeline.train.batches.StepBatches` names (in loader workers), so memory holds a few batches at any split
+:class:`pipeline.data.batches.StepBatches` names (in loader workers), so memory holds a few batches at any split
 size, and a resumed run, with any worker count, trains on what the killed one would have."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline.core.rng import seeded_generator
 from pipeline.data.judge_data import LabelledCrops, augment
 from pipeline.data.shards import ShardSet
 from pipeline.models.judge import Judge, judge_input
-from pipeline.train.batches import StepBatches
+from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.schedules import warmup_cosine
 

@@ -17,7 +17,7 @@ from pipeline.data.shards import ShardSet
 from pipeline.models.moco import momentum_at
 from pipeline.data.augment import TwoCropAugment
 from pipeline.models.ssl_judge import MoCoConv, resized_crops
-from pipeline.train.batches import StepBatches
+from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.schedules import warmup_cosine
 

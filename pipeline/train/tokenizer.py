@@ -18,7 +18,7 @@ from pipeline.data.shards import ShardSet
 from pipeline.data.tokenizer_data import RandomCrops
 from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, model_kwargs
 from pipeline.models.vqgan_loss import VQGANLoss
-from pipeline.train.batches import StepBatches
+from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop
 from pipeline.train.schedules import warmup_cosine
 
