@@ -1,5 +1,6 @@
 """Stores read through their decoded, memory-mapped copies: bounded per-process memory, one decode per identity."""
 
+import gc
 import tracemalloc
 
 import pytest
@@ -21,6 +22,7 @@ def held_bytes(fn) -> tuple[object, int]:
     tracemalloc.start()
     try:
         out = fn()
+        gc.collect()  # garbage in reference cycles is not held, though the collector may not have run yet
         return out, tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()

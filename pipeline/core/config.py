@@ -162,7 +162,7 @@ class EncoderTrain(Section):
     # (bench/RESULTS.md, "why the defaults").
     hue: float = Field(0.5, ge=0, le=0.5)        # ColorJitter hue range
     grayscale: float = Field(0.5, ge=0, le=1)    # RandomGrayscale probability
-    bf16: bool = False                           # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
+    bf16: bool = True  # bf16 autocast where native (GPU; AVX512-BF16/AMX CPU: RESULTS "bf16 on the CPU")
     workers: NonNegativeInt = how_to_run(2)
     checkpoint_every: PositiveInt = how_to_run(100)  # steps
     log_every: PositiveInt = how_to_run(10)
@@ -217,7 +217,7 @@ class RdmTrain(Section):
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     min_snr_gamma: PositiveFloat | None = 5.0  # x0 loss weighted by min(SNR(t), gamma) (Min-SNR); None = official
-    bf16: bool = False               # bf16 autocast where native (official: fp32), else fp32
+    bf16: bool = True  # bf16 autocast where native (GPU; AVX512-BF16/AMX CPU: RESULTS "bf16 on the CPU")
     checkpoint_every: PositiveInt = how_to_run(1000)
     log_every: PositiveInt = how_to_run(50)
 
@@ -297,7 +297,7 @@ class TokenizerTrain(Section):
     checkpoint_every: PositiveInt = how_to_run(500)
     log_every: PositiveInt = how_to_run(50)
     workers: NonNegativeInt = how_to_run(0)  # 32 px PNGs decode faster than a loader worker hands them over
-    bf16: bool = False                    # bf16 autocast where native (GPU, AVX512-BF16 or AMX CPU)
+    bf16: bool = True  # bf16 autocast where native (GPU; AVX512-BF16/AMX CPU: RESULTS "bf16 on the CPU")
 
 
 class TokenizerEval(Section):
@@ -365,7 +365,7 @@ class PixelTrain(Section):
     codebook_init: bool = True         # word embeddings from the tokenizer's code vectors (ours, why:
                                        # bench/RESULTS.md, "why the defaults";
                                        # official and the ImageNet presets: random)
-    bf16: bool = False                 # bf16 autocast where native (official: fp16), else fp32
+    bf16: bool = True  # bf16 autocast where native (GPU; AVX512-BF16/AMX CPU: RESULTS "bf16 on the CPU")
     checkpoint_every: PositiveInt = how_to_run(200)
     log_every: PositiveInt = how_to_run(20)
 
