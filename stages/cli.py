@@ -149,7 +149,7 @@ for _name, _help in [
     _stage_command(_name, _help)
 _item_stage_command("train_pixel", "Conditioning: rep, none, class or cluster.",
                     "Train the MAGE pixel generator on data/tokens.zarr + data/reps.zarr (or import the official one).")
-_item_stage_command("reference", "Feature space: judge, encoder, ssl_judge or inception.",
+_item_stage_command("reference", "Feature space: judge, encoder, ssl_judge, inception or dinov2.",
                     "Reference statistics of the train split in one feature space -> data/reference/<space>.npz.")
 
 
@@ -273,20 +273,22 @@ def score(setting: Annotated[Optional[str], typer.Argument(help="Sample setting:
                                                                "PNG/JPEG images to score instead of a setting.")] = None,
           reference_npz: Annotated[Optional[list[str]], typer.Option(
               help="Offline: [SPACE=]FILE, a reference .npz (mu, sigma; optional features) per space scored; "
-                   "SPACE is judge, encoder, ssl_judge or inception (the default: ADM's reference batch). "
+                   "SPACE is judge, encoder, ssl_judge, inception or dinov2 (the default: ADM's reference batch). "
                    "Repeatable.")] = None,
           inception_weights: Annotated[Optional[Path], typer.Option(
               help="Offline: torch-fidelity's Inception weights file (default: score.inception_weights).")] = None,
+          dinov2_weights: Annotated[Optional[Path], typer.Option(
+              help="Offline: a DINOv2 state dict in timm's layout (default: score.dinov2_weights).")] = None,
           judge: FileOpt = None, encoder: FileOpt = None, ssl_judge: FileOpt = None,
           out: Annotated[Optional[Path], typer.Option(help="Offline: also write the figures to this JSON file.")] = None,
           preset: PresetOpt = None) -> None:
     """Score a setting's samples (judge, encoder, Inception) -> metrics/score/<setting>.json; or, with --samples,
     any sample store or image folder against reference .npz files given by path (outside the DVC graph)."""
-    offline = (reference_npz, inception_weights, judge, encoder, ssl_judge, out, preset)
+    offline = (reference_npz, inception_weights, dinov2_weights, judge, encoder, ssl_judge, out, preset)
     if samples is None:
         if any(v is not None for v in offline):
-            _fail("score", "--reference-npz/--inception-weights/--judge/--encoder/--ssl-judge/--out/--preset are for "
-                           "the offline mode: add --samples PATH", 2)
+            _fail("score", "--reference-npz/--inception-weights/--dinov2-weights/--judge/--encoder/--ssl-judge/--out/"
+                           "--preset are for the offline mode: add --samples PATH", 2)
         if setting is None:
             _fail("score", "give a SETTING (the DVC stage) or --samples PATH (offline)", 2)
         return run_stage("score", params, set_, debug, setting)
@@ -302,7 +304,8 @@ def score(setting: Annotated[Optional[str], typer.Argument(help="Sample setting:
             if not sep or space not in SPACES:
                 space, path = "inception", entry
             references[space] = Path(path)
-        given = {"inception": inception_weights, "judge": judge, "encoder": encoder, "ssl_judge": ssl_judge}
+        given = {"inception": inception_weights, "dinov2": dinov2_weights, "judge": judge, "encoder": encoder,
+                 "ssl_judge": ssl_judge}
         p, _ = offline_params(params, preset, set_)
         return run_files(p, samples, references, {s: w for s, w in given.items() if w is not None}, out)
 

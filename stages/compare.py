@@ -3,7 +3,7 @@
 The analogue, at our scale, of the paper's Table 1 (unconditional baseline vs RCG) and Table 9(a) (oracle reps,
 RDM reps, class labels, cluster labels). Rows are the settings whose ``metrics/score/<setting>.json`` exists, in
 that order, then ``real`` (the held-out images scored like samples: the floor); a column appears when some row has
-it (Inception's only when its weights were given, the judge's only where labels exist).
+it (Inception's and DINOv2's only when their weights were given, the judge's only where labels exist).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pipeline.core.errors import RcgError
 from pipeline.core.progress import log
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
-PARAMS = ["score.spaces", "score.inception_weights", "score.prc_k", "sample.settings"]
+PARAMS = ["score.spaces", "score.inception_weights", "score.dinov2_weights", "score.prc_k", "sample.settings"]
 
 ORDER = ("baseline", "rcg", "rcg_cfg", "oracle", "class", "cluster")
 REAL_ROW = "real"  # pipeline.core.config.REAL_ROW: the held-out images, the floor no generator beats (last row)
-SPACES = ("judge", "encoder", "ssl_judge", "inception")  # pipeline.eval.fidelity.SPACES (a table needs no torch)
-HEADLINES = ("judge", "ssl_judge", "inception", "encoder")  # the first scored one gives precision/recall
+SPACES = ("judge", "encoder", "ssl_judge", "inception", "dinov2")  # pipeline.eval.fidelity.SPACES (no torch here)
+HEADLINES = ("judge", "ssl_judge", "inception", "dinov2", "encoder")  # the first scored one gives precision/recall
 
 
 def raised(space_scores: dict) -> list[str]:
@@ -35,6 +35,7 @@ NOTES = {
     "ssl_judge": "ssl FD: Fréchet distance in the ssl_judge's features, a second self-supervised encoder (another "
                  "architecture and seed, no labels) that RCG is not conditioned on",
     "inception": "Inception FID / IS: torch-fidelity's Inception v3",
+    "dinov2": "DINOv2 FD: Fréchet distance in DINOv2 ViT-L/14 CLS features (Stein et al. 2023; EDM2's FD_DINOv2)",
 }
 
 
@@ -45,6 +46,7 @@ def columns(headline: str) -> list[tuple[str, str, str | None, str]]:
             ("recall", f"recall ({headline})", headline, "recall"),
             ("ssl_fd", "ssl FD", "ssl_judge", "fd"), ("rep_fd", "rep FD", "encoder", "fd"),
             ("inception_fid", "Inception FID", "inception", "fid"), ("inception_is", "Inception IS", "inception", "isc"),
+            ("dinov2_fd", "DINOv2 FD", "dinov2", "fd"),
             ("num_samples", "samples", None, "num_samples"), ("sample_seconds", "sample s", None, "sample_seconds"),
             ("score_seconds", "score s", None, "seconds")]
 

@@ -6,8 +6,9 @@ generated at), go through the space's extractor: the ``.npz`` holds float64 ``mu
 distance) and the float32 features (KID, precision/recall); the ``.json`` records what they were computed from
 (resolution, rows, the extractor's weight hash), which ``score`` checks before comparing. One instance per space
 means one extractor per run: the judge's model file is read only by ``reference@judge``, so nothing needs labels
-unless the judge space is listed. Inception's weights are a file DVC cannot depend on conditionally: its
-instance is run by hand (``rcg reference inception``), not by ``dvc repro``.
+unless the judge space is listed. Inception's and DINOv2's weights are files DVC cannot depend on
+conditionally: their instances are run by hand (``rcg reference inception``, ``rcg reference dinov2``), not by
+``dvc repro``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pipeline.core.progress import progress
 from pipeline.core.runtime import device_for
 from pipeline.data.eval_images import ShardImages, evenly_spaced
 from pipeline.data.shards import INDEX_FILE, ShardSet
-from pipeline.eval.fidelity import (LAYERS, create_extractor, extract, extractor_weights, reference_dir, save_reference,
-                                    scored_spaces)
+from pipeline.eval.fidelity import (EXTERNAL_SPACES, LAYERS, create_extractor, external_weights, extract,
+                                    extractor_weights, reference_dir, save_reference, scored_spaces)
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
-PARAMS = ["views.crop", "score.inception_weights", "score.num_reference_images"]
+PARAMS = ["views.crop", "score.inception_weights", "score.dinov2_weights", "score.dinov2_arch",
+          "score.num_reference_images"]
 
 
 def run(params: Params, space: str) -> dict:
@@ -35,12 +37,12 @@ def run(params: Params, space: str) -> dict:
     spaces = scored_spaces(cfg)
     if space not in spaces:
         raise RcgError(f"reference: {space!r} is not a scored space (score.spaces: {', '.join(cfg.spaces) or 'none'}"
-                       "; inception needs score.inception_weights)")
-    if space == "inception":
-        require_file(cfg.inception_weights, "score.inception_weights")
+                       "; inception needs score.inception_weights, dinov2 score.dinov2_weights)")
+    if space in EXTERNAL_SPACES:
+        require_file(external_weights(cfg, space), f"score.{space}_weights")
     device = device_for(params.runtime)
     weights = extractor_weights(params, space)
-    extractor = create_extractor(space, weights, device)
+    extractor = create_extractor(space, weights, device, cfg.dinov2_arch)
     shards = ShardSet(params.paths.shards, "train")
     rows = evenly_spaced(len(shards), cfg.num_reference_images)
     resolution = params.views.crop

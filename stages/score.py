@@ -3,8 +3,8 @@
 Per scored space (pipeline.eval.fidelity): the judge's FID and IS (the headline where labels exist: it shares
 nothing with what RCG is conditioned on), the ssl_judge's FD (self-supervised, another network: no labels needed),
 the encoder's FD (which favours representation-conditioned generators), Inception's FID and IS when its weights
-are given; KID and precision/recall in each. ``rcg score real`` scores the held-out split the same way: compare's
-floor. The Fréchet distance is against the reference's
+are given, FD_DINOv2 (Stein et al. 2023) when DINOv2's are; KID and precision/recall in each. ``rcg score real``
+scores the held-out split the same way: compare's floor. The Fréchet distance is against the reference's
 statistics (or the user's ``score.reference_npz``), KID and precision/recall against its features. Every space
 records its sample count, its reference and its warnings. A space with ``score.reference_npz`` needs nothing
 from ``rcg reference``: ADM's reference batch alone gives Inception FID and IS (KID and precision/recall need
@@ -40,7 +40,10 @@ PARAMS = ["seed", "score", "sample.num_samples"]
 
 # Where the offline mode's extractor weights come from, for its messages.
 WEIGHT_FLAGS = {"judge": "--judge", "encoder": "--encoder", "ssl_judge": "--ssl-judge",
-                "inception": "--inception-weights"}
+                "inception": "--inception-weights", "dinov2": "--dinov2-weights"}
+# What each external weights file is, for the offline mode's message when it is not given.
+WEIGHT_FILES = {"inception": "torch-fidelity's weights-inception-2015-12-05-6726825d.pth",
+                "dinov2": "a DINOv2 ViT-L/14 state dict in timm's layout (README)"}
 
 # A space's two references: the Fréchet distance's statistics, and the features KID and precision/recall use.
 References = dict[str, tuple[Reference, Reference | None]]
@@ -100,7 +103,7 @@ def score_source(source: SampleSource, spaces: list[str], weights: dict[str, Pat
     """Every space's figures for ``source``: the extractors, their references (``reference_of(dims)``, loaded
     before the samples go through), the features, the metrics; -> (space -> figures, seconds)."""
     cfg, device = params.score, device_for(params.runtime)
-    extractors = {s: create_extractor(s, weights[s], device) for s in spaces}
+    extractors = {s: create_extractor(s, weights[s], device, cfg.dinov2_arch) for s in spaces}
     references = reference_of(feature_dims(extractors, source.resolution, device))
     started = time.perf_counter()
     features = extract(extractors, source.batches(cfg.batch_size), device)
@@ -135,6 +138,7 @@ def run(params: Params, item: str) -> dict:
                        f"{REAL_ROW}: the held-out images)")
     cfg = params.score
     require_file(cfg.inception_weights, "score.inception_weights")
+    require_file(cfg.dinov2_weights, "score.dinov2_weights")
     for space, npz in cfg.reference_npz.items():
         require_file(npz, f"score.reference_npz.{space}")
     spaces = scored_spaces(cfg)
@@ -162,19 +166,20 @@ def run_files(params: Params, samples: Path, reference_npz: dict[str, Path], wei
               out: Path | None = None) -> dict:
     """Offline ``rcg score --samples PATH --reference-npz [SPACE=]FILE [--inception-weights W] [--out JSON]``: a
     sample store or a folder of PNG/JPEG images, scored in each space given a reference ``.npz`` (the flags, else
-    ``score.reference_npz``), by the extractor weights given (else ``score.inception_weights`` and the project's
-    judge/encoder model files); the metric settings (counts, KID subsets, k, seed) come from the params."""
+    ``score.reference_npz``), by the extractor weights given (else ``score.inception_weights``,
+    ``score.dinov2_weights`` and the project's judge/encoder model files); the metric settings (counts, KID
+    subsets, k, seed) come from the params."""
     references = {**params.score.reference_npz, **reference_npz}
     if not references:
         raise RcgError("give --reference-npz FILE (e.g. ADM's VIRTUAL_imagenet256_labeled.npz: Inception FID and "
-                       "IS) or --reference-npz SPACE=FILE (judge, encoder, inception)")
+                       "IS) or --reference-npz SPACE=FILE (judge, encoder, ssl_judge, inception, dinov2)")
     spaces = [s for s in SPACES if s in references]
     files = {s: weights.get(s) or extractor_weights(params, s) for s in spaces}
     for s in spaces:
         require_file(references[s], f"--reference-npz {s}")
         if files[s] is None:
-            raise RcgError(f"scoring in the {s} space needs {WEIGHT_FLAGS[s]} FILE (torch-fidelity's "
-                           "weights-inception-2015-12-05-6726825d.pth)")
+            raise RcgError(f"scoring in the {s} space needs {WEIGHT_FLAGS[s]} FILE "
+                           f"({WEIGHT_FILES.get(s, 'a model file')})")
         require_file(files[s], WEIGHT_FLAGS[s])
     source = open_sample_source(samples)
     check_enough(source, spaces, params.score)

@@ -101,6 +101,8 @@ def test_mage_preset_resizes_the_originals():
     (["shard.reencode_format=gif"], "shard.reencode_format"),
     (["shard.resize_short_side=256", "views.resize=292", "views.crop=256"],
      "views.resize (292) is above shard.resize_short_side (256)"),
+    (["score.reference_npz.dinov2=/x/ref.npz"], "score.reference_npz.dinov2: needs score.dinov2_weights"),
+    (["score.spaces=[]", "score.label_spaces=[]", "score.ssl_spaces=[]"], "nothing to score in"),
 ])
 def test_bad_params_name_the_key(override, fragment):
     with pytest.raises(RcgError, match="invalid params") as err:

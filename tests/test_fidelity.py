@@ -1,5 +1,6 @@
 """pipeline.eval.fidelity: the float64 Fréchet distance against torch-fidelity's own FID, the registered judge and
-encoder extractors, the Inception path on a random-weights file in torch-fidelity's layout, reference files."""
+encoder extractors, the Inception path on a random-weights file in torch-fidelity's layout, the DINOv2 path on a
+random-weights file in timm's layout, reference files."""
 
 from __future__ import annotations
 
@@ -132,6 +133,89 @@ def test_inception_path_runs_on_a_random_weights_file(inception_file, tmp_path):
     torch.save({"fc.weight": torch.zeros(10, 2048)}, bad)
     with pytest.raises(RcgError, match="not torch-fidelity's Inception"):
         create_extractor("inception", bad, CPU)
+
+
+SMALL_DINOV2 = "vit_small_patch14_dinov2"  # the ViT-L/14 layout at 384-d, 12 blocks (~22M parameters)
+
+
+def write_random_dinov2(path, arch: str = SMALL_DINOV2):
+    """A random-init DINOv2 ViT in timm's layout, saved as the user's weights file is (torch.save(state_dict)).
+    Its layer scales are set to 1 (DINOv2 initialises them at 1e-5, which leaves every image the same CLS token),
+    so that different images give different features."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(1.0)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dinov2_file(tmp_path_factory):
+    return write_random_dinov2(tmp_path_factory.mktemp("dinov2") / "dinov2_vits14_timm.pth")
+
+
+def test_dinov2_extractor_on_a_random_weights_file(dinov2_file, tmp_path):
+    """The registered rcg-dinov2 extractor: uint8 at any size -> 224 px -> the final norm's CLS token; FD, KID
+    and precision/recall through score_features like every space."""
+    fe = {"dinov2": create_extractor("dinov2", dinov2_file, CPU, SMALL_DINOV2)}
+    assert fe["dinov2"].get_name() == "rcg-dinov2" and "rcg-dinov2" in FEATURE_EXTRACTORS_REGISTRY
+    x = images(5, 6, size=16)
+    out = extract(fe, batches(x, 4), CPU)["dinov2"]
+    assert out["cls"].shape == (6, 384) and torch.isfinite(out["cls"]).all()
+    model = fe["dinov2"].model
+    with torch.no_grad():  # by hand: resize, ImageNet mean/std, CLS of forward_features (final norm applied)
+        y = torch.nn.functional.interpolate(x.float() / 255, size=(224, 224), mode="bicubic", antialias=True)
+        y = (y.clamp(0, 1) - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        assert torch.allclose(out["cls"], model.forward_features(y)[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        fe["dinov2"](x.float())
+    real = extract(fe, [images(6, 8, size=16)], CPU)["dinov2"]["cls"]
+    dark = extract(fe, [images(7, 6, size=16, high=40)], CPU)["dinov2"]
+    ref = Reference("train:8", *gaussian_stats(real.numpy()), real)
+    figures = score_features("dinov2", out, ref, ref, 2, 2, 4, 2, 4, 0)
+    assert np.isfinite(figures["fd"]) and figures["fd"] > 0 and "isc" not in figures
+    assert figures["kid"] is not None and 0 <= figures["precision"] <= 1
+    assert score_features("dinov2", dark, ref, ref, 2, 2, 4, 2, 4, 0)["fd"] > 2 * figures["fd"]
+
+
+def test_dinov2_weights_that_do_not_fit_are_one_line_naming_the_file(dinov2_file, tmp_path):
+    sd = torch.load(dinov2_file, weights_only=True)
+    renamed = tmp_path / "renamed.pth"
+    torch.save({k.replace("blocks.", "layers."): v for k, v in sd.items()}, renamed)
+    other = tmp_path / "other-arch.pth"
+    torch.save({**sd, "cls_token": torch.zeros(1, 1, 1024)}, other)
+    not_sd = tmp_path / "not-a-state-dict.pth"
+    torch.save([1, 2, 3], not_sd)
+    for path, match in ((renamed, "missing keys .*unexpected keys"), (other, r"shapes differ \(e.g. cls_token"),
+                        (not_sd, "not a state dict")):
+        with pytest.raises(RcgError, match=match) as err:
+            create_extractor("dinov2", path, CPU, SMALL_DINOV2)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RcgError, match=f"no dinov2 weights at {tmp_path / 'missing.pth'}"):
+        create_extractor("dinov2", tmp_path / "missing.pth", CPU, SMALL_DINOV2)
+    with pytest.raises(RcgError, match="not a timm model name"):
+        create_extractor("dinov2", dinov2_file, CPU, "no_such_vit")
+
+
+def test_dinov2_official_layout_is_named_and_readme_conversion_loads(dinov2_file, tmp_path):
+    """facebookresearch/dinov2's files hold a ``mask_token`` that timm's layout has not: the error says which layout
+    it is, and the README's conversion (timm's checkpoint_filter_fn) gives a file that loads."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    official = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save({**torch.load(dinov2_file, weights_only=True), "mask_token": torch.zeros(1, 384)}, official)
+    with pytest.raises(RcgError, match="facebookresearch/dinov2's own layout"):
+        create_extractor("dinov2", official, CPU, SMALL_DINOV2)
+    model = timm.create_model(SMALL_DINOV2, num_classes=0)
+    converted = tmp_path / "dinov2_vits14_timm.pth"
+    torch.save(checkpoint_filter_fn(torch.load(official, weights_only=True), model), converted)
+    fe = create_extractor("dinov2", converted, CPU, SMALL_DINOV2)
+    assert torch.equal(fe.model.pos_embed, torch.load(dinov2_file, weights_only=True)["pos_embed"])
 
 
 def test_reference_npz_round_trip_and_feature_size(tmp_path):

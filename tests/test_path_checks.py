@@ -17,7 +17,7 @@ from stages.cli import app
 from conftest import micro_params
 
 MISSING_CHECKPOINTS = ["encoder.checkpoint", "rdm.checkpoint", "tokenizer.checkpoint", "pixel.checkpoints.rep",
-                       "pixel.checkpoints.none", "score.inception_weights"]
+                       "pixel.checkpoints.none", "score.inception_weights", "score.dinov2_weights"]
 
 
 def test_shard_runs_while_the_checkpoints_are_missing(tmp_path):
@@ -40,6 +40,8 @@ def test_shard_runs_while_the_checkpoints_are_missing(tmp_path):
     ("pixel.checkpoints.none", lambda p: train_pixel.run(p, "none")),
     ("score.inception_weights", lambda p: reference.run(p, "inception")),
     ("score.inception_weights", lambda p: score.run(p, "rcg")),
+    ("score.dinov2_weights", lambda p: reference.run(p, "dinov2")),
+    ("score.dinov2_weights", lambda p: score.run(p, "rcg")),
 ])
 def test_a_stage_checks_the_file_it_reads_first(tmp_path, key, run):
     """No shards, stores or models exist here: only a check made before any work can name the key."""

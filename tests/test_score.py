@@ -24,7 +24,7 @@ from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
 import pipeline.models.judge  # noqa: F401  (registers the "judge" model kind)
 from stages import compare, reference, score, train_judge, train_ssl_judge
 from conftest import micro_params
-from test_fidelity import write_random_inception
+from test_fidelity import SMALL_DINOV2, write_random_dinov2, write_random_inception
 from test_metrics_files import problems
 
 SCORE = {"num_reference_images": 0, "kid_subset_size": 20, "kid_subsets": 10, "isc_splits": 4, "min_samples": 20}
@@ -199,6 +199,50 @@ def test_inception_scores_through_the_same_path(scored, tmp_path):
     assert inc["kid"] is not None and 0 <= inc["precision"] <= 1 and "encoder" not in out
     compare.run(params)
     assert "Inception FID" in (work / "metrics" / "compare.md").read_text()
+
+
+def test_dinov2_scores_through_the_same_path(workspace, tmp_path):
+    """With score.dinov2_weights (a random-weights small DINOv2 in timm's layout; score.dinov2_arch names it) and no
+    listed space: ``rcg reference dinov2`` and ``rcg score`` give FD_DINOv2, KID and precision/recall, and the
+    table a DINOv2 column. Nothing else is trained or read."""
+    weights = write_random_dinov2(tmp_path / "dinov2_vits14_timm.pth")
+    params = params_for(workspace, spaces=[], label_spaces=[], ssl_spaces=[], dinov2_weights=str(weights),
+                        dinov2_arch=SMALL_DINOV2, num_reference_images=8, prc_k=2, kid_subset_size=4, min_samples=4)
+    ref = reference.run(params, "dinov2")
+    assert ref["space"] == "dinov2" and ref["num_images"] == 8
+    meta = json.loads((workspace / "data" / "reference" / "dinov2.json").read_text())
+    assert meta["extractor"] == "rcg-dinov2" and meta["layer"] == "cls" and meta["dim"] == 384
+    write_samples(workspace, "oracle", val_images(workspace)[:6])
+    write_samples(workspace, "baseline", np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    out = {s: json.loads(Path(score.run(params, s)["output"]).read_text()) for s in ("oracle", "baseline")}
+    dino = out["oracle"]["dinov2"]
+    assert set(out["oracle"]) & {"judge", "encoder", "ssl_judge", "inception"} == set()
+    assert dino["num_samples"] == 6 and dino["reference"] == "train:8" and np.isfinite(dino["fd"]) and dino["fd"] >= 0
+    assert dino["kid"] is not None and 0 <= dino["precision"] <= 1 and 0 <= dino["recall"] <= 1
+    assert dino["fd"] < out["baseline"]["dinov2"]["fd"]  # real images nearer the train split than noise
+    compare.run(params)
+    md = (workspace / "metrics" / "compare.md").read_text()
+    assert "DINOv2 FD" in md and "precision (dinov2)" in md
+    table = json.loads((workspace / "metrics" / "compare.json").read_text())
+    assert table["headline"] == "dinov2" and table["oracle"]["dinov2_fd"] == dino["fd"]
+    assert not problems(out["oracle"]) and not problems(table)  # rows of a table: numbers, bools, short ids
+    assert "`dinov2_fd`" in (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    from typer.testing import CliRunner  # offline: the same figures from the store, the npz and --dinov2-weights
+
+    from stages.cli import app
+    path = tmp_path / "params.yaml"
+    path.write_text(dump_yaml(params))
+    ref = workspace / "data" / "reference" / "dinov2.npz"
+    store = str(workspace / "data" / "samples" / "oracle.zarr")
+    unset = ["--set", "score.dinov2_weights=null", "--set", "score.spaces=[encoder]"]  # the flag alone gives it
+    res = CliRunner().invoke(app, ["score", "--samples", store, "--reference-npz", f"dinov2={ref}", "--dinov2-weights",
+                                   str(weights), "--params", str(path), *unset])
+    assert res.exit_code == 0, res.output
+    offline = json.loads(res.stdout)["dinov2"]
+    assert all(offline[k] == dino[k] for k in ("fd", "kid", "precision", "recall"))
+    res = CliRunner().invoke(app, ["score", "--samples", store, "--reference-npz", f"dinov2={ref}", "--params",
+                                   str(path), *unset])
+    assert res.exit_code == 2 and "needs --dinov2-weights FILE (a DINOv2 ViT-L/14 state dict" in res.output
 
 
 @pytest.mark.integration

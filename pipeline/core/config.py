@@ -501,7 +501,9 @@ class Score(Section):
     label_spaces: list[Literal["judge"]] = ["judge"]  # the label spaces of ``spaces``: [judge], or [] without labels
     ssl_spaces: list[Literal["ssl_judge"]] = ["ssl_judge"]  # the self-supervised judges of ``spaces``: [ssl_judge] or []
     inception_weights: Path | None = None  # torch-fidelity's converted Inception file: adds Inception FID/IS/KID/PRC
-    reference_npz: dict[Literal["judge", "encoder", "ssl_judge", "inception"], Path] = {}  # ADM-style (mu, sigma)
+    dinov2_weights: Path | None = None  # a DINOv2 state dict in timm's layout: adds FD_DINOv2 (and KID/PRC)
+    dinov2_arch: str = "vit_large_patch14_dinov2"  # timm's architecture of dinov2_weights (ViT-L/14, Stein et al.)
+    reference_npz: dict[Literal["judge", "encoder", "ssl_judge", "inception", "dinov2"], Path] = {}  # ADM-style
     num_reference_images: NonNegativeInt = 10000  # evenly spaced train images for the statistics; 0 = all
     batch_size: PositiveInt = how_to_run(100)  # features do not depend on it
     workers: NonNegativeInt = how_to_run(0)
@@ -513,8 +515,9 @@ class Score(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Score":
-        if not self.spaces and self.inception_weights is None:
-            raise ValueError("score.spaces: empty and no score.inception_weights: nothing to score in")
+        if not self.spaces and self.inception_weights is None and self.dinov2_weights is None:
+            raise ValueError("score.spaces: empty and no score.inception_weights or score.dinov2_weights: nothing "
+                             "to score in")
         for key, spaces in (("spaces", self.spaces), ("label_spaces", self.label_spaces),
                             ("ssl_spaces", self.ssl_spaces)):
             if len(set(spaces)) != len(spaces):
@@ -527,10 +530,11 @@ class Score(Section):
                 raise ValueError(f"score.{key}: must list the {kind} spaces of score.spaces ({listed}), which "
                                  f"{stage} trains, not {given}")
         for space in self.reference_npz:
-            if space != "inception" and space not in self.spaces:
+            if space not in ("inception", "dinov2") and space not in self.spaces:
                 raise ValueError(f"score.reference_npz.{space}: {space} is not in score.spaces")
-        if "inception" in self.reference_npz and self.inception_weights is None:
-            raise ValueError("score.reference_npz.inception: needs score.inception_weights to score samples")
+        for space in ("inception", "dinov2"):
+            if space in self.reference_npz and getattr(self, f"{space}_weights") is None:
+                raise ValueError(f"score.reference_npz.{space}: needs score.{space}_weights to score samples")
         return self
 
 

@@ -1,9 +1,11 @@
 """Sample quality through torch-fidelity: one code path for every feature space.
 
-Four spaces, each a feature extractor in torch-fidelity's registry, created by its ``create_feature_extractor``
+Five spaces, each a feature extractor in torch-fidelity's registry, created by its ``create_feature_extractor``
 and scored by its metric functions (Inception Score, KID, precision/recall):
 
 - ``inception``: torch-fidelity's own ``inception-v3-compat`` from a local weights file (nothing is downloaded);
+- ``dinov2``: ``rcg-dinov2``, the CLS token of DINOv2 ViT-L/14 (Stein et al. 2023; EDM2's FD_DINOv2) in timm's
+  architecture, from a local weights file in timm's layout (nothing is downloaded);
 - ``judge``: ``rcg-judge``, the supervised classifier of pipeline.models.judge (penultimate features, logits);
 - ``encoder``: ``rcg-encoder``, the representation RCG is conditioned on (favours rep-conditioned generators);
 - ``ssl_judge``: ``rcg-ssl-judge``, a second self-supervised encoder (pipeline.models.ssl_judge): no labels needed,
@@ -43,14 +45,18 @@ from pipeline.models.encoder import represent
 from pipeline.models.judge import judge_input
 import pipeline.models.ssl_judge  # noqa: F401  (registers the "ssl_judge" model kind)
 
-SPACES = ("judge", "encoder", "ssl_judge", "inception")
+SPACES = ("judge", "encoder", "ssl_judge", "inception", "dinov2")
+EXTERNAL_SPACES = ("inception", "dinov2")  # scored when their weights file is given (score.<space>_weights)
 EXTRACTOR_NAMES = {"judge": "rcg-judge", "encoder": "rcg-encoder", "ssl_judge": "rcg-ssl-judge",
-                   "inception": "inception-v3-compat"}
+                   "inception": "inception-v3-compat", "dinov2": "rcg-dinov2"}
 # The layer each metric reads: FID/KID/PRC on the first, IS on the second (when the space has class scores).
 LAYERS = {"judge": ("penultimate", "logits"), "encoder": ("rep",), "ssl_judge": ("features",),
-          "inception": ("2048", "logits_unbiased")}
-FD_KEY = {"judge": "fid", "encoder": "fd", "ssl_judge": "fd", "inception": "fid"}
+          "inception": ("2048", "logits_unbiased"), "dinov2": ("cls",)}
+FD_KEY = {"judge": "fid", "encoder": "fd", "ssl_judge": "fd", "inception": "fid", "dinov2": "fd"}
 INCEPTION_FEATURES = 2048
+DINOV2_ARCH = "vit_large_patch14_dinov2"  # timm's name (the .lvd142m weights' layout); score.dinov2_arch
+DINOV2_SIZE = 224  # Stein et al. / dgm-eval: bicubic resize to 224, ImageNet mean/std
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------- extractors
@@ -150,7 +156,75 @@ class SslJudgeExtractor(_ModelFileExtractor):
         return (self.model.features(x.float().div(255)),)
 
 
-for _space, _cls in (("judge", JudgeExtractor), ("encoder", EncoderExtractor), ("ssl_judge", SslJudgeExtractor)):
+def load_dinov2(path: Path, arch: str = DINOV2_ARCH) -> torch.nn.Module:
+    """timm's ``arch`` (pretrained=False; no head; its native 518-px position embeddings, resampled to the input
+    size at run time) with the state dict of ``path`` loaded strictly: a missing file, a file that is not a state
+    dict, or one whose keys or shapes differ is one line naming the file."""
+    import timm  # here: only the dinov2 space needs it
+
+    path = Path(path)
+    if not timm.is_model(arch):
+        raise RcgError(f"score.dinov2_arch: {arch!r} is not a timm model name (e.g. {DINOV2_ARCH})")
+    if not path.is_file():
+        raise RcgError(f"dinov2 weights not found: {path}")
+    sd = load_checkpoint(path)
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items())):
+        raise RcgError(f"dinov2 weights {path}: not a state dict (a flat dict of tensors, as "
+                       "torch.save(model.state_dict()) writes)")
+    model = timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in want
+              if k in sd and sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+                 f"{len(shapes)} shapes differ (e.g. {shapes[0]})" if shapes else ""]
+        hint = ("; it looks like facebookresearch/dinov2's own layout: convert it to timm's first (README)"
+                if "mask_token" in sd else "")
+        raise RcgError(f"dinov2 weights {path}: not a timm {arch} state dict: "
+                       f"{'; '.join(p for p in parts if p)}{hint}")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+class DinoV2Extractor(_ModelFileExtractor):
+    """torch-fidelity extractor ``rcg-dinov2``: the CLS token after the final norm (1024-d for ViT-L/14) of a
+    DINOv2 ViT in timm's layout (``feature_extractor_weights_path``; ``dinov2_arch``: timm's name). The input is
+    preprocessed as in Stein et al.'s dgm-eval: uint8 -> [0, 1] -> bicubic resize to 224 -> ImageNet mean/std
+    (torch's antialiased bicubic on floats, where dgm-eval resizes the PIL image: close, not bit-identical)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 dinov2_arch: str = DINOV2_ARCH, **kwargs):
+        super().__init__(name, features_list)
+        if feature_extractor_weights_path is None:
+            raise RcgError("rcg-dinov2: feature_extractor_weights_path must name a DINOv2 weights file")
+        self.model = load_dinov2(Path(feature_extractor_weights_path), dinov2_arch)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("cls",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError("rcg-dinov2 has no class scores: no Inception Score in the DINOv2 space")
+        return "cls"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _uint8_batch(x)
+        x = x.float().div(255)
+        if x.shape[-2:] != (DINOV2_SIZE, DINOV2_SIZE):
+            x = torch.nn.functional.interpolate(x, size=(DINOV2_SIZE, DINOV2_SIZE), mode="bicubic",
+                                                align_corners=False, antialias=True).clamp(0, 1)
+        tokens = self.model.forward_features((x - self.mean) / self.std)  # [B, 1 + N, D], final norm applied
+        return (tokens[:, 0].float(),)
+
+
+for _space, _cls in (("judge", JudgeExtractor), ("encoder", EncoderExtractor), ("ssl_judge", SslJudgeExtractor),
+                     ("dinov2", DinoV2Extractor)):
     if EXTRACTOR_NAMES[_space] not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must not register twice
         register_feature_extractor(EXTRACTOR_NAMES[_space], _cls)
 
@@ -165,15 +239,18 @@ def check_inception_weights(path: Path) -> None:
                        "(weights-inception-2015-12-05-6726825d.pth: fc.weight [1008, 2048])")
 
 
-def create_extractor(space: str, weights: Path, device: torch.device) -> FeatureExtractorBase:
-    """The registered extractor of ``space`` loaded from ``weights``, in eval mode on ``device``."""
+def create_extractor(space: str, weights: Path, device: torch.device,
+                     dinov2_arch: str = DINOV2_ARCH) -> FeatureExtractorBase:
+    """The registered extractor of ``space`` loaded from ``weights``, in eval mode on ``device`` (``dinov2_arch``:
+    timm's architecture of the dinov2 space)."""
     if not Path(weights).is_file():
         raise RcgError(f"no {space} weights at {weights}")
     if space == "inception":
         check_inception_weights(Path(weights))
+    options = {"dinov2_arch": dinov2_arch} if space == "dinov2" else {}
     try:
         return create_feature_extractor(EXTRACTOR_NAMES[space], list(LAYERS[space]), cuda=device.type == "cuda",
-                                        feature_extractor_weights_path=str(weights), verbose=False)
+                                        feature_extractor_weights_path=str(weights), verbose=False, **options)
     except (RuntimeError, ValueError) as exc:  # a strict state-dict load or a torch-fidelity check failed
         raise RcgError(f"cannot build the {space} extractor from {weights}: {str(exc).splitlines()[0]}") from exc
 
@@ -337,14 +414,21 @@ def load_reference(path: Path, dim: int, space: str, name: str | None = None, fe
 
 
 def scored_spaces(cfg: Score) -> list[str]:
-    """score.spaces, plus Inception when its weights are given."""
-    return [s for s in SPACES if s in cfg.spaces or (s == "inception" and cfg.inception_weights is not None)]
+    """score.spaces, plus Inception and DINOv2 when their weights are given."""
+    return [s for s in SPACES if s in cfg.spaces or (s in EXTERNAL_SPACES and external_weights(cfg, s) is not None)]
+
+
+def external_weights(cfg: Score, space: str) -> Path | None:
+    """score.inception_weights / score.dinov2_weights."""
+    return {"inception": cfg.inception_weights, "dinov2": cfg.dinov2_weights}[space]
 
 
 def extractor_weights(params: Params, space: str) -> Path:
-    """The file each space's extractor loads: the trained judge / encoder model files, or Inception's weights."""
-    return {"judge": params.paths.model_file("judge"), "encoder": params.paths.model_file("encoder"),
-            "ssl_judge": params.paths.model_file("ssl_judge"), "inception": params.score.inception_weights}[space]
+    """The file each space's extractor loads: the trained judge / encoder model files, or the user's Inception /
+    DINOv2 weights."""
+    if space in EXTERNAL_SPACES:
+        return external_weights(params.score, space)
+    return params.paths.model_file(space)
 
 
 def reference_dir(params: Params) -> Path:
