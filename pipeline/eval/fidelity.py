@@ -78,6 +78,25 @@ class _ModelFileExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
 
+class _FeaturesOnlyExtractor(_ModelFileExtractor):
+    """An extractor of one feature layer and no class scores (so no Inception Score): ``LAYER`` names the layer,
+    ``NAME`` the registered name and ``SPACE`` the words of the refusal."""
+
+    LAYER: str
+    NAME: str
+    SPACE: str
+
+    @classmethod
+    def get_provided_features_list(cls) -> tuple[str, ...]:
+        return (cls.LAYER,)
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric: str) -> str:
+        if metric == "isc":
+            raise ValueError(f"{cls.NAME} has no class scores: no Inception Score in {cls.SPACE}")
+        return cls.LAYER
+
+
 class JudgeExtractor(_ModelFileExtractor):
     """torch-fidelity extractor ``rcg-judge``: penultimate features and class logits of a judge model file
     (``feature_extractor_weights_path``)."""
@@ -104,9 +123,11 @@ class JudgeExtractor(_ModelFileExtractor):
         return tuple(out[name].float() for name in self.features_list)
 
 
-class EncoderExtractor(_ModelFileExtractor):
+class EncoderExtractor(_FeaturesOnlyExtractor):
     """torch-fidelity extractor ``rcg-encoder``: RCG's standardised representation (as ``encode`` stores it)
     of an encoder model file (``feature_extractor_weights_path``)."""
+
+    LAYER, NAME, SPACE = "rep", "rcg-encoder", "the representation space"
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  **kwargs):
@@ -115,24 +136,16 @@ class EncoderExtractor(_ModelFileExtractor):
             raise RcgError("rcg-encoder: feature_extractor_weights_path must name an encoder model file")
         self.model, _ = load_model("encoder", feature_extractor_weights_path)
 
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("rep",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        if metric == "isc":
-            raise ValueError("rcg-encoder has no class scores: no Inception Score in the representation space")
-        return "rep"
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _uint8_batch(x)
         return (represent(self.model, x.float().div(255)),)
 
 
-class SslJudgeExtractor(_ModelFileExtractor):
+class SslJudgeExtractor(_FeaturesOnlyExtractor):
     """torch-fidelity extractor ``rcg-ssl-judge``: the pooled features of an ssl_judge model file
     (``feature_extractor_weights_path``)."""
+
+    LAYER, NAME, SPACE = "features", "rcg-ssl-judge", "its space"
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  **kwargs):
@@ -140,16 +153,6 @@ class SslJudgeExtractor(_ModelFileExtractor):
         if feature_extractor_weights_path is None:
             raise RcgError("rcg-ssl-judge: feature_extractor_weights_path must name an ssl_judge model file")
         self.model, _ = load_model("ssl_judge", feature_extractor_weights_path)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("features",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        if metric == "isc":
-            raise ValueError("rcg-ssl-judge has no class scores: no Inception Score in its space")
-        return "features"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _uint8_batch(x)
@@ -188,11 +191,13 @@ def load_dinov2(path: Path, arch: str = DINOV2_ARCH) -> torch.nn.Module:
     return model
 
 
-class DinoV2Extractor(_ModelFileExtractor):
+class DinoV2Extractor(_FeaturesOnlyExtractor):
     """torch-fidelity extractor ``rcg-dinov2``: the CLS token after the final norm (1024-d for ViT-L/14) of a
     DINOv2 ViT in timm's layout (``feature_extractor_weights_path``; ``dinov2_arch``: timm's name). The input is
     preprocessed as in Stein et al.'s dgm-eval: uint8 -> [0, 1] -> bicubic resize to 224 -> ImageNet mean/std
     (torch's antialiased bicubic on floats, where dgm-eval resizes the PIL image: close, not bit-identical)."""
+
+    LAYER, NAME, SPACE = "cls", "rcg-dinov2", "the DINOv2 space"
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
                  dinov2_arch: str = DINOV2_ARCH, **kwargs):
@@ -202,16 +207,6 @@ class DinoV2Extractor(_ModelFileExtractor):
         self.model = load_dinov2(Path(feature_extractor_weights_path), dinov2_arch)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("cls",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        if metric == "isc":
-            raise ValueError("rcg-dinov2 has no class scores: no Inception Score in the DINOv2 space")
-        return "cls"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         _uint8_batch(x)
