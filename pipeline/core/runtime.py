@@ -30,7 +30,7 @@ def device_for(runtime: Runtime, local_rank: int = 0) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 dot-product instructions (AVX512-BF16 or AMX-BF16): there oneDNN runs bf16 matmuls
     2-4x faster than fp32 (bench/RESULTS.md, "bf16 on the CPU"). Elsewhere bf16 is emulated and slower, so a
-    stage's ``bf16: true`` stays fp32 on such a CPU (its metrics say which precision ran)."""
+    stage's ``bf16: true`` stays fp32 on such a CPU (the stores and sample stores record which ran)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

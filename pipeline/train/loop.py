@@ -46,7 +46,7 @@ from pipeline.core.config import Params
 from pipeline.core.distributed import Dist
 from pipeline.core.errors import RcgError
 from pipeline.core.progress import progress
-from pipeline.core.runtime import uses_bf16
+from pipeline.core.runtime import autocast as runtime_autocast, uses_bf16
 from pipeline.models.ema import EMA
 from pipeline.core.rng import stream_seed
 from pipeline.train.schedules import Schedule, set_lr
@@ -130,7 +130,7 @@ class TrainLoop:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when asked and native on the device (:func:`pipeline.core.runtime.uses_bf16`)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        return runtime_autocast(self.bf16, self.device)
 
     def _backward_step(self, step_fn: StepFn, batch: Any, it: int) -> Logs:
         micro = batch if self.accum > 1 else [batch]
