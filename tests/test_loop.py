@@ -1,6 +1,7 @@
 """The shared training loop on a toy regression: accumulation, clipping, EMA, the deferred NaN check, resume of
 weights and curves, param groups, schedules, resume identities and the summary schema."""
 
+import copy
 import csv
 import math
 import os
@@ -188,6 +189,40 @@ def test_clipping_and_ema(tmp_path):
     torch.testing.assert_close(model.weight, expected)
     assert float(curve(tmp_path)[0]["grad_norm"]) == pytest.approx(norm.item(), rel=1e-5)
     torch.testing.assert_close(shadow.shadow["weight"], 0.5 * ref.weight.detach() + 0.5 * model.weight.detach())
+
+
+def test_update_steps_one_of_several_optimizers(tmp_path):
+    """Without the loop's optimizer a step updates its own through TrainLoop.update: zero_grad, backward, clipping
+    (the loop's grad_clip by default, or the call's), step; it returns the norm before clipping."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    loop = TrainLoop("toy", micro_params(tmp_path), Dist(), CPU, steps=2, identity={"toy": 1},
+                     modules={"a": a, "b": b, "opt_a": opt_a, "opt_b": opt_b}, log_every=1, checkpoint_every=2,
+                     samples_per_step=8, grad_clip=0.5)
+    norms = []
+
+    def step(batch, it):
+        x, y = batch
+        loss = (a(x) - y).pow(2).mean()
+        norms.append(loop.update(opt_a, loss))
+        assert loop.update(opt_b, (b(x) - y).pow(2).mean(), clip=None) is None
+        return {"loss": loss}
+
+    loop.run(step, (data(it) for it in range(2)))
+    ref_opt_a, ref_opt_b = torch.optim.SGD(ref_a.parameters(), lr=0.1), torch.optim.SGD(ref_b.parameters(), lr=0.1)
+    for it in range(2):
+        x, y = data(it)
+        for model, opt, clip in ((ref_a, ref_opt_a, 0.5), (ref_b, ref_opt_b, None)):
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            if clip is not None:
+                assert torch.equal(torch.nn.utils.clip_grad_norm_(model.parameters(), clip), norms[it])
+            opt.step()
+    assert norms[0] > 0.5  # the clip acted
+    for got, want in ((a, ref_a), (b, ref_b)):
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
 
 
 @pytest.mark.parametrize("nan_at, log_every, saved", [(4, 2, 3), (2, 10, None)])

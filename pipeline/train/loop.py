@@ -1,10 +1,10 @@
 """The one training loop behind every training stage (pretrain_encoder, train_rdm, train_tokenizer, train_pixel).
 
-A stage builds its model, optimizer and batches, and gives the loop a *step function*; the loop owns everything
-else: resume (:class:`~pipeline.train.state.TrainState` under a resume identity), the per-iteration lr, DDP wrapping
-and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast where native (GPU, or a CPU with AVX512-BF16 / AMX),
-backward with gradient accumulation, clipping, the optimizer step and the EMA, the deferred NaN/Inf check, the
-progress bar, CSV curves, the checkpoint cadence and one summary schema.
+A stage builds its model(s), optimizer(s) and batches, and gives the loop a *step function*; the loop owns
+everything else: resume (:class:`~pipeline.train.state.TrainState` under a resume identity), the per-iteration lr,
+DDP wrapping and ``torch.compile`` (:meth:`TrainLoop.wrap`), bf16 autocast where native (GPU, or a CPU with
+AVX512-BF16 / AMX), backward with gradient accumulation, clipping, the optimizer step(s) and the EMA, the deferred
+NaN/Inf check, the progress bar, CSV curves, the checkpoint cadence and one summary schema.
 
 Step numbering: iteration ``it`` = 0 .. steps-1 is what the step function, the batches and the lr schedule see
 (the number of updates done before it, as MAE-style schedules count). Step ``s = it + 1`` (updates done after
@@ -13,9 +13,11 @@ iteration ``s``.
 
 The step function ``step_fn(batch, it) -> logs`` returns a dict of scalars (0-d tensors or floats) with at least
 ``"loss"``. With an ``optimizer`` the loop calls it under autocast, backpropagates ``logs["loss"]`` (divided by
-``accum``) and steps; without one the step does its own backward and updates (the tokenizer: two optimizers and
-a codebook EMA) and may use :meth:`TrainLoop.autocast`. Logged values are averaged over each log interval with
-one host sync per interval, then over ranks.
+``accum``), clips and steps. A step with several optimizers (the tokenizer: a generator and a discriminator, plus a
+codebook EMA) is given none: it runs its forward passes under :meth:`TrainLoop.autocast` and makes each update
+through :meth:`TrainLoop.update` (zero_grad, backward, the loop's clipping, step), with each module whose gradients
+must be averaged across ranks called through :meth:`TrainLoop.wrap` (one forward call per backward, as DDP needs).
+Logged values are averaged over each log interval with one host sync per interval, then over ranks.
 
 Randomness inside the step that takes no generator (dropout) draws from torch's global stream, which the loop
 seeds before every iteration from (seed, iteration, rank): each rank draws its own dropout masks (the official
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -76,6 +78,9 @@ class TrainLoop:
     last checkpoint) are known before :meth:`run`. ``identity`` is the resume identity
     (pipeline.train.identity.resume_identity): without the world size, which may change between a kill and the
     resume. ``samples_per_step`` is the global number of samples per update, for ``samples_per_s``.
+    ``optimizer`` is the loop's own (it backpropagates the step's loss); a step that owns several optimizers gets
+    none and updates each through :meth:`update`. ``lr`` sets the lr of ``lr_optimizers`` (default: ``optimizer``)
+    every iteration; ``grad_clip`` clips both kinds of update.
     """
 
     def __init__(self, name: str, params: Params, d: Dist, device: torch.device, *, steps: int, identity: dict,
@@ -103,7 +108,7 @@ class TrainLoop:
         self.start, self.extra = self.state.load(self.modules)
         self.final: dict[str, float] = self.extra.get("final", {})  # the last logged figures
         self.curve: list[dict] = list(self.extra.get("curve", []))  # every logged row so far, {"step": s, ...}
-        self._ddp: DistributedDataParallel | None = None
+        self._ddps: list[DistributedDataParallel] = []  # every module wrap() put under DDP
 
     @classmethod
     def from_section(cls, name: str, params: Params, section: Any, d: Dist, device: torch.device, *, steps: int,
@@ -119,39 +124,64 @@ class TrainLoop:
         return cls(name, params, d, device, steps=steps, identity=identity, modules=modules, **fields, **options)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, compile: bool = True) -> nn.Module:
         """``model`` as the step should call it: DDP across ranks (world > 1), then ``torch.compile`` when
-        ``runtime.compile`` is set. Keep the bare model for the optimizer, the EMA and saving."""
+        ``runtime.compile`` is set and ``compile`` is true. Keep the bare model for the optimizer, the EMA and
+        saving. A step may wrap several modules (a GAN's generator and discriminator); DDP averages each one's
+        gradients in the backward that follows its forward call, so call each wrapped module once per backward
+        (parameters used without a gradient, like a frozen discriminator in the generator's loss, are called
+        bare)."""
         net = model
         if self.d.world > 1:
-            net = self._ddp = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(net) if self.compile else net
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._ddps.append(net)
+        return torch.compile(net) if self.compile and compile else net
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when asked and native on the device (:func:`pipeline.core.runtime.uses_bf16`)."""
         return runtime_autocast(self.bf16, self.device)
 
+    def update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, *,
+               clip: float | None | Literal["loop"] = "loop") -> torch.Tensor | None:
+        """One update of ``optimizer`` from ``loss``, for a step function that owns several optimizers: zero its
+        gradients, backpropagate ``loss`` (DDP averages the gradients of modules called through :meth:`wrap`),
+        clip the gradient norm of its parameters to ``clip`` (``"loop"``: the loop's ``grad_clip``; ``None``: no
+        clipping) and step. Returns the gradient norm before clipping (``None`` without clipping), for the logs.
+        Call it outside :meth:`autocast`: the backward runs in the forward's precisions anyway."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self._clip_and_step(optimizer, self.grad_clip if clip == "loop" else clip)
+
+    @staticmethod
+    def _clip_and_step(optimizer: torch.optim.Optimizer, clip: float | None) -> torch.Tensor | None:
+        """Clip the gradients of ``optimizer``'s parameters to norm ``clip`` (unless None), step; -> the norm."""
+        norm = None
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+        optimizer.step()
+        return norm
+
     def _backward_step(self, step_fn: StepFn, batch: Any, it: int) -> Logs:
+        """The loop's own optimizer: ``accum`` micro-batches (DDP syncs on the last only), clipping, step, EMA."""
         micro = batch if self.accum > 1 else [batch]
         if len(micro) != self.accum:
             raise RcgError(f"{self.name}: iteration {it} brought {len(micro)} micro-batches, expected {self.accum}")
         self.optimizer.zero_grad(set_to_none=True)
         outs = []
         for j, mb in enumerate(micro):
-            last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync()
-            with sync:
+            with contextlib.ExitStack() as sync:
+                if j < len(micro) - 1:
+                    for ddp in self._ddps:
+                        sync.enter_context(ddp.no_sync())
                 with self.autocast():
                     out = step_fn(mb, it)
                 (out["loss"] / len(micro)).backward()
             outs.append(out)
         logs = {k: sum(_detach(o[k]) for o in outs) / len(outs) for k in outs[0]} if len(outs) > 1 else \
             {k: _detach(v) for k, v in outs[0].items()}
-        if self.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        norm = self._clip_and_step(self.optimizer, self.grad_clip)
+        if norm is not None:
+            logs["grad_norm"] = norm
         if self.ema is not None:
             self.ema.update(self.ema_model)
         return logs
