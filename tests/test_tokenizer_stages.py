@@ -13,7 +13,7 @@ import zarr
 
 from conftest import kill_after, micro_params
 from pipeline.data.alignment import check_aligned
-from pipeline.core.artifacts import file_sha256, load_model, load_model_file, save_model_file
+from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model, load_model_file, save_model_file
 from pipeline.core.distributed import Dist
 from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
 from pipeline.core.errors import RcgError
@@ -165,31 +165,42 @@ def _train_worker(rank: int, world: int, port: int, root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), RCG_PROGRESS="0")
     torch.set_num_threads(1)
-    models = []
+    models, losses = [], []
 
     class Recorded(VQGAN):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             models.append(self)
 
-    recipe.VQGAN = Recorded
+    class RecordedLoss(VQGANLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            losses.append(self)
+
+    recipe.VQGAN, recipe.VQGANLoss = Recorded, RecordedLoss
     train_tokenizer.run(params_for(Path(root)))
-    torch.save(models[0].state_dict(), Path(root) / f"rank{rank}.pt")
+    torch.save({"model": models[0].state_dict(), "disc": losses[0].discriminator.state_dict()},
+               Path(root) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.integration
 def test_ddp_ranks_keep_one_model(workspace):
-    """Two gloo ranks: DDP gradients, hand-averaged D gradients and broadcast restarts keep them identical."""
+    """Two gloo ranks, 6 steps with D from step 3: DDP averages the VQGAN's and the discriminator's gradients
+    (TrainLoop.wrap), the codebook EMA all-reduces its statistics and restarts are broadcast, so both ranks end
+    with the same generator and discriminator."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_train_worker, args=(2, port, str(workspace)), nprocs=2, start_method="fork")
     a, b = (torch.load(workspace / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for part in ("model", "disc"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
     saved = load_model_file(workspace / "data" / "models" / "tokenizer.pt", "rcg-tokenizer")["state_dict"]
-    assert all(torch.equal(saved[k], a[k]) for k in a)
+    assert all(torch.equal(saved[k], v) for k, v in a["model"].items())
+    state = load_checkpoint(workspace / "data" / "state" / "train_tokenizer.pt")["modules"]
+    assert all(torch.equal(state["disc"][k], v) for k, v in a["disc"].items())
 
 
 def test_official_import_round_trip(workspace):

@@ -40,6 +40,20 @@ class NLayerDiscriminator(nn.Module):
         return self.main(x)
 
 
+class RealFakeLogits(nn.Module):
+    """The discriminator's step in one forward call: ``(D(x), D(xrec))`` on detached images, two passes of
+    ``discriminator`` (not one batch of both: that would change the convolutions' batching and the numbers). One
+    forward per backward is what DDP needs, so this is the module the training loop wraps for DDP; the generator's
+    GAN term calls the bare discriminator (frozen: no gradients to average)."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, x: torch.Tensor, xrec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.discriminator(x.detach()), self.discriminator(xrec.detach())
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -76,13 +90,14 @@ class VQGANLoss(nn.Module):
         logs = {"loss": loss, "rec_loss": rec_loss, "q_loss": qloss.mean(), "g_loss": g_loss, "d_weight": d_weight}
         return loss, {k: v.item() for k, v in logs.items()}
 
-    def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor,
-                           step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def discriminator_loss(self, x: torch.Tensor, xrec: torch.Tensor, step: int,
+                           real_fake: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The hinge loss of D on real ``x`` and reconstructed ``xrec`` (both detached). ``real_fake``: a
+        :class:`RealFakeLogits` of ``self.discriminator``, e.g. wrapped for DDP; default: an unwrapped one."""
         if step < self.disc_start:
             zero = x.new_zeros(())
             return zero, {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0}
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(xrec.detach())
+        logits_real, logits_fake = (real_fake if real_fake is not None else RealFakeLogits(self.discriminator))(x, xrec)
         d_loss = hinge_d_loss(logits_real, logits_fake)
         return d_loss, {"d_loss": d_loss.item(), "logits_real": logits_real.mean().item(),
                         "logits_fake": logits_fake.mean().item()}

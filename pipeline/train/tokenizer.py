@@ -1,6 +1,7 @@
 """The tokenizer's recipe: taming-transformers' VQGAN training minus LPIPS (no VGG weights here): pixel L1/L2 +
 commitment loss, a hinge PatchGAN switched on at ``disc_start`` with its own optimiser, both Adam(0.5, 0.9), on the
-shared loop (resumable). The quantiser stays the official plain nearest-L2 one; the codebook learns by EMA k-means
+shared loop (resumable), which makes both updates (TrainLoop.update) and averages both models' gradients across ranks
+by DDP (TrainLoop.wrap). The quantiser stays the official plain nearest-L2 one; the codebook learns by EMA k-means
 (pipeline.models.vqgan.CodebookEMA) and codes unused over ``restart_every`` steps restart onto current encoder
 outputs (after step 0 too: a data-based init)."""
 
@@ -17,7 +18,7 @@ from pipeline.core.rng import stream_seed
 from pipeline.data.shards import ShardSet
 from pipeline.data.tokenizer_data import RandomCrops
 from pipeline.models.vqgan import VQGAN, CodebookEMA, VectorQuantizer, code_usage, codebook_stats, model_kwargs
-from pipeline.models.vqgan_loss import VQGANLoss
+from pipeline.models.vqgan_loss import RealFakeLogits, VQGANLoss
 from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop
 from pipeline.train.schedules import warmup_cosine
@@ -27,6 +28,7 @@ CURVES = ["loss", "rec", "q", "g", "d", "usage", "perplexity"]
 
 
 def _all_reduce_(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum ``t`` over ranks in place: the codebook EMA's statistics and the code counts (DDP averages gradients)."""
     if d.world > 1:
         tdist.all_reduce(t)
     return t
@@ -67,6 +69,8 @@ def train(params: Params, identity: dict, d: Dist, device: torch.device) -> tupl
     loader = DataLoader(RandomCrops(shards, params.views.crop, params.seed), batch_sampler=sampler,
                         num_workers=tr.workers, pin_memory=cuda, prefetch_factor=4 if tr.workers else None)
     net = loop.wrap(model)
+    # D's step is one forward call (its real and fake passes) and one backward: a DDP pattern. D stays eager.
+    net_d = loop.wrap(RealFakeLogits(disc), compile=False)
     latent = {}  # the quantiser's input, for the EMA and restarts
     model.quantize.register_forward_hook(lambda m, args, out: latent.update(z=args[0].detach()))
     reduce = lambda t: _all_reduce_(t, d)  # noqa: E731
@@ -76,24 +80,17 @@ def train(params: Params, identity: dict, d: Dist, device: torch.device) -> tupl
         x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         with loop.autocast():
             xrec, qloss, idx = net(x)
-            disc.requires_grad_(False)  # the generator step must not touch D's gradients
+            disc.requires_grad_(False)  # the generator's GAN term calls the bare D: no gradients for D, no DDP
             loss, logs = loss_fn.generator_loss(x, xrec, qloss, it, model.get_last_layer())
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
+        loop.update(opt_g, loss)
         z_flat = latent["z"].permute(0, 2, 3, 1).reshape(-1, latent["z"].shape[1]).float()
         ema.update(codebook, z_flat, idx.flatten(), reduce)
         d_loss = 0.0
         if it >= tr.disc_start:
             disc.requires_grad_(True)
             with loop.autocast():
-                d_loss_t, dlogs = loss_fn.discriminator_loss(x, xrec, it)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss_t.backward()
-            if d.world > 1:  # D runs thrice per step (not a DDP pattern), so its gradients are averaged by hand
-                for p in disc.parameters():
-                    reduce(p.grad).div_(d.world)
-            opt_d.step()
+                d_loss_t, dlogs = loss_fn.discriminator_loss(x, xrec, it, net_d)
+            loop.update(opt_d, d_loss_t)
             d_loss = dlogs["d_loss"]
         step_counts = reduce(code_usage(idx, n_embed))
         counts.add_(step_counts)
