@@ -52,6 +52,21 @@ def _ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
+def _check_tokenizer_ceiling(proj: Path) -> None:
+    """bench.tokenizer_ceiling in a finished project: the real row's images, through the tokenizer, scored in the
+    real row's spaces (other figures than the real row's: the images changed on the way)."""
+    env = {**os.environ, "RCG_PROGRESS": "0", "PYTHONPATH": f"{proj}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-m", "bench.tokenizer_ceiling"], cwd=proj, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    ceiling = json.loads(res.stdout)
+    real = json.loads((proj / "metrics" / "score" / "real.json").read_text())
+    figures = {f"{s}_{k}": v[k] for s, v in real.items() if isinstance(v, dict) for k in ("fid", "fd", "isc") if k in v}
+    assert ceiling["num_samples"] == real["num_samples"]
+    assert set(ceiling) - {"num_samples"} == set(figures), (ceiling, figures)
+    assert all(ceiling[k] != figures[k] for k in figures), (ceiling, figures)
+
+
 def test_dvc_repro_micro(tmp_path):
     """The whole pipeline runs, a rerun is a no-op, and an RDM experiment reruns the RDM and what samples from
     it (the two RCG settings, their scores, the table), reusing the shards, both stores and the pixel generators."""
@@ -77,6 +92,7 @@ def test_dvc_repro_micro(tmp_path):
     for path in sorted((proj / "metrics").rglob("*.json")):  # every metrics file is a row of a table
         assert not problems(json.loads(path.read_text())), (path.name, problems(json.loads(path.read_text())))
     assert "Running stage" not in _dvc(proj, "repro")  # everything cached
+    _check_tokenizer_ceiling(proj)
     for output in ["data/shards/index.parquet", "data/models/rdm.pt", "data/samples/rcg.zarr/zarr.json"]:
         path = proj / output  # file and folder outputs are links into .dvc/cache, not second copies (.dvc/config)
         assert path.is_symlink() or path.stat().st_nlink > 1, f"{output} is a copy of its cache entry"
