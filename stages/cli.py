@@ -135,6 +135,7 @@ def _item_stage_command(name: str, item_help: str, help_text: str) -> None:
 
 
 for _name, _help in [
+    ("scan", "The image folders' listing (names, sizes, mtimes) -> data/folder_listing.json: what shard reruns on."),
     ("shard", "Image folder (or the built-in set) -> WebDataset shards + index.parquet + rejects.parquet."),
     ("pretrain_encoder", "MoCo v3 pretraining on the shards, or import the official encoder checkpoint."),
     ("encode", "Encode every view of every image once -> data/reps.zarr."),

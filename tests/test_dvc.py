@@ -74,7 +74,7 @@ def test_dvc_repro_micro(tmp_path):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     out = _dvc(proj, "repro")
     settings = list(yaml.safe_load((proj / "dvc.yaml").read_text())["vars"][0]["generation"])
-    instances = ({"shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
+    instances = ({"scan", "shard", "pretrain_encoder", "encode", "train_rdm", "train_tokenizer", "eval_tokenizer", "tokenize",
                   "score_real", "compare"}
                  | {f"train_judge@{s}" for s in params["score"]["label_spaces"]}
                  | {f"train_ssl_judge@{s}" for s in params["score"]["ssl_spaces"]}
@@ -91,7 +91,7 @@ def test_dvc_repro_micro(tmp_path):
         assert (proj / artifact).exists(), artifact
     for path in sorted((proj / "metrics").rglob("*.json")):  # every metrics file is a row of a table
         assert not problems(json.loads(path.read_text())), (path.name, problems(json.loads(path.read_text())))
-    assert "Running stage" not in _dvc(proj, "repro")  # everything cached
+    assert _ran(_dvc(proj, "repro")) == {"scan"}  # everything cached; the folder listing is checked every time
     _check_tokenizer_ceiling(proj)
     for output in ["data/shards/index.parquet", "data/models/rdm.pt", "data/samples/rcg.zarr/zarr.json"]:
         path = proj / output  # file and folder outputs are links into .dvc/cache, not second copies (.dvc/config)
@@ -101,7 +101,7 @@ def test_dvc_repro_micro(tmp_path):
                    cwd=proj, check=True)
 
     out = _dvc(proj, "exp", "run", "-S", f"rdm.train.steps={params['rdm']['train']['steps'] + 2}")
-    assert _ran(out) == {"train_rdm", "sample@rcg", "sample@rcg_cfg", "score@rcg", "score@rcg_cfg", "compare"}
+    assert _ran(out) == {"scan", "train_rdm", "sample@rcg", "sample@rcg_cfg", "score@rcg", "score@rcg_cfg", "compare"}
     table = json.loads(_dvc(proj, "exp", "show", "--json"))
     shown = json.dumps(table)
     for metrics in ["metrics/rdm.json", "metrics/encoder.json", "metrics/tokenizer.json", "metrics/compare.json",

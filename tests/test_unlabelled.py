@@ -194,3 +194,12 @@ def test_dvc_repro_on_a_flat_folder_of_mixed_images_without_labels(tmp_path):
     assert "| real |" in md and "ssl FD" in md and "rep FD" in md and "judge FID" not in md
     ssl = json.loads((proj / "metrics" / "ssl_judge.json").read_text())
     assert ssl == {**ssl, "labelled": False} and "knn_top1" not in ssl
+
+    # the folder is a param, so DVC sees its name only: the scan stage's listing makes its contents a dependency
+    assert _ran(_dvc(proj, "repro", "shard")) == {"scan"}  # untouched: the listing is checked, nothing reruns
+    found = lambda: sum(split["found"] for split in  # noqa: E731  (images in both splits)
+                        json.loads((proj / "data" / "shards" / "meta.json").read_text())["splits"].values())
+    before = found()
+    sorted(images.iterdir())[0].unlink()  # the user deletes one image
+    assert _ran(_dvc(proj, "repro", "shard")) == {"scan", "shard"}
+    assert found() == before - 1

@@ -49,6 +49,8 @@ class Paths(Section):
     metrics: Path = Path("metrics")
 
     @property
+    def listing(self) -> Path: return self.data / "folder_listing.json"
+    @property
     def shards(self) -> Path: return self.data / "shards"
     @property
     def reps(self) -> Path: return self.data / "reps.zarr"

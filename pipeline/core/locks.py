@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 # Every stage's outputs (dvc.yaml's outs, metrics and plots; tests/test_integrity.py checks they agree).
 STAGE_OUTPUTS: dict[str, Callable[["Paths", str | None], list[Path]]] = {
+    "scan": lambda p, item: [p.listing],
     "shard": lambda p, item: [p.shards],
     "pretrain_encoder": lambda p, item: [p.model_file("encoder"), p.plots / "pretrain_encoder.csv"],
     "encode": lambda p, item: [p.reps, p.metrics / "encoder.json"],
