@@ -17,7 +17,6 @@ from pipeline.core.errors import require_dir
 from pipeline.core.progress import log
 from pipeline.data.ingest import check_pool, image_sources, scan_sources, shard_split
 from pipeline.data.shards import INDEX_FILE, INDEX_SCHEMA, META_FILE, REJECTS_FILE, REJECTS_SCHEMA, write_table
-from pipeline.data.synthetic import CLASSES
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
 PARAMS = ["seed", "data", "shard"]
@@ -51,8 +50,6 @@ def run(params: Params) -> dict:
                 assert len(rows) + len(rej) == found, "every file found must be accepted or rejected"
             if "val" in splits and params.data.source == "folder" and params.data.val_folder is None:
                 splits["val"]["held_out"] = {"fraction": params.data.holdout, "seed": params.seed}
-            if params.data.source == "builtin" and params.data.labels != "none":
-                classes = CLASSES
             labelled = bool(classes)
             write_table(index, INDEX_SCHEMA, tmp / INDEX_FILE)
             write_table(rejects, REJECTS_SCHEMA, tmp / REJECTS_FILE)

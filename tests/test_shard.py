@@ -153,6 +153,15 @@ def test_builtin_run_is_deterministic(tmp_path, micro_shards):
     assert len(ShardSet(micro_shards, "val")) == 16
 
 
+def test_meta_names_each_label_by_its_folder(micro_shards):
+    """meta.json's ``classes[label]`` is the folder the image came from (the built-in set included: its folders are
+    sorted like any ImageFolder, so label 0 is "bar", not the first shape the generator defines)."""
+    meta = json.loads((micro_shards / "meta.json").read_text())
+    index = pq.read_table(micro_shards / "index.parquet").to_pylist()
+    assert sorted(meta["classes"]) == meta["classes"] and len(meta["classes"]) == 10
+    assert all(meta["classes"][r["label"]] == r["source"].split("/")[0] for r in index)
+
+
 def test_flat_folder_resize_and_jpeg_reencode(tmp_path):
     root = tmp_path / "flat"
     _save(_img(size=(40, 30)), root / "x.png", "PNG")
