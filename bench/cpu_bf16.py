@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.core.config import load_params
 from pipeline.core.runtime import cpu_has_native_bf16
 from pipeline.gen.masked_decoding import decode_tokens
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss
 from pipeline.models.moco import MoCoV3
 from pipeline.models.rdm import RDM, rdm_kwargs
@@ -53,7 +53,7 @@ def workloads(params) -> dict[str, tuple[Callable[[], None], int]]:
     out: dict[str, tuple[Callable[[], None], int]] = {}
 
     p = params.encoder
-    vit = MoCoViT(**p.model.model_dump())
+    vit = build_encoder(p.model.model_dump())
     moco = MoCoV3(vit, dim=p.model.proj_dim, mlp_dim=p.model.proj_hidden_dim, T=p.train.temperature).train()
     x1, x2 = torch.rand(p.train.batch_size, 3, size, size), torch.rand(p.train.batch_size, 3, size, size)
     out["encoder step (MoCo v3 ViT)"] = (train_step(moco, lambda: moco(x1, x2, 0.99)), p.train.batch_size)

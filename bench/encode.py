@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import builtin_shards, images_per_s  # noqa: E402
 from pipeline.core.artifacts import save_model  # noqa: E402
 from pipeline.core.config import load_params  # noqa: E402
-from pipeline.models.encoder import MoCoViT  # noqa: E402
+from pipeline.models.encoder import build_encoder  # noqa: E402
 from pipeline.core.runtime import configure, device_for  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def make_inputs(root: Path, size: int, overrides: list[str]) -> list[str]:
     config = params.encoder.model.model_dump()
     torch.manual_seed(0)
     save_model("encoder", params.paths.model_file("encoder"), {"model": config},
-                    MoCoViT(**config).state_dict(), summary={"source": "bench"})
+                    build_encoder(config).state_dict(), summary={"source": "bench"})
     return overrides
 
 
@@ -54,7 +54,7 @@ def child(overrides: list[str]) -> dict:
     writer, summary = build_rep_store(params, Dist(), device)
     writer.finalize()
 
-    model = MoCoViT(**params.encoder.model.model_dump()).to(device).eval()
+    model = build_encoder(params.encoder.model.model_dump()).to(device).eval()
     b, v, crop = params.encode.batch_size, params.views.count, params.views.crop
     fn = encoder_fn(model, device, params.encode.bf16)
     views = torch.randint(0, 256, (b, v, crop, crop, 3), dtype=torch.uint8)

@@ -32,7 +32,7 @@ from bench.common import run_stage  # noqa: E402
 from pipeline.core.config import Params, validate  # noqa: E402
 from pipeline.data.stores import StoreWriter  # noqa: E402
 from pipeline.gen.masked_decoding import decode_tokens  # noqa: E402
-from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
+from pipeline.models.encoder import MoCoViT, build_encoder, represent  # noqa: E402
 from pipeline.models.mage import MAGE, MAGE_SIZES, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.official.mocov3 import VIT_SIZES  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
           f"this one {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
     vqgan = VQGAN(**model_kwargs(defaults.tokenizer.model)).eval()
-    encoder = MoCoViT(**defaults.encoder.model.model_dump()).eval()
+    encoder = build_encoder(defaults.encoder.model.model_dump()).eval()
     images = torch.rand(args.batch, 3, defaults.views.crop, defaults.views.crop)
 
     def official_inputs() -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.core.config import Params, load_params, preset  # noqa: E402
 from pipeline.models.diffusion import GaussianDiffusion  # noqa: E402
 from pipeline.losses.diffusion import x0_loss  # noqa: E402
-from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
+from pipeline.models.encoder import build_encoder, represent  # noqa: E402
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.moco import MoCoV3  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
@@ -75,15 +75,17 @@ def train_images(params: Params, images: int) -> int:
 def encoder_rows(params: Params, n: int) -> list[Row]:
     m, t, views = params.encoder.model, params.encoder.train, params.views
     torch.manual_seed(0)
-    base = MoCoViT(**m.model_dump())
+    base = build_encoder(m.model_dump())
+    arch = (f"ViT {m.embed_dim}x{m.depth} at {m.img_size}/{m.patch_size}" if m.arch == "vit" else
+            f"ResNet {m.resnet.block} {m.resnet.layers} width {m.resnet.width} at {m.img_size}")
     rows = []
     if params.encoder.checkpoint is None:
         moco = MoCoV3(base, dim=m.proj_dim, mlp_dim=m.proj_hidden_dim, T=t.temperature).train()
         x = torch.rand(2, 3, m.img_size, m.img_size)
         step = gflop(lambda: moco(x, x.clone(), 0.99).backward(), per=2)
         steps = t.epochs * (n // t.batch_size)
-        rows.append(Row("pretrain_encoder", f"{steps} steps x {t.batch_size} images, 2 views, ViT "
-                        f"{m.embed_dim}x{m.depth} at {m.img_size}/{m.patch_size}", step, steps * t.batch_size))
+        rows.append(Row("pretrain_encoder", f"{steps} steps x {t.batch_size} images, 2 views, {arch}", step,
+                        steps * t.batch_size))
     else:
         rows.append(Row("pretrain_encoder", "import encoder.checkpoint", 0.0, 0))
     base.eval()

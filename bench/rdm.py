@@ -31,7 +31,7 @@ from pipeline.core.config import Params, preset, validate  # noqa: E402
 from pipeline.core.distributed import Dist  # noqa: E402
 from pipeline.data.rep_store import RepStore, store_stats  # noqa: E402
 from pipeline.models.ema import EMA  # noqa: E402
-from pipeline.models.encoder import MoCoViT, represent  # noqa: E402
+from pipeline.models.encoder import build_encoder, represent  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
 from pipeline.train.state import TrainState  # noqa: E402
 from pipeline.train.rdm import train_rdm  # noqa: E402
@@ -95,7 +95,7 @@ def bare_rate(params: Params, device: torch.device, steps: int, optimizer: bool 
 def encoder_rate(params: Params, image_size: int, device: torch.device, batch: int, steps: int) -> float:
     """Images/s of the frozen encoder alone (fp32, eval), on [0,1] crops of the official size."""
     torch.manual_seed(0)
-    model = MoCoViT(**params.encoder.model.model_dump()).to(device).eval()
+    model = build_encoder(params.encoder.model.model_dump()).to(device).eval()
     x = torch.rand(batch, 3, image_size, image_size, device=device)
     represent(model, x)
     sync(device)

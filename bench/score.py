@@ -38,7 +38,7 @@ def main() -> None:
     from pipeline.data.sample_store import SampleWriter
     from pipeline.data.shards import ShardSet
     from pipeline.eval.fidelity import create_extractor, extract
-    from pipeline.models.encoder import MoCoViT
+    from pipeline.models.encoder import build_encoder
 
     root = a.root.resolve()
     if a.threads:
@@ -57,7 +57,7 @@ def main() -> None:
     if not enc.is_file():
         torch.manual_seed(0)
         cfg = params.encoder.model.model_dump()
-        save_model("encoder", enc, {"model": cfg}, MoCoViT(**cfg).state_dict(), summary={"source": "random"})
+        save_model("encoder", enc, {"model": cfg}, build_encoder(cfg).state_dict(), summary={"source": "random"})
     judged = run_stage("train_judge", params, root)
     print(json.dumps({"what": "train_judge", "threads": torch.get_num_threads(), **judged}))
     ssl = run_stage("train_ssl_judge", params, root)

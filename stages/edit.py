@@ -18,7 +18,7 @@ from pipeline.core.runtime import device_for
 from pipeline.gen import figures as fig
 from pipeline.gen.editing import edit, fit_image
 from pipeline.gen.rcg import load_models
-from pipeline.models.encoder import MoCoViT, image_rep
+from pipeline.models.encoder import Encoder, image_rep
 from pipeline.models.official.encoder import load_encoder
 from pipeline.samplers.diffusion import sample_reps
 from pipeline.core.rng import seeded_generator
@@ -45,7 +45,7 @@ def read_image(path: Path, flag: str) -> Image.Image:
     return img
 
 
-def load_any_encoder(path: Path) -> MoCoViT:
+def load_any_encoder(path: Path) -> Encoder:
     """An "rcg-encoder" model file or an official MoCo v3 checkpoint."""
     ckpt = load_checkpoint(path)
     return load_model("encoder", path)[0] if is_model_file(ckpt) else load_encoder(path)

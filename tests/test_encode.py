@@ -11,7 +11,7 @@ import zarr
 from conftest import kill_after, micro_params
 from pipeline.core.artifacts import file_sha256, save_model_file, weights_sha256
 from pipeline.core.distributed import Dist
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
+from pipeline.models.encoder import MODEL_FORMAT, Encoder, build_encoder, represent
 from pipeline.core.errors import RcgError
 from pipeline.data.shards import ShardSet
 from pipeline.data.stores import open_store, partial_path
@@ -21,11 +21,11 @@ from stages import encode
 
 
 
-def write_encoder(params, seed: int = 0) -> MoCoViT:
+def write_encoder(params, seed: int = 0) -> Encoder:
     """An "rcg-encoder" file at data/models/encoder.pt with non-trivial projector BN statistics."""
     config = params.encoder.model.model_dump()
     torch.manual_seed(seed)
-    model = MoCoViT(**config)
+    model = build_encoder(config)
     for m in model.head:
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.normal_()

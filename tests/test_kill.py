@@ -20,7 +20,7 @@ from conftest import micro_params
 from pipeline.core.artifacts import load_checkpoint, load_model_file, save_model_file
 from pipeline.core.config import dump_yaml
 from pipeline.data.stores import partial_path
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
+from pipeline.models.encoder import MODEL_FORMAT, build_encoder
 from stages import encode, shard, train_rdm
 from test_train_rdm import make_store
 
@@ -93,7 +93,7 @@ def test_killed_encode_resumes_bit_identical(tmp_path):
     torch.manual_seed(0)
     config = params.encoder.model.model_dump()
     save_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT, {"model": config},
-                    MoCoViT(**config).state_dict(), summary={"source": "test"})
+                    build_encoder(config).state_dict(), summary={"source": "test"})
     shutil.copytree(whole / "data", killed / "data")
     encode.run(params)
 

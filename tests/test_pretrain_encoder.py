@@ -7,7 +7,7 @@ import torch
 from conftest import micro_params
 from official_files import mocov3_file
 from pipeline.core.artifacts import file_sha256, load_model, load_model_file
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT, represent
+from pipeline.models.encoder import MODEL_FORMAT, build_encoder, represent
 from pipeline.core.errors import RcgError
 from pipeline.models.moco import MoCoV3
 from pipeline.train.state import TrainState
@@ -29,7 +29,7 @@ def test_pretrain_writes_a_loadable_encoder(workspace):
     assert payload["summary"]["epochs"] == 2 and payload["summary"]["final_loss"] > 0
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     torch.manual_seed(params.seed)
-    init = MoCoViT(**params.encoder.model.model_dump())  # the first draw of the seeded run
+    init = build_encoder(params.encoder.model.model_dump())  # the first draw of the seeded run
     trained, start = model.state_dict(), init.state_dict()
     assert torch.equal(trained["patch_embed.proj.weight"], start["patch_embed.proj.weight"])  # frozen (MoCo v3)
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
@@ -94,7 +94,7 @@ def test_official_import_writes_the_same_format(workspace):
     pretrained = load_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT)
 
     torch.manual_seed(3)
-    source = MoCoViT(**params.encoder.model.model_dump())
+    source = build_encoder(params.encoder.model.model_dump())
     ckpt = workspace / "vit-small.pth.tar"
     mocov3_file(ckpt, source)
     params = micro_params(workspace, [f"encoder.checkpoint={ckpt}"])
@@ -111,7 +111,7 @@ def test_official_import_writes_the_same_format(workspace):
 
 def test_wrong_architecture_checkpoint_names_fields_keys_and_shapes(workspace):
     params = micro_params(workspace)
-    wrong = MoCoViT(**{**params.encoder.model.model_dump(), "depth": 2, "img_size": 32})
+    wrong = build_encoder({**params.encoder.model.model_dump(), "depth": 2, "img_size": 32})
     ckpt = workspace / "wrong.pth.tar"
     mocov3_file(ckpt, wrong)
     with pytest.raises(RcgError) as err:

@@ -20,7 +20,7 @@ from pipeline.data.sample_store import SampleWriter
 from pipeline.data.shards import ShardSet
 from pipeline.data.eval_images import centre_crop
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, raised
-from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, MoCoViT
+from pipeline.models.encoder import MODEL_FORMAT as ENCODER_FORMAT, build_encoder
 import pipeline.models.judge  # noqa: F401  (registers the "judge" model kind)
 from stages import compare, reference, score, train_judge, train_ssl_judge
 from conftest import micro_params
@@ -60,7 +60,7 @@ def scored(tmp_path_factory, micro_shards):
     params = params_for(root)
     torch.manual_seed(0)
     cfg = params.encoder.model.model_dump()
-    save_model_file(root / "data" / "models" / "encoder.pt", ENCODER_FORMAT, {"model": cfg}, MoCoViT(**cfg).state_dict())
+    save_model_file(root / "data" / "models" / "encoder.pt", ENCODER_FORMAT, {"model": cfg}, build_encoder(cfg).state_dict())
     judged = train_judge.run(params)
     train_ssl_judge.run(params)
     for space in params.score.spaces:

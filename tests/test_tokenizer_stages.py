@@ -15,7 +15,7 @@ from conftest import kill_after, micro_params
 from pipeline.data.alignment import check_aligned
 from pipeline.core.artifacts import file_sha256, load_checkpoint, load_model, load_model_file, save_model_file
 from pipeline.core.distributed import Dist
-from pipeline.models.encoder import MODEL_FORMAT, MoCoViT
+from pipeline.models.encoder import MODEL_FORMAT, build_encoder
 from pipeline.core.errors import RcgError
 from pipeline.data.images import decode_rgb
 from pipeline.data.shards import ShardSet
@@ -55,7 +55,7 @@ def write_encoder(params, seed: int = 0) -> None:
     config = params.encoder.model.model_dump()
     torch.manual_seed(seed)
     save_model_file(params.paths.models / "encoder.pt", MODEL_FORMAT, {"model": config},
-                    MoCoViT(**config).state_dict(), summary={"source": "test"})
+                    build_encoder(config).state_dict(), summary={"source": "test"})
 
 
 def tokens(params) -> np.ndarray:

@@ -128,8 +128,20 @@ class Views(Section):
 
 
 # ------------------------------------------------------------------------------------------ encoder
+class ResNetModel(Section):
+    """MoCo v3's ResNet backbone (``encoder.model.arch: resnet``) in torchvision's layout: the official ResNet-50 is
+    bottleneck, [3, 4, 6, 3], width 64, stem imagenet. The default is a small CNN for 32 px images."""
+    block: Literal["basic", "bottleneck"] = "basic"
+    layers: list[PositiveInt] = Field(default_factory=lambda: [1, 1, 1], min_length=1)
+    width: PositiveInt = 32        # channels of the stem and the first stage (doubling per stage)
+    stem: Literal["imagenet", "conv3x3"] = "conv3x3"  # imagenet: 7x7/2 conv + 3x3/2 max-pool
+    stem_stride: PositiveInt = 1   # the conv3x3 stem's stride
+
+
 class EncoderModel(Section):
     # Default: a ViT sized for the CPU budget (16 tokens of 8x8 pixels on 32x32 images); see presets for S/B/L.
+    # arch: resnet trains MoCo v3's other backbone (the fields under `resnet`; the ViT's are then unused).
+    arch: Literal["vit", "resnet"] = "vit"
     img_size: PositiveInt = 32
     patch_size: PositiveInt = 8
     embed_dim: PositiveInt = 64
@@ -138,9 +150,12 @@ class EncoderModel(Section):
     mlp_ratio: PositiveFloat = 4.0
     proj_hidden_dim: PositiveInt = 512
     proj_dim: PositiveInt = 256
+    resnet: ResNetModel = ResNetModel()
 
     @model_validator(mode="after")
     def _check(self) -> "EncoderModel":
+        if self.arch != "vit":
+            return self
         if self.img_size % self.patch_size:
             raise ValueError(f"encoder.model.img_size ({self.img_size}) must be a multiple of patch_size")
         if self.embed_dim % self.num_heads or self.embed_dim % 4:

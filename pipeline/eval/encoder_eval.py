@@ -18,7 +18,7 @@ from pipeline.models.view_encoder import encoder_fn
 from pipeline.data.view_store import ViewsDataset
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.probes import knn_accuracy
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 
 
 def encoder_knn_probe(reps_path: Path, shards_dir: Path, recipe: ViewRecipe, encoder_config: dict, cfg: Encode,
@@ -40,7 +40,7 @@ def encoder_knn_probe(reps_path: Path, shards_dir: Path, recipe: ViewRecipe, enc
     stored = open_store(reps_path, "reps")["reps"].oindex[rows, 0]
 
     torch.manual_seed(seed)
-    random_init = MoCoViT(**encoder_config["model"]).to(device).eval()
+    random_init = build_encoder(encoder_config["model"]).to(device).eval()
     fn = encoder_fn(random_init, device, cfg.bf16)
     view0 = dataclasses.replace(recipe, count=1)
     loader = DataLoader(Subset(ViewsDataset(shards, view0), rows.tolist()), batch_size=cfg.batch_size,

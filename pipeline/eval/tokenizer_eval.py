@@ -18,7 +18,7 @@ from pipeline.data.shards import META_FILE, ShardSet
 from pipeline.data.view_store import ViewsDataset
 from pipeline.data.views import ViewRecipe
 from pipeline.eval.metrics import frechet_distance_between
-from pipeline.models.encoder import MoCoViT, represent
+from pipeline.models.encoder import Encoder, represent
 from pipeline.models.vqgan import VQGAN, code_usage, codebook_stats
 
 
@@ -33,7 +33,7 @@ def held_out(shards_dir: Path, num_images: int) -> tuple[ShardSet, np.ndarray]:
 
 
 @torch.inference_mode()
-def evaluate_tokenizer(tokenizer: VQGAN, encoder: MoCoViT, shards: ShardSet, rows: np.ndarray, recipe: ViewRecipe,
+def evaluate_tokenizer(tokenizer: VQGAN, encoder: Encoder, shards: ShardSet, rows: np.ndarray, recipe: ViewRecipe,
                        batch_size: int, device: torch.device) -> dict:
     """View 0 (the centre crop) of ``rows``: PSNR per image on [0,1]-clamped reconstructions, averaged; codebook
     usage and perplexity; FD of the encoder's reps, originals vs reconstructions, and the same between the even

@@ -1,7 +1,9 @@
-"""MoCo v3 ViT representation encoder: architecture, checkpoint import and RCG's representation.
+"""MoCo v3 representation encoder: the ViT, the choice of backbone, and RCG's representation.
 
-The module layout mirrors MoCo v3's ViT (timm VisionTransformer whose ``head`` is the 3-layer projector), so the
-official ``module.base_encoder.*`` weights load strictly once that prefix is stripped.
+The ViT's module layout mirrors MoCo v3's (timm VisionTransformer whose ``head`` is the 3-layer projector), so the
+official ``module.base_encoder.*`` weights load strictly once that prefix is stripped. MoCo v3 also trains ResNets
+(:mod:`pipeline.models.resnet`); ``encoder.model.arch`` picks one, and every stage reads either through
+:func:`build_encoder` and :func:`represent`.
 """
 
 from __future__ import annotations
@@ -19,22 +21,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.core.artifacts import register_model_kind
 from pipeline.core.errors import RcgError
+from pipeline.models.mlp import build_mlp
+from pipeline.models.resnet import MoCoResNet
 
 MODEL_FORMAT = "rcg-encoder"  # data/models/encoder.pt, whether pretrained here or imported
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """MoCo v3's MLP: [Linear(no bias), BN, ReLU] x (n-1), Linear(no bias), BN(affine=False)."""
-    layers = []
-    for i in range(num_layers):
-        d1 = in_dim if i == 0 else hidden_dim
-        last = i == num_layers - 1
-        d2 = out_dim if last else hidden_dim
-        layers.append(nn.Linear(d1, d2, bias=False))
-        layers += [nn.BatchNorm1d(d2, affine=False)] if last else [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> torch.Tensor:
     """Fixed 2D sin-cos table [1, 1 + h*w, dim]; cls row zeros; token m at row m // w, column m % w."""
@@ -66,9 +58,32 @@ class MoCoViT(VisionTransformer):
         nn.init.zeros_(self.patch_embed.proj.bias)
         self.head = build_mlp(3, embed_dim, proj_hidden_dim, proj_dim)
 
+    @property
+    def input_size(self) -> int:
+        return self.patch_embed.img_size[0]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-projector cls feature [B, embed_dim] (timm 0.3.2's ``forward_features``)."""
         return self.forward_head(self.forward_features(x), pre_logits=True)
+
+    def project(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.head(feature)
+
+
+Encoder = MoCoViT | MoCoResNet
+VIT_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "proj_hidden_dim", "proj_dim")
+
+
+def build_encoder(config: dict) -> Encoder:
+    """The encoder ``encoder.model`` describes (a model file's ``config["model"]``); files written before ``arch``
+    existed are ViTs with the ViT fields alone."""
+    arch = config.get("arch", "vit")
+    if arch == "vit":
+        return MoCoViT(**{k: config[k] for k in VIT_FIELDS if k in config})
+    if arch == "resnet":
+        return MoCoResNet(img_size=config["img_size"], proj_hidden_dim=config["proj_hidden_dim"],
+                          proj_dim=config["proj_dim"], **config["resnet"])
+    raise RcgError(f"unknown encoder arch {arch!r} (encoder.model.arch: vit or resnet)")
 
 
 def normalize_for_encoder(x01: torch.Tensor, input_size: int) -> torch.Tensor:
@@ -87,29 +102,29 @@ def standardize(r: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def represent(model: MoCoViT, images01: torch.Tensor, input_size: int | None = None,
+def represent(model: Encoder, images01: torch.Tensor, input_size: int | None = None,
               autocast_dtype: torch.dtype | None = None, return_features: bool = False
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RCG representation r_hat [B, proj_dim] (fp32) of images in [0,1].
 
     The encoder is frozen, so it is forced into eval mode: the projector BNs must use their running stats.
-    With ``return_features``: (r_hat, the pre-projector cls feature [B, embed_dim], the projector output
+    With ``return_features``: (r_hat, the pre-projector feature [B, embed_dim], the projector output
     [B, proj_dim] before standardisation), so a check can see each step of docs/official.md §1.2.
     """
     model.eval()
-    x = normalize_for_encoder(images01.float(), input_size or model.patch_embed.img_size[0])
+    x = normalize_for_encoder(images01.float(), input_size or model.input_size)
     amp = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with amp:
         feature = model.features(x)
-        projected = model.head(feature)
+        projected = model.project(feature)
     rep = standardize(projected.float())
     return (rep, feature.float(), projected.float()) if return_features else rep
 
 
-def image_rep(encoder: MoCoViT, image: np.ndarray, device: torch.device) -> torch.Tensor:
+def image_rep(encoder: Encoder, image: np.ndarray, device: torch.device) -> torch.Tensor:
     """The representation [D] of a uint8 [H, W, 3] image, as the stores compute it."""
     x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float().div(255)
-    return represent(encoder, x, input_size=encoder.patch_embed.img_size[0])[0]
+    return represent(encoder, x, input_size=encoder.input_size)[0]
 
 
 def load_strict(model: nn.Module, sd: dict, source: str) -> None:
@@ -127,9 +142,9 @@ def load_strict(model: nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def _from_file(payload: dict, path: str | Path) -> MoCoViT:
+def _from_file(payload: dict, path: str | Path) -> Encoder:
     """The frozen encoder of an "rcg-encoder" model file (``load_model("encoder", path)``)."""
-    model = MoCoViT(**payload["config"]["model"])
+    model = build_encoder(payload["config"]["model"])
     load_strict(model, payload["state_dict"], str(path))
     return model.requires_grad_(False)
 

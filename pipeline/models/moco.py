@@ -1,5 +1,5 @@
-"""MoCo v3 pretraining of the ViT encoder (Chen, Xie, He, ICCV 2021): symmetric InfoNCE between a predictor on the
-base encoder and a momentum encoder, with MoCo v3's asymmetric augmentation pair."""
+"""MoCo v3 pretraining of the encoder (Chen, Xie, He, ICCV 2021): symmetric InfoNCE between a predictor on the
+base encoder (ViT or ResNet) and a momentum encoder, with MoCo v3's asymmetric augmentation pair."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.encoder import MoCoViT, build_mlp, normalize_for_encoder
+from pipeline.models.encoder import Encoder, MoCoViT, normalize_for_encoder
+from pipeline.models.mlp import build_mlp
 
 
 def momentum_at(progress: float, base_m: float = 0.99) -> float:
@@ -41,17 +42,19 @@ def contrastive_loss(q: torch.Tensor, k: torch.Tensor, T: float) -> torch.Tensor
 
 
 class MoCoV3(nn.Module):
-    """Base encoder + predictor trained against a momentum copy; keys match the official ``MoCo_ViT``."""
+    """Base encoder + predictor trained against a momentum copy; keys match the official ``MoCo_ViT`` /
+    ``MoCo_ResNet``."""
 
-    def __init__(self, base_encoder: MoCoViT, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
+    def __init__(self, base_encoder: Encoder, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
                  stop_grad_conv1: bool = True):
         super().__init__()
         self.T = T
-        # MoCo v3's ViT recipe freezes the random patch projection: it stabilises training.
-        base_encoder.patch_embed.requires_grad_(not stop_grad_conv1)
+        vit = isinstance(base_encoder, MoCoViT)
+        if vit:  # MoCo v3's ViT recipe freezes the random patch projection: it stabilises training.
+            base_encoder.patch_embed.requires_grad_(not stop_grad_conv1)
         self.base_encoder = base_encoder
         self.momentum_encoder = copy.deepcopy(base_encoder).requires_grad_(False)
-        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=vit)  # MoCo v3: no last BN on the ResNet's
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
@@ -60,7 +63,7 @@ class MoCoV3(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
         """Symmetric loss for two views in [0,1]; preprocessed exactly as ``represent`` does."""
-        size = self.base_encoder.patch_embed.img_size[0]
+        size = self.base_encoder.input_size
         x1, x2 = normalize_for_encoder(x1, size), normalize_for_encoder(x2, size)
         with torch.no_grad():
             self.update_momentum_encoder(m)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.artifacts import register_model_kind
-from pipeline.models.encoder import build_mlp
+from pipeline.models.mlp import build_mlp
 from pipeline.models.moco import contrastive_loss
 
 MODEL_FORMAT = "rcg-ssl-judge"

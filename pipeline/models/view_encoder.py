@@ -20,7 +20,7 @@ from pipeline.core.runtime import uses_bf16
 from pipeline.data.stores import StoreWriter
 from pipeline.data.view_store import build_view_store, views_to_float
 from pipeline.data.views import ViewRecipe
-from pipeline.models.encoder import MoCoViT, represent
+from pipeline.models.encoder import Encoder, represent
 
 NORMALIZATION = {
     "function": "pipeline.models.encoder.represent/v1",
@@ -30,7 +30,7 @@ NORMALIZATION = {
 }
 
 
-def load_frozen_encoder(path: Path, device: torch.device) -> tuple[MoCoViT, dict]:
+def load_frozen_encoder(path: Path, device: torch.device) -> tuple[Encoder, dict]:
     """The encoder of an "rcg-encoder" file on ``device`` and the file's payload; a missing file names the stage
     that writes it."""
     if not path.is_file():
@@ -40,10 +40,10 @@ def load_frozen_encoder(path: Path, device: torch.device) -> tuple[MoCoViT, dict
     return model.to(device), payload
 
 
-def encoder_fn(model: MoCoViT, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
+def encoder_fn(model: Encoder, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], np.ndarray]:
     """uint8 views [B, V, H, W, 3] -> representations float32 [B, V, D] (bf16 autocast where native)."""
     autocast = torch.bfloat16 if uses_bf16(bf16, device) else None
-    size = model.patch_embed.img_size[0]
+    size = model.input_size
 
     def fn(views: torch.Tensor) -> np.ndarray:
         r = represent(model, views_to_float(views, device), input_size=size, autocast_dtype=autocast)
@@ -63,7 +63,7 @@ def build_rep_store(params, d: Dist, device: torch.device) -> tuple[StoreWriter,
     identity = {
         "encoder": {"sha256": file_sha256(path), "config": payload["config"],
                     "weights_sha256": weights_sha256(model.state_dict())},
-        "normalization": {**NORMALIZATION, "input_size": model.patch_embed.img_size[0]},
+        "normalization": {**NORMALIZATION, "input_size": model.input_size},
         "dim": dim,
     }
     return build_view_store(params.paths.reps, "reps", params.paths.shards, ViewRecipe(**params.views.model_dump()),

@@ -1,4 +1,4 @@
-"""The encoder's recipe: MoCo v3 pretraining (:class:`pipeline.models.moco.MoCoV3` around our ViT) on the train
+"""The encoder's recipe: MoCo v3 pretraining (:class:`pipeline.models.moco.MoCoV3` around our ViT or ResNet) on the train
 split, two random-resized crops per image (:mod:`pipeline.data.encoder_data`) and the colour augmentation drawn per
 step and rank, on the shared loop (AdamW, warm-up then cosine, the momentum schedule; resumable)."""
 
@@ -14,7 +14,7 @@ from pipeline.core.progress import log
 from pipeline.core.rng import seeded_generator
 from pipeline.data.encoder_data import TwoCropDataset
 from pipeline.data.shards import ShardSet
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 from pipeline.models.moco import MoCoV3, momentum_at
 from pipeline.data.augment import TwoCropAugment
 from pipeline.data.batches import StepBatches
@@ -34,7 +34,7 @@ def pretrain(params: Params, shards: ShardSet, identity: dict, d: Dist,
     base_lr = p.blr * p.batch_size / 256  # MoCo v3 rule, on the global batch
 
     torch.manual_seed(params.seed)  # the same initial weights on every rank
-    model = MoCoV3(MoCoViT(**config), dim=config["proj_dim"], mlp_dim=config["proj_hidden_dim"], T=p.temperature)
+    model = MoCoV3(build_encoder(config), dim=config["proj_dim"], mlp_dim=config["proj_hidden_dim"], T=p.temperature)
     if d.world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif d.world > 1:

@@ -62,6 +62,29 @@ def infer_vit_config(state_dict: dict, num_heads: int | None = None) -> dict:
                 proj_hidden_dim=sd["head.0.weight"].shape[0], proj_dim=sd["head.6.weight"].shape[0])
 
 
+def is_resnet_state_dict(state_dict: dict) -> bool:
+    """Whether an official file's base encoder is a MoCo v3 ResNet (torchvision names) rather than a ViT."""
+    sd = import_mocov3_state_dict(state_dict)
+    return "conv1.weight" in sd and "layer1.0.conv1.weight" in sd
+
+
+def infer_resnet_config(state_dict: dict, img_size: int = 224) -> dict:
+    """``encoder.model`` fields of a MoCo v3 ResNet read from tensor shapes. The input size is not in a ResNet's
+    weights (its convolutions take any size): ``img_size`` gives it (MoCo v3 trains at 224)."""
+    sd = import_mocov3_state_dict(state_dict)
+    need = ("conv1.weight", "layer1.0.conv1.weight", "fc.0.weight", "fc.3.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise RcgError(f"not a MoCo v3 ResNet state dict: missing {', '.join(missing)}")
+    width, _, kernel, _ = sd["conv1.weight"].shape
+    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layer(\d+)\.", k))})
+    layers = [len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in stages]
+    resnet = dict(block="bottleneck" if "layer1.0.conv3.weight" in sd else "basic", layers=layers, width=width,
+                  stem="imagenet" if kernel == 7 else "conv3x3", stem_stride=1)
+    return dict(arch="resnet", img_size=img_size, proj_hidden_dim=sd["fc.0.weight"].shape[0],
+                proj_dim=sd["fc.3.weight"].shape[0], resnet=resnet)
+
+
 def check_official_encoder(embedded: dict, store_identity: dict, store_name: str, path: Path,
                            model_name: str = "RDM") -> str:
     """Refuse an official RDM (or MAGE: ``model_name``) trained on another encoder than the one a store's reps came from.
@@ -77,6 +100,9 @@ def check_official_encoder(embedded: dict, store_identity: dict, store_name: str
     have = (enc.get("config") or {}).get("model")
     if not isinstance(have, dict):
         raise RcgError(f"{store_name} does not record its encoder's config (identity.encoder.config.model)")
+    if have.get("arch", "vit") != "vit":
+        raise RcgError(f"this {model_name} was trained on a MoCo v3 ViT's reps, but {store_name} was encoded with a "
+                       f"{have['arch']} encoder (encoder.model.arch)")
     try:
         trained = infer_vit_config(embedded, have.get("num_heads"))
     except RcgError as exc:
