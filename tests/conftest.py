@@ -57,7 +57,7 @@ MICRO = {
     "data": {"builtin": {"num_train": 48, "num_val": 16, "image_size": 16}},
     "shard": {"max_per_shard": 20, "workers": 1},
     "views": {"count": 2, "resize": 16, "crop": 16},
-    "encoder": {"model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+    "encoder": {"model": {"arch": "vit", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
                           "proj_hidden_dim": 64, "proj_dim": 16},
                 "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1, "workers": 0, "checkpoint_every": 3}},
     "encode": {"batch_size": 8, "chunk_size": 16, "workers": 0, "knn_k": 5},

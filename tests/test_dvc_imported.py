@@ -17,7 +17,7 @@ from conftest import MICRO, micro_params
 from official_files import mocov3_file, rdm_file, rep_mage_file, uncond_mage_file, vqgan_file
 from pipeline.core.artifacts import load_checkpoint
 from pipeline.core.config import dump_yaml
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 from pipeline.models.mage import MAGE, mage_kwargs
 from pipeline.models.rdm import RDM, rdm_kwargs
 from pipeline.models.vqgan import VQGAN, model_kwargs
@@ -34,7 +34,7 @@ def official_files(root: Path) -> list[str]:
     root.mkdir()
     params = micro_params(root, ["pixel.model.vocab=official"])
     torch.manual_seed(0)
-    encoder = MoCoViT(**MICRO["encoder"]["model"])
+    encoder = build_encoder(MICRO["encoder"]["model"])
     vqgan = VQGAN(**model_kwargs(params.tokenizer.model))
     rdm = RDM(**rdm_kwargs(params.rdm.model))
     with torch.no_grad():  # off the init, whose zero output layer samples one point

@@ -122,7 +122,7 @@ def test_config_checks_the_vit_fields_only_for_a_vit(tmp_path):
     tree = {"encoder": {"model": {"arch": "resnet", "img_size": 30, "patch_size": 8}}}
     assert validate(tree).encoder.model.arch == "resnet"
     with pytest.raises(RcgError, match="must be a multiple of patch_size"):
-        validate({"encoder": {"model": {"img_size": 30, "patch_size": 8}}})
+        validate({"encoder": {"model": {"arch": "vit", "img_size": 30, "patch_size": 8}}})
     with pytest.raises(RcgError, match="encoder.model.resnet.block"):
         validate({"encoder": {"model": {"arch": "resnet", "resnet": {"block": "wide"}}}})
     with pytest.raises(RcgError, match="encoder.model.arch"):

@@ -15,7 +15,7 @@ from pipeline.core.errors import RcgError
 from pipeline.data.clusters import kmeans
 from pipeline.data.pixel_data import PixelBatches, load_pixel_data
 from pipeline.data.stores import StoreWriter
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 from pipeline.models.mage import MAGE, masked_token_loss
 from pipeline.models.vqgan import VQGAN
 import pipeline.train.pixel as recipe
@@ -32,7 +32,7 @@ PIXEL = {"pixel": {"conditionings": ["rep", "none", "class", "cluster"],
                              "codebook_init": False},
                    "eval": {"num_images": 8, "batch_size": 4}, "cluster": {"k": 3, "iters": 10}}}
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
-ENCODER = MoCoViT(**MICRO["encoder"]["model"])  # stands in for the encoder the rep store was made with
+ENCODER = build_encoder(MICRO["encoder"]["model"])  # stands in for the encoder the rep store was made with
 ENCODER_CONFIG = EncoderModel(**MICRO["encoder"]["model"]).model_dump()
 VQ = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_embed=K, in_channels=3, out_ch=3,
           beta=0.25)
@@ -265,7 +265,7 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
     with pytest.raises(RcgError, match="another tokenizer .*same architecture, different weights"):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),
                         "rep")
-    other_enc = MoCoViT(**MICRO["encoder"]["model"]).state_dict()
+    other_enc = build_encoder(MICRO["encoder"]["model"]).state_dict()
     bad = official_file(tmp_path, model, other_enc, vqgan.state_dict())
     with pytest.raises(RcgError, match="this MAGE was trained with another encoder"):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),

@@ -13,7 +13,7 @@ from pipeline.core.config import EncoderModel
 import pipeline.samplers.diffusion as sampler
 import pipeline.train.rdm as rdm_training
 from pipeline.core.distributed import Dist
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import build_encoder
 from pipeline.core.errors import RcgError
 from pipeline.data.rep_store import RepBatches, load_store, store_stats
 from pipeline.models.rdm import RDM, rdm_kwargs
@@ -24,7 +24,7 @@ from official_files import rdm_file
 
 N, V, D, CLASSES = 48, 2, 16, 10
 OFFICIAL = ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"]  # how official RDM files are trained
-ENCODER = MoCoViT(**MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
+ENCODER = build_encoder(MICRO["encoder"]["model"]).state_dict()  # stands in for the encoder a store was made with
 
 
 
@@ -351,13 +351,13 @@ def test_official_checkpoint_must_fit_the_store_and_params(tmp_path):
     ckpt = tmp_path / "checkpoint-last.pth"
     config = rdm_kwargs(micro_params(tmp_path).rdm.model)
     torch.manual_seed(5)
-    other_weights = MoCoViT(**MICRO["encoder"]["model"]).state_dict()
+    other_weights = build_encoder(MICRO["encoder"]["model"]).state_dict()
     official_file(ckpt, config, other_weights)
     make_store(tmp_path)
     with pytest.raises(RcgError, match="trained with another encoder.*same architecture, different weights"):
         train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}"]))
 
-    wider = MoCoViT(**{**MICRO["encoder"]["model"], "embed_dim": 48}).state_dict()
+    wider = build_encoder({**MICRO["encoder"]["model"], "embed_dim": 48}).state_dict()
     official_file(ckpt, config, wider)
     with pytest.raises(RcgError, match="trained with another encoder.*embed_dim 48 \\(store's encoder: 32\\)"):
         train_rdm.run(micro_params(tmp_path, [*OFFICIAL, f"rdm.checkpoint={ckpt}"]))
