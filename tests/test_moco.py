@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.encoder import MoCoViT
+from pipeline.models.encoder import MoCoViT, build_encoder
 from pipeline.models.official.mocov3 import VIT_SIZES
 from pipeline.models.moco import MoCoV3, contrastive_loss, momentum_at
 from pipeline.data.augment import TwoCropAugment
@@ -13,10 +13,15 @@ from pipeline.data.augment import TwoCropAugment
 MANIFEST = Path("/work/shared/reference/manifests/mocov3_vitb_pth_tar.json")
 
 
-def tiny_moco(seed: int = 0, **kw) -> MoCoV3:
+TINY_RESNET = dict(arch="resnet", img_size=16, proj_hidden_dim=64, proj_dim=16,
+                   resnet=dict(block="basic", layers=[1, 1], width=8, stem="conv3x3", stem_stride=2))
+
+
+def tiny_moco(seed: int = 0, arch: str = "vit", **kw) -> MoCoV3:
     torch.manual_seed(seed)
-    vit = MoCoViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, proj_hidden_dim=64, proj_dim=16)
-    return MoCoV3(vit, dim=16, mlp_dim=64, T=0.2, **kw)
+    base = (MoCoViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4, proj_hidden_dim=64, proj_dim=16)
+            if arch == "vit" else build_encoder(TINY_RESNET))
+    return MoCoV3(base, dim=16, mlp_dim=64, T=0.2, **kw)
 
 
 @pytest.mark.skipif(not MANIFEST.is_file(), reason="reference manifest not available")
@@ -77,8 +82,9 @@ def test_gradients_reach_base_and_predictor_only():
     assert unfrozen.base_encoder.patch_embed.proj.weight.grad is not None
 
 
-def test_sgd_steps_reduce_loss():
-    model = tiny_moco().train()
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_sgd_steps_reduce_loss(arch):
+    model = tiny_moco(arch=arch).train()
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(8, 3, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g)) for _ in range(2)]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)

@@ -64,33 +64,16 @@ def test_blocks_start_as_the_identity():
 
 
 def test_moco_resnet_recipe():
-    """No frozen stem (that is the ViT's trick), no last BN on the predictor (MoCo_ResNet), and it learns."""
+    """No frozen stem (that is the ViT's trick) and no last BN on the predictor (MoCo_ResNet)."""
     torch.manual_seed(0)
     model = MoCoV3(build_encoder(resnet_config(TINY)), dim=16, mlp_dim=32).train()
     assert isinstance(model.predictor[-1], torch.nn.Linear)
-    assert isinstance(MoCoV3(build_encoder(resnet_config(TINY)), dim=16, mlp_dim=32).predictor[-1],
-                      torch.nn.Linear)
     vit = MoCoV3(MoCoViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, proj_hidden_dim=32,
                          proj_dim=16), dim=16, mlp_dim=32)
     assert isinstance(vit.predictor[-1], torch.nn.BatchNorm1d)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(8, 3, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g)) for _ in range(2)]
-    model(*batches[0], m=0.99).backward()
+    model(torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16), m=0.99).backward()
     assert model.base_encoder.conv1.weight.grad is not None and model.base_encoder.conv1.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.momentum_encoder.parameters())
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-
-    def total() -> float:
-        with torch.no_grad():
-            return sum(model(x1, x2, m=1.0).item() for x1, x2 in batches)
-
-    start = total()
-    for _ in range(10):
-        for x1, x2 in batches:
-            opt.zero_grad()
-            model(x1, x2, m=0.99).backward()
-            opt.step()
-    assert total() < 0.9 * start
+    assert all(p.grad is None for p in model.momentum_encoder.parameters())  # it learns: test_moco's SGD test
 
 
 def test_official_resnet_file_round_trip(tmp_path):

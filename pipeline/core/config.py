@@ -471,7 +471,8 @@ class Judge(Section):
 
 class SslJudgeModel(Section):
     """The ssl_judge's residual CNN (pipeline.models.ssl_judge): a stem, then ``stages`` residual blocks, each
-    doubling the width and halving the size; another architecture than the conditioning ViT."""
+    doubling the width and halving the size; other weights than the conditioning encoder's (and, beside a ViT
+    encoder, another architecture)."""
     width: PositiveInt = 16
     stages: PositiveInt = Field(3, le=8)
     proj_hidden_dim: PositiveInt = 256

@@ -1,9 +1,9 @@
 """The ssl_judge: a second self-supervised encoder, used only to score samples where no labels are needed.
 
-RCG's generators are conditioned on the ViT encoder's representations, so that space favours them, and the label
+RCG's generators are conditioned on the encoder's representations, so that space favours them, and the label
 judge needs labels. The ssl_judge learns without labels too (MoCo v3, pipeline.models.moco's loss and colour
-augmentation) but with another architecture (a residual CNN) and another seed, so its features are not the space
-RCG was conditioned on. pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
+augmentation) but as its own network (a residual CNN with a strided stem, another seed and crop range; beside a
+ViT encoder, another architecture too), so its features are not the space RCG was conditioned on. pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
 """
 
 from __future__ import annotations
