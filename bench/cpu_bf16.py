@@ -53,9 +53,11 @@ def workloads(params) -> dict[str, tuple[Callable[[], None], int]]:
     out: dict[str, tuple[Callable[[], None], int]] = {}
 
     p = params.encoder
-    moco = MoCoV3(build_encoder(p.model.model_dump()), dim=p.model.proj_dim, mlp_dim=p.model.proj_hidden_dim, T=p.train.temperature).train()
+    moco = MoCoV3(build_encoder(p.model.model_dump()), dim=p.model.proj_dim, mlp_dim=p.model.proj_hidden_dim,
+                  T=p.train.temperature).train()
     x1, x2 = torch.rand(p.train.batch_size, 3, size, size), torch.rand(p.train.batch_size, 3, size, size)
-    out[f"encoder step (MoCo v3 {'ViT' if p.model.arch == 'vit' else 'ResNet'})"] = (train_step(moco, lambda: moco(x1, x2, 0.99)), p.train.batch_size)
+    backbone = "ViT" if p.model.arch == "vit" else "ResNet"
+    out[f"encoder step (MoCo v3 {backbone})"] = (train_step(moco, lambda: moco(x1, x2, 0.99)), p.train.batch_size)
 
     r = params.rdm
     rdm = RDM(**rdm_kwargs(r.model)).train()

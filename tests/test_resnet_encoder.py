@@ -1,6 +1,8 @@
 """MoCo v3's ResNet backbone (``encoder.model.arch: resnet``): torchvision's layout (so official files load), the
 MoCo v3 ResNet recipe, and the stages that train, import and encode with it."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -131,7 +133,7 @@ def test_pretrain_and_encode_with_a_resnet(workspace):
     store = open_store(params.paths.reps, "reps")
     assert store["reps"].shape == (48, params.views.count, 16)
     assert store.attrs["identity"]["encoder"]["config"]["model"]["arch"] == "resnet"
-    knn = __import__("json").loads((params.paths.metrics / "encoder.json").read_text())
+    knn = json.loads((params.paths.metrics / "encoder.json").read_text())
     assert 0 <= knn["knn_top1_random_init"] <= 1 and 0 <= knn["knn_top1"] <= 1
 
 

@@ -13,36 +13,39 @@ import torch.nn as nn
 from pipeline.models.mlp import build_mlp
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a skip (ResNet-18/34)."""
+class ResidualBlock(nn.Module):
+    """A residual branch (the subclass's ``residual``) plus the skip, then ReLU."""
     expansion = 1
-
-    def __init__(self, c_in: int, width: int, stride: int):
-        super().__init__()
-        c_out = width * self.expansion
-        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample(c_in, c_out, stride)
-
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.residual(x) + (self.downsample(x) if self.downsample is not None else x))
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 conv-BN layers and a skip (ResNet-18/34)."""
+
+    def __init__(self, c_in: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample(c_in, width, stride)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
 
 
-class Bottleneck(BasicBlock):
+class Bottleneck(ResidualBlock):
     """1x1 -> 3x3 (strided) -> 1x1 conv-BN layers and a skip (ResNet-50 and up; torchvision's stride placement)."""
     expansion = 4
 
     def __init__(self, c_in: int, width: int, stride: int):
-        nn.Module.__init__(self)
+        super().__init__()
         c_out = width * self.expansion
         self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -107,7 +110,7 @@ class MoCoResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, BasicBlock):
+            elif isinstance(m, ResidualBlock):
                 nn.init.zeros_(m.last_bn().weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

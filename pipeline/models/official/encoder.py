@@ -16,18 +16,21 @@ def load_encoder(path: str | Path, num_heads: int | None = None) -> Encoder:
     """Build the encoder whose shape is read from the file (a ViT, or a ResNet taking 224 px), load it strictly,
     and return it frozen in eval mode."""
     sd = import_mocov3_state_dict(load_checkpoint(path))
-    config = infer_resnet_config(sd) if is_resnet_state_dict(sd) else infer_vit_config(sd, num_heads)
-    model = build_encoder(config)
+    model = build_encoder(file_config(sd, 224, num_heads))
     load_strict(model, sd, str(path))
     return model.eval().requires_grad_(False)
 
 
-def _file_fields(sd: dict, config: dict) -> dict:
-    """The file's ``encoder.model`` fields, flattened like ``config``'s, to name what differs."""
-    if is_resnet_state_dict(sd):
-        have = infer_resnet_config(sd, config["img_size"])
-        return {"arch": "resnet", **{f"resnet.{k}": v for k, v in have.pop("resnet").items()}, **have}
-    return {"arch": "vit", **infer_vit_config(sd, config.get("num_heads"))}
+def file_config(sd: dict, img_size: int, num_heads: int | None) -> dict:
+    """``encoder.model`` read from a MoCo v3 state dict: a ResNet's (taking ``img_size``, which its weights do not
+    record) or a ViT's (``num_heads`` as :func:`infer_vit_config` takes it)."""
+    return infer_resnet_config(sd, img_size) if is_resnet_state_dict(sd) else infer_vit_config(sd, num_heads)
+
+
+def _flat_fields(config: dict) -> dict:
+    """``encoder.model`` fields in one level (``resnet.width``), so a file's and the params' compare key by key."""
+    fields = {k: v for k, v in config.items() if k != "resnet"}
+    return {"arch": "vit", **fields, **{f"resnet.{k}": v for k, v in (config.get("resnet") or {}).items()}}
 
 
 def load_encoder_as(path: str | Path, config: dict) -> Encoder:
@@ -41,11 +44,10 @@ def load_encoder_as(path: str | Path, config: dict) -> Encoder:
         load_strict(model, sd, "its state dict")
     except RcgError as exc:
         try:
-            have = _file_fields(sd, config)
+            have = _flat_fields(file_config(sd, config["img_size"], config.get("num_heads")))
         except RcgError:
             raise RcgError(f"{path}: {exc}") from None
-        want = {"arch": config.get("arch", "vit"), **config,
-                **{f"resnet.{k}": v for k, v in (config.get("resnet") or {}).items()}}
+        want = _flat_fields(config)
         diffs = ", ".join(f"{k} {have[k]} (params: {want[k]})" for k in have
                           if k in want and have[k] != want[k] and k != "resnet.stem_stride")  # not in the weights
         if not diffs:
