@@ -32,8 +32,9 @@ NOTES = {
              "(a space RCG is not conditioned on: the headline)",
     "encoder": "rep FD: Fréchet distance in the encoder's representation space; it favours the rep-conditioned "
                "generators (rcg, rcg_cfg, oracle)",
-    "ssl_judge": "ssl FD: Fréchet distance in the ssl_judge's features, a second self-supervised encoder (another "
-                 "architecture and seed, no labels) that RCG is not conditioned on",
+    "ssl_judge": "ssl FD: Fréchet distance in the ssl_judge's features, a second self-supervised encoder (its own "
+                 "weights, seed and crops; beside a ViT encoder another architecture; no labels) that RCG is not "
+                 "conditioned on",
     "inception": "Inception FID / IS: torch-fidelity's Inception v3",
     "dinov2": "DINOv2 FD: Fréchet distance in DINOv2 ViT-L/14 CLS features (Stein et al. 2023; EDM2's FD_DINOv2)",
 }

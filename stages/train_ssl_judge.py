@@ -1,8 +1,9 @@
 """Stage ``train_ssl_judge``: MoCo v3 on the train split with a residual CNN -> ``data/models/ssl_judge.pt``,
 ``metrics/ssl_judge.json``.
 
-The score space ``ssl_judge`` (pipeline.eval.fidelity): self-supervised, so it needs no labels, and trained with
-another architecture and seed (``ssl_judge.seed``) than the conditioning encoder, so RCG was not conditioned on it.
+The score space ``ssl_judge`` (pipeline.eval.fidelity): self-supervised, so it needs no labels, and trained as its
+own network at another seed (``ssl_judge.seed``) than the conditioning encoder (beside a ViT encoder, another
+architecture too), so RCG was not conditioned on it.
 Like the label judge it sees the images as scoring hands them over. The parts: the crops (pipeline.data.judge_data),
 the recipe on the shared loop (pipeline.train.ssl_judge: streamed, step-indexed, resumable) and, where the shards
 have labels, the k-NN accuracy of its features (pipeline.eval.judge_eval).
