@@ -1,9 +1,8 @@
-"""Stage ``train_ssl_judge``: MoCo v3 on the train split with a residual CNN -> ``data/models/ssl_judge.pt``,
-``metrics/ssl_judge.json``.
+"""Stage ``train_ssl_judge``: MoCo v3 on the train split -> ``data/models/ssl_judge.pt``, ``metrics/ssl_judge.json``.
 
 The score space ``ssl_judge`` (pipeline.eval.fidelity): self-supervised, so it needs no labels, and trained as its
-own network at another seed (``ssl_judge.seed``) than the conditioning encoder (beside a ViT encoder, another
-architecture too), so RCG was not conditioned on it.
+own network at another seed (``ssl_judge.seed``) than the conditioning encoder, of the other family by default (a
+residual CNN beside a ViT encoder, a ViT beside a ResNet), so RCG was not conditioned on it.
 Like the label judge it sees the images as scoring hands them over. The parts: the crops (pipeline.data.judge_data),
 the recipe on the shared loop (pipeline.train.ssl_judge: streamed, step-indexed, resumable) and, where the shards
 have labels, the k-NN accuracy of its features (pipeline.eval.judge_eval).
@@ -19,12 +18,12 @@ from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.eval.judge_eval import knn_metrics
-from pipeline.models.ssl_judge import MoCoConv, SslJudgeNet
+from pipeline.models.ssl_judge import MoCoConv, build_ssl_judge
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.ssl_judge import train
 
 # What the result depends on; dvc.yaml tracks it (what_to_compute leaves; tests/test_dvc_deps.py writes them).
-PARAMS = ["views.crop", "ssl_judge"]
+PARAMS = ["views.crop", "ssl_judge", "encoder.model.arch"]  # the last picks arch auto's family
 
 
 def run(params: Params) -> dict:
@@ -32,18 +31,18 @@ def run(params: Params) -> dict:
     device = device_for(params.runtime, d.local_rank)
     cfg, resolution = params.ssl_judge, params.views.crop
     shards = ShardSet(params.paths.shards, "train")
-    config = {"model": {"img_size": resolution, **cfg.model.model_dump()}}
+    config = {"model": {**cfg.model.model_dump(), "img_size": resolution, "arch": params.ssl_judge_arch()}}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
-        base = SslJudgeNet(**config["model"])
+        base = build_ssl_judge(config["model"])
         moco = MoCoConv(base, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.temperature)
     identity = resume_identity(params, PARAMS, shards=shards_identity(params.paths.shards))
     summary = train(moco, shards, resolution, params, identity, d, device)
     if not d.is_main:
         d.barrier()
         return summary
-    metrics = {**knn_metrics(base, shards, params, device), "num_train": len(shards),
-               "resolution": resolution, "feature_dim": base.feature_dim, "epochs": cfg.train.epochs, **summary}
+    metrics = {**knn_metrics(base, shards, params, device), "num_train": len(shards), "resolution": resolution,
+               "arch": config["model"]["arch"], "feature_dim": base.feature_dim, "epochs": cfg.train.epochs, **summary}
     out = params.paths.model_file("ssl_judge")
     save_model("ssl_judge", out, config, base.state_dict(),
                summary={**metrics, "trained_on": {"index_sha256": file_sha256(params.paths.shards / INDEX_FILE)}})

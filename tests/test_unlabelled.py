@@ -18,7 +18,7 @@ from pipeline.core.artifacts import load_model
 from pipeline.core.errors import RcgError
 from pipeline.data.synthetic import write_builtin
 from pipeline.eval.fidelity import EXTRACTOR_NAMES, create_extractor
-from pipeline.models.ssl_judge import resized_crops
+from pipeline.models.ssl_judge import SslJudgeNet, SslJudgeViT, build_ssl_judge, resized_crops
 from stages import reference, score, shard, train_judge, train_ssl_judge
 from test_dvc import _dvc, _project, _ran
 
@@ -150,6 +150,30 @@ def test_ssl_judge_trains_without_labels_and_registers_with_torch_fidelity(works
     assert extractor.get_name() == EXTRACTOR_NAMES["ssl_judge"] == "rcg-ssl-judge"
     (feats,) = extractor(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     assert feats.shape == (2, 16)
+
+
+def test_ssl_judge_is_the_other_family_than_the_encoder(workspace):
+    """``ssl_judge.model.arch: auto`` trains a ViT beside a ResNet encoder (a CNN beside a ViT, as above), so the
+    label-free space is another architecture than the conditioning one; the file says which and loads back as it.
+    A file written before ``arch`` existed loads as the CNN; a patch size the crop does not divide is refused."""
+    vit = ["ssl_judge.model.vit.embed_dim=16", "ssl_judge.model.vit.depth=1", "ssl_judge.model.vit.patch_size=8"]
+    assert micro_params(workspace).ssl_judge_arch() == "cnn"
+    params = micro_params(workspace, ["encoder.model.arch=resnet", *vit])
+    assert params.ssl_judge_arch() == "vit"
+    assert micro_params(workspace, ["encoder.model.arch=resnet", "ssl_judge.model.arch=cnn"]).ssl_judge_arch() == "cnn"
+    train_ssl_judge.run(params)
+    assert json.loads((params.paths.metrics / "ssl_judge.json").read_text())["arch"] == "vit"
+    model, payload = load_model("ssl_judge", params.paths.models / "ssl_judge.pt")
+    assert isinstance(model, SslJudgeViT) and payload["config"]["model"]["arch"] == "vit" and model.feature_dim == 16
+    assert not model.vit.patch_embed.proj.weight.requires_grad  # MoCo v3's frozen random patch projection
+    (feats,) = create_extractor("ssl_judge", params.paths.models / "ssl_judge.pt",
+                                torch.device("cpu"))(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert feats.shape == (2, 16)
+
+    old = build_ssl_judge({"img_size": 16, "width": 8, "stages": 2, "proj_hidden_dim": 32, "proj_dim": 16})
+    assert isinstance(old, SslJudgeNet) and old.feature_dim == 16
+    with pytest.raises(RcgError, match=r"ssl_judge.model.vit.patch_size \(6\) must divide views.crop \(16\)"):
+        micro_params(workspace, ["encoder.model.arch=resnet", "ssl_judge.model.vit.patch_size=6"])
 
 
 def test_an_unlisted_space_builds_no_model(tmp_path):

@@ -469,14 +469,32 @@ class Judge(Section):
     train: JudgeTrain = JudgeTrain()
 
 
+class SslJudgeViTModel(Section):
+    """The ssl_judge's ViT (``ssl_judge.model.arch: vit``, or ``auto`` beside a ResNet encoder): MoCo v3's ViT at
+    the views' crop size, which ``patch_size`` must divide."""
+    patch_size: PositiveInt = 8
+    embed_dim: PositiveInt = 64
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _check(self) -> "SslJudgeViTModel":
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            raise ValueError("ssl_judge.model.vit.embed_dim must be divisible by num_heads and by 4 (sin-cos)")
+        return self
+
+
 class SslJudgeModel(Section):
-    """The ssl_judge's residual CNN (pipeline.models.ssl_judge): a stem, then ``stages`` residual blocks, each
-    doubling the width and halving the size; other weights than the conditioning encoder's (and, beside a ViT
-    encoder, another architecture)."""
+    """The ssl_judge's network (pipeline.models.ssl_judge), other weights than the conditioning encoder's. ``arch``
+    auto is the other family than ``encoder.model.arch``, so the space is another architecture too: a CNN (a
+    stem, then ``stages`` residual blocks, each doubling the width and halving the size) beside a ViT encoder, the
+    ViT under ``vit`` beside a ResNet."""
+    arch: Literal["auto", "cnn", "vit"] = "auto"
     width: PositiveInt = 16
     stages: PositiveInt = Field(3, le=8)
     proj_hidden_dim: PositiveInt = 256
     proj_dim: PositiveInt = 64
+    vit: SslJudgeViTModel = SslJudgeViTModel()
 
 
 class SslJudgeTrain(Section):
@@ -484,7 +502,8 @@ class SslJudgeTrain(Section):
     colour jitter (bench/RESULTS.md, "why the defaults")."""
     epochs: PositiveInt = 4
     batch_size: PositiveInt = 128     # global: split evenly across DDP ranks
-    lr: PositiveFloat = 1e-2          # AdamW, linear warm-up over the first epoch, cosine to 0
+    lr: PositiveFloat = 1e-2          # the CNN's: AdamW, linear warm-up over the first epoch, cosine to 0
+    vit_lr: PositiveFloat = 1.5e-3    # the ViT's (model.arch vit, or auto beside a ResNet encoder)
     weight_decay: float = Field(1e-4, ge=0)
     temperature: PositiveFloat = 0.2
     momentum: float = Field(0.96, ge=0, le=1)  # base of the cosine momentum schedule (-> 1 at the end)
@@ -689,6 +708,24 @@ class Params(Section):
         if "class" in self.pixel.conditionings:
             raise ValueError("pixel.conditionings: class needs labels, but data.labels is none (cluster needs none)")
         return self
+
+    @model_validator(mode="after")
+    def _check_ssl_judge_patches(self) -> "Params":
+        """A ViT ssl_judge cuts the views' crops into patches: a crop it does not divide would fail at its stage."""
+        patch = self.ssl_judge.model.vit.patch_size
+        if self.ssl_judge_arch() == "vit" and self.views.crop % patch:
+            raise ValueError(f"ssl_judge.model.vit.patch_size ({patch}) must divide views.crop ({self.views.crop}): "
+                             f"the ssl_judge is a ViT (ssl_judge.model.arch {self.ssl_judge.model.arch}, "
+                             f"encoder.model.arch {self.encoder.model.arch})")
+        return self
+
+    def ssl_judge_arch(self) -> str:
+        """``ssl_judge.model.arch`` resolved: ``auto`` is the family the conditioning encoder is not (a ViT beside
+        a ResNet, a CNN beside a ViT)."""
+        arch = self.ssl_judge.model.arch
+        if arch == "auto":
+            return "vit" if self.encoder.model.arch == "resnet" else "cnn"
+        return arch
 
     def section(self, name: str) -> dict:
         """A section as plain JSON-able data: what a stage records beside its outputs."""

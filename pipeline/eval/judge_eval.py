@@ -15,7 +15,7 @@ from pipeline.data.eval_images import ShardImages
 from pipeline.data.shards import META_FILE, ShardSet
 from pipeline.eval.probes import knn_accuracy
 from pipeline.models.judge import Judge, judge_input
-from pipeline.models.ssl_judge import SslJudgeNet
+from pipeline.models.ssl_judge import SslJudgeBase
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def accuracy(model: Judge, shards: ShardSet, resolution: int, workers: int, devi
 
 
 @torch.no_grad()
-def features(model: SslJudgeNet, shards: ShardSet, workers: int, device: torch.device, batch: int = 500
+def features(model: SslJudgeBase, shards: ShardSet, workers: int, device: torch.device, batch: int = 500
              ) -> torch.Tensor:
     """The pooled features [N, feature_dim] of a whole split, streamed ``batch`` centre crops at a time."""
     model.eval()
@@ -42,7 +42,7 @@ def features(model: SslJudgeNet, shards: ShardSet, workers: int, device: torch.d
                       for images in progress(loader, desc=f"ssl_judge: {shards.split} features", unit="batch")])
 
 
-def knn_metrics(model: SslJudgeNet, shards: ShardSet, params: Params, device: torch.device) -> dict:
+def knn_metrics(model: SslJudgeBase, shards: ShardSet, params: Params, device: torch.device) -> dict:
     """k-NN accuracy of the features where the train split has labels: the val split's images against the train
     split's features when there is a labelled val split, else leave-one-out on the train split."""
     labels, workers = np.asarray(shards.labels), params.ssl_judge.train.workers

@@ -2,10 +2,11 @@
 
 RCG's generators are conditioned on the encoder's representations, so that space favours them, and the label
 judge needs labels. The ssl_judge learns without labels too (MoCo v3, pipeline.models.moco's loss and colour
-augmentation) but as its own network (a residual CNN with a strided stem, another seed and crop range; beside a
-ViT encoder, another architecture too), so its features are not the space RCG was conditioned on. pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
+augmentation) but as its own network, of the other family than the encoder where ``ssl_judge.model.arch`` is
+``auto``: a residual CNN with a strided stem beside a ViT encoder, a small ViT beside a ResNet one; other weights,
+seed and crop range either way. So its features are not the space RCG was conditioned on.
+pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
 """
-
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.artifacts import register_model_kind
+from pipeline.core.errors import RcgError
 from pipeline.models.mlp import build_mlp
 from pipeline.models.moco import contrastive_loss
+from pipeline.models.encoder import MoCoViT
 from pipeline.models.resnet import BasicBlock
 
 MODEL_FORMAT = "rcg-ssl-judge"
@@ -54,10 +57,51 @@ class SslJudgeNet(nn.Module):
         return self.projector(self.features(x01))
 
 
-class MoCoConv(nn.Module):
-    """MoCo v3 around a :class:`SslJudgeNet`: a predictor on the base network against a momentum copy."""
+class SslJudgeViT(nn.Module):
+    """MoCo v3's ViT (:class:`pipeline.models.encoder.MoCoViT`: cls feature after the last LayerNorm, 3-layer
+    projector) on images in [0, 1] scaled to [-1, 1], with MoCo v3's frozen random patch projection. The ssl_judge
+    beside a convolutional encoder, so that the scored space is another architecture."""
 
-    def __init__(self, base: SslJudgeNet, proj_hidden_dim: int, proj_dim: int, T: float):
+    def __init__(self, img_size: int = 32, patch_size: int = 8, embed_dim: int = 64, depth: int = 4,
+                 num_heads: int = 2, proj_hidden_dim: int = 256, proj_dim: int = 64):
+        super().__init__()
+        self.img_size = img_size
+        self.vit = MoCoViT(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
+        self.vit.patch_embed.requires_grad_(False)
+        self.feature_dim = embed_dim
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        """The cls feature [B, embed_dim] of images in [0, 1], resized to ``img_size`` when they differ."""
+        if tuple(x01.shape[-2:]) != (self.img_size, self.img_size):
+            x01 = F.interpolate(x01, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                                antialias=True)
+        return self.vit.features((x01 - 0.5) / 0.5)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.vit.project(self.features(x01))
+
+
+SslJudgeBase = SslJudgeNet | SslJudgeViT
+CNN_FIELDS = ("img_size", "width", "stages", "proj_hidden_dim", "proj_dim")
+
+
+def build_ssl_judge(config: dict) -> SslJudgeBase:
+    """The network a model file's ``config["model"]`` describes (``arch`` resolved); files written before ``arch``
+    existed are CNNs."""
+    arch = config.get("arch", "cnn")
+    if arch not in ("cnn", "vit"):
+        raise RcgError(f"unknown ssl_judge arch {arch!r} in a model file (cnn or vit)")
+    if arch == "vit":
+        return SslJudgeViT(img_size=config["img_size"], proj_hidden_dim=config["proj_hidden_dim"],
+                           proj_dim=config["proj_dim"], **config["vit"])
+    return SslJudgeNet(**{k: config[k] for k in CNN_FIELDS if k in config})
+
+
+class MoCoConv(nn.Module):
+    """MoCo v3 around an ssl_judge network: a predictor on the base network against a momentum copy."""
+
+    def __init__(self, base: SslJudgeBase, proj_hidden_dim: int, proj_dim: int, T: float):
         super().__init__()
         self.T = T
         self.base = base
@@ -99,9 +143,9 @@ def resized_crops(images: torch.Tensor, crop_min: float, generator: torch.Genera
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _from_file(payload: dict, path: str | Path) -> SslJudgeNet:
+def _from_file(payload: dict, path: str | Path) -> SslJudgeBase:
     """The frozen network of an "rcg-ssl-judge" model file (``load_model("ssl_judge", path)``)."""
-    model = SslJudgeNet(**payload["config"]["model"])
+    model = build_ssl_judge(payload["config"]["model"])
     model.load_state_dict(payload["state_dict"])
     return model.requires_grad_(False)
 

@@ -1,6 +1,6 @@
-"""The ssl_judge's recipe: MoCo v3 (:class:`pipeline.models.ssl_judge.MoCoConv`) on the train split's centre
-crops, streamed by step-indexed batches, two random resized crops and the colour augmentation drawn per step and
-rank, on the shared loop (AdamW, a one-epoch warm-up then cosine; resumable), under ``ssl_judge.seed``."""
+"""The ssl_judge's recipe: MoCo v3 (:class:`pipeline.models.ssl_judge.MoCoConv`, CNN or ViT) on the train split's
+centre crops, streamed by step-indexed batches, two random resized crops and the colour augmentation drawn per step
+and rank, on the shared loop (AdamW, a one-epoch warm-up then cosine; resumable), under ``ssl_judge.seed``."""
 
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ STAGE = "train_ssl_judge"
 
 def train(moco: MoCoConv, shards: ShardSet, resolution: int, params: Params, identity: dict, d: Dist,
           device: torch.device) -> dict:
-    """Train ``moco`` in place (resumable under ``identity``); returns the loop's summary."""
+    """Train ``moco`` in place (resumable under ``identity``), at its family's lr; returns the loop's summary."""
     cfg = params.ssl_judge
     t = cfg.train
+    lr = t.vit_lr if params.ssl_judge_arch() == "vit" else t.lr
     per_epoch = math.ceil(len(shards) / t.batch_size)
     total = t.epochs * per_epoch
     moco.to(device).train()
-    opt = torch.optim.AdamW(param_groups(moco, t.weight_decay), lr=t.lr)
+    opt = torch.optim.AdamW(param_groups(moco, t.weight_decay), lr=lr)
     loop = TrainLoop.from_section(STAGE, params, t, d, device, steps=total, identity=identity, modules={"model": moco},
-                                  optimizer=opt, lr=warmup_cosine(t.lr, total, per_epoch))
+                                  optimizer=opt, lr=warmup_cosine(lr, total, per_epoch))
     sampler = StepBatches(len(shards), t.batch_size, cfg.seed, loop.start, total, d.rank, d.world,
                           key="ssl_judge.train.batch_size")
     loader = DataLoader(StepCrops(shards, resolution), batch_sampler=sampler, num_workers=t.workers,
