@@ -35,7 +35,7 @@ from pipeline.models.encoder import build_encoder, represent  # noqa: E402
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.moco import MoCoV3  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
-from pipeline.models.ssl_judge import MoCoConv, SslJudgeNet  # noqa: E402
+from pipeline.models.ssl_judge import MoCoConv, build_ssl_judge  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 from pipeline.models.vqgan_loss import VQGANLoss  # noqa: E402
 
@@ -188,14 +188,17 @@ def sample_rows(params: Params, rdm: RDM, mage: MAGE, tokenizer: VQGAN) -> list[
 def ssl_judge_rows(params: Params, n: int) -> list[Row]:
     if "ssl_judge" not in params.score.ssl_spaces:
         return []
-    j, crop = params.ssl_judge, params.views.crop
+    j, crop, arch = params.ssl_judge, params.views.crop, params.ssl_judge_arch()
     torch.manual_seed(0)
-    base = SslJudgeNet(crop, j.model.width, j.model.stages, j.model.proj_hidden_dim, j.model.proj_dim)
+    base = build_ssl_judge({**j.model.model_dump(), "img_size": crop, "arch": arch})
     moco = MoCoConv(base, j.model.proj_hidden_dim, j.model.proj_dim, j.train.temperature).train()
     x = torch.rand(2, 3, crop, crop)
     step = gflop(lambda: moco(x, x.clone(), 0.99).backward(), per=2)
-    return [Row("train_ssl_judge@ssl_judge", f"{j.train.epochs} epochs x {n} images, CNN width {j.model.width}, "
-                f"{j.model.stages} stages", step, j.train.epochs * n)]
+    v = j.model.vit
+    network = (f"ViT {v.embed_dim}x{v.depth} at {crop}/{v.patch_size}" if arch == "vit" else
+               f"CNN width {j.model.width}, {j.model.stages} stages")
+    return [Row("train_ssl_judge@ssl_judge", f"{j.train.epochs} epochs x {n} images, {network}", step,
+                j.train.epochs * n)]
 
 
 def costs(params: Params, images: int) -> list[Row]:

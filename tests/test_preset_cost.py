@@ -21,6 +21,11 @@ def test_every_stage_has_a_row_that_follows_the_params(tmp_path, capsys):
     assert rows["train_pixel@rep"].items == params.pixel.train.steps * params.pixel.train.batch_size
     guided, plain = rows["sample@rcg_cfg"].gflop_per_item, rows["sample@rcg"].gflop_per_item
     assert guided > plain > rows["sample@baseline"].gflop_per_item  # two rows a step; the RDM's passes
+    assert "CNN" in rows["train_ssl_judge@ssl_judge"].work  # beside the micro run's ViT encoder
+    beside_resnet = micro_params(tmp_path, ["encoder.model.arch=resnet", "ssl_judge.model.vit.embed_dim=16",
+                                            "ssl_judge.model.vit.depth=1"])
+    vit_row = {r.stage: r for r in preset_cost.costs(beside_resnet, images=1000)}["train_ssl_judge@ssl_judge"]
+    assert "ViT 16x1 at 16/8" in vit_row.work and vit_row.gflop_per_item > 0
     imported = micro_params(tmp_path, ["score.spaces=[judge, encoder]", "score.ssl_spaces=[]"])
     assert "train_ssl_judge@ssl_judge" not in {r.stage for r in preset_cost.costs(imported, images=1000)}
     folder = micro_params(tmp_path, ["data.source=folder", "data.folder=x", "data.holdout=0.25"])
