@@ -92,6 +92,20 @@ def test_cosine_decays_the_learning_rate(workspace):
     assert lrs[0] == base and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.1 * base
 
 
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_grad_clip_reaches_both_updates(workspace, monkeypatch, clip):
+    """tokenizer.train.grad_clip clips the VQGAN's and the PatchGAN's updates alike; unset, neither is clipped."""
+    from pipeline.train.loop import TrainLoop
+    seen, step = [], TrainLoop._clip_and_step
+    monkeypatch.setattr(TrainLoop, "_clip_and_step",
+                        staticmethod(lambda opt, c: seen.append((len(opt.param_groups[0]["params"]), c)) or step(opt, c)))
+    params = params_for(workspace, *([f"tokenizer.train.grad_clip={clip}"] if clip else []))
+    train_tokenizer.run(params)
+    t = params.tokenizer.train
+    assert len(seen) == t.steps + (t.steps - t.disc_start) and {c for _, c in seen} == {clip}
+    assert len({n for n, _ in seen}) == 2  # two optimisers: the generator's and the discriminator's
+
+
 def test_codebook_ema_follows_assigned_means():
     q = VectorQuantizer(4, 2)
     weight = q.embedding.weight.requires_grad_(False)

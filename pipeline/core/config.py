@@ -312,6 +312,7 @@ class TokenizerTrain(Section):
     pixel_l1_weight: float = Field(0.0, ge=0)  # reconstruction = l1 * |x - x'| + l2 * (x - x')^2 (no LPIPS here);
     pixel_l2_weight: float = Field(1.0, ge=0)  # (L2 rather than L1 by default: bench/RESULTS.md, "why the defaults")
     restart_every: NonNegativeInt = 200   # restart codes unused over this many steps; 0 = never
+    grad_clip: PositiveFloat | None = None  # clip the VQGAN's and the PatchGAN's gradient norms; None: off (taming)
     checkpoint_every: PositiveInt = how_to_run(500)
     log_every: PositiveInt = how_to_run(50)
     workers: NonNegativeInt = how_to_run(0)  # 32 px PNGs decode faster than a loader worker hands them over
