@@ -144,7 +144,7 @@ for _name, _help in [
     ("eval_tokenizer", "Reconstruction PSNR, codebook usage and representation-space FD of the tokenizer."),
     ("tokenize", "Tokenize every view of every image once -> data/tokens.zarr."),
     ("train_judge", "Train the judge classifier on the train split's labels -> data/models/judge.pt."),
-    ("train_ssl_judge", "Train the self-supervised ssl_judge (MoCo v3, a CNN) -> data/models/ssl_judge.pt."),
+    ("train_ssl_judge", "Train the self-supervised ssl_judge (MoCo v3, a CNN or a ViT) -> data/models/ssl_judge.pt."),
     ("compare", "Every setting's scores in one table -> metrics/compare.json, metrics/compare.md."),
 ]:
     _stage_command(_name, _help)

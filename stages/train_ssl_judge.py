@@ -18,7 +18,7 @@ from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.eval.judge_eval import knn_metrics
-from pipeline.models.ssl_judge import MoCoConv, build_ssl_judge
+from pipeline.models.ssl_judge import SslJudgeMoCo, build_ssl_judge
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.ssl_judge import train
 
@@ -35,7 +35,7 @@ def run(params: Params) -> dict:
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         base = build_ssl_judge(config["model"])
-        moco = MoCoConv(base, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.temperature)
+        moco = SslJudgeMoCo(base, cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.train.temperature)
     identity = resume_identity(params, PARAMS, shards=shards_identity(params.paths.shards))
     summary = train(moco, shards, resolution, params, identity, d, device)
     if not d.is_main:

@@ -97,8 +97,12 @@ def test_grad_clip_reaches_both_updates(workspace, monkeypatch, clip):
     """tokenizer.train.grad_clip clips the VQGAN's and the PatchGAN's updates alike; unset, neither is clipped."""
     from pipeline.train.loop import TrainLoop
     seen, step = [], TrainLoop._clip_and_step
-    monkeypatch.setattr(TrainLoop, "_clip_and_step",
-                        staticmethod(lambda opt, c: seen.append((len(opt.param_groups[0]["params"]), c)) or step(opt, c)))
+
+    def recording(optimizer, clip):
+        seen.append((len(optimizer.param_groups[0]["params"]), clip))
+        return step(optimizer, clip)
+
+    monkeypatch.setattr(TrainLoop, "_clip_and_step", staticmethod(recording))
     params = params_for(workspace, *([f"tokenizer.train.grad_clip={clip}"] if clip else []))
     train_tokenizer.run(params)
     t = params.tokenizer.train

@@ -518,7 +518,7 @@ class SslJudgeTrain(Section):
 
 class SslJudge(Section):
     """A second self-supervised encoder, trained without labels on the train split as its own network at another
-    seed than the conditioning encoder (a CNN: beside a ViT encoder, another architecture too): the ``ssl_judge``
+    seed than the conditioning encoder, of the other family by default (``model.arch``): the ``ssl_judge``
     space, which RCG is not conditioned on."""
     seed: int = 1                     # the conditioning encoder trains at the top-level seed
     knn_k: PositiveInt = 20           # its k-NN accuracy (val split on train features) where labels exist

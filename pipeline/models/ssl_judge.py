@@ -98,7 +98,7 @@ def build_ssl_judge(config: dict) -> SslJudgeBase:
     return SslJudgeNet(**{k: config[k] for k in CNN_FIELDS if k in config})
 
 
-class MoCoConv(nn.Module):
+class SslJudgeMoCo(nn.Module):
     """MoCo v3 around an ssl_judge network: a predictor on the base network against a momentum copy."""
 
     def __init__(self, base: SslJudgeBase, proj_hidden_dim: int, proj_dim: int, T: float):

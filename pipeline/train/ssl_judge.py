@@ -1,4 +1,4 @@
-"""The ssl_judge's recipe: MoCo v3 (:class:`pipeline.models.ssl_judge.MoCoConv`, CNN or ViT) on the train split's
+"""The ssl_judge's recipe: MoCo v3 (:class:`pipeline.models.ssl_judge.SslJudgeMoCo`, CNN or ViT) on the train split's
 centre crops, streamed by step-indexed batches, two random resized crops and the colour augmentation drawn per step
 and rank, on the shared loop (AdamW, a one-epoch warm-up then cosine; resumable), under ``ssl_judge.seed``."""
 
@@ -16,7 +16,7 @@ from pipeline.data.judge_data import StepCrops
 from pipeline.data.shards import ShardSet
 from pipeline.models.moco import momentum_at
 from pipeline.data.augment import TwoCropAugment
-from pipeline.models.ssl_judge import MoCoConv, resized_crops
+from pipeline.models.ssl_judge import SslJudgeMoCo, resized_crops
 from pipeline.data.batches import StepBatches
 from pipeline.train.loop import TrainLoop, param_groups
 from pipeline.train.schedules import warmup_cosine
@@ -24,7 +24,7 @@ from pipeline.train.schedules import warmup_cosine
 STAGE = "train_ssl_judge"
 
 
-def train(moco: MoCoConv, shards: ShardSet, resolution: int, params: Params, identity: dict, d: Dist,
+def train(moco: SslJudgeMoCo, shards: ShardSet, resolution: int, params: Params, identity: dict, d: Dist,
           device: torch.device) -> dict:
     """Train ``moco`` in place (resumable under ``identity``), at its family's lr; returns the loop's summary."""
     cfg = params.ssl_judge
