@@ -7,6 +7,7 @@ augmentation) but as its own network, of the other family than the encoder where
 seed and crop range either way. So its features are not the space RCG was conditioned on.
 pipeline.eval.fidelity registers it with torch-fidelity as ``rcg-ssl-judge``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 
 from pipeline.core.artifacts import register_model_kind
 from pipeline.core.errors import RcgError
+from pipeline.models.encoder import MoCoViT
 from pipeline.models.mlp import build_mlp
 from pipeline.models.moco import contrastive_loss
-from pipeline.models.encoder import MoCoViT
 from pipeline.models.resnet import BasicBlock
 
 MODEL_FORMAT = "rcg-ssl-judge"
