@@ -35,7 +35,7 @@ from pipeline.models.encoder import build_encoder, represent  # noqa: E402
 from pipeline.models.mage import MAGE, mage_kwargs, masked_token_loss  # noqa: E402
 from pipeline.models.moco import MoCoV3  # noqa: E402
 from pipeline.models.rdm import RDM, rdm_kwargs  # noqa: E402
-from pipeline.models.ssl_judge import SslJudgeMoCo, build_ssl_judge  # noqa: E402
+from pipeline.models.ssl_judge import SslJudgeMoCo, build_ssl_judge, model_config  # noqa: E402
 from pipeline.models.vqgan import VQGAN, model_kwargs  # noqa: E402
 from pipeline.models.vqgan_loss import VQGANLoss  # noqa: E402
 
@@ -190,7 +190,7 @@ def ssl_judge_rows(params: Params, n: int) -> list[Row]:
         return []
     j, crop, arch = params.ssl_judge, params.views.crop, params.ssl_judge_arch()
     torch.manual_seed(0)
-    base = build_ssl_judge({**j.model.model_dump(), "img_size": crop, "arch": arch})
+    base = build_ssl_judge(model_config(params))
     moco = SslJudgeMoCo(base, j.model.proj_hidden_dim, j.model.proj_dim, j.train.temperature).train()
     x = torch.rand(2, 3, crop, crop)
     step = gflop(lambda: moco(x, x.clone(), 0.99).backward(), per=2)

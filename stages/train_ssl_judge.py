@@ -18,7 +18,7 @@ from pipeline.core.config import Params
 from pipeline.core.runtime import device_for
 from pipeline.data.shards import INDEX_FILE, ShardSet
 from pipeline.eval.judge_eval import knn_metrics
-from pipeline.models.ssl_judge import SslJudgeMoCo, build_ssl_judge
+from pipeline.models.ssl_judge import SslJudgeMoCo, build_ssl_judge, model_config
 from pipeline.train.identity import resume_identity, shards_identity
 from pipeline.train.ssl_judge import train
 
@@ -31,7 +31,7 @@ def run(params: Params) -> dict:
     device = device_for(params.runtime, d.local_rank)
     cfg, resolution = params.ssl_judge, params.views.crop
     shards = ShardSet(params.paths.shards, "train")
-    config = {"model": {**cfg.model.model_dump(), "img_size": resolution, "arch": params.ssl_judge_arch()}}
+    config = {"model": model_config(params)}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
         torch.manual_seed(cfg.seed)
         base = build_ssl_judge(config["model"])

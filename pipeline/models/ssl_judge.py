@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.artifacts import register_model_kind
+from pipeline.core.config import Params
 from pipeline.core.errors import RcgError
 from pipeline.models.encoder import MoCoViT
 from pipeline.models.mlp import build_mlp
@@ -26,6 +27,14 @@ from pipeline.models.moco import contrastive_loss
 from pipeline.models.resnet import BasicBlock
 
 MODEL_FORMAT = "rcg-ssl-judge"
+
+
+def scaled(x01: torch.Tensor, size: int) -> torch.Tensor:
+    """An ssl_judge's input: images in [0, 1] at ``size`` (bilinear, antialiased, only when they differ), in
+    [-1, 1]."""
+    if tuple(x01.shape[-2:]) != (size, size):
+        x01 = F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x01 - 0.5) / 0.5
 
 
 class SslJudgeNet(nn.Module):
@@ -49,10 +58,7 @@ class SslJudgeNet(nn.Module):
 
     def features(self, x01: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, feature_dim] of images in [0, 1], resized to ``img_size`` when they differ."""
-        if tuple(x01.shape[-2:]) != (self.img_size, self.img_size):
-            x01 = F.interpolate(x01, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                                antialias=True)
-        return self.body((x01 - 0.5) / 0.5).mean(dim=(2, 3))
+        return self.body(scaled(x01, self.img_size)).mean(dim=(2, 3))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.projector(self.features(x01))
@@ -74,10 +80,7 @@ class SslJudgeViT(nn.Module):
 
     def features(self, x01: torch.Tensor) -> torch.Tensor:
         """The cls feature [B, embed_dim] of images in [0, 1], resized to ``img_size`` when they differ."""
-        if tuple(x01.shape[-2:]) != (self.img_size, self.img_size):
-            x01 = F.interpolate(x01, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                                antialias=True)
-        return self.vit.features((x01 - 0.5) / 0.5)
+        return self.vit.features(scaled(x01, self.img_size))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.vit.project(self.features(x01))
@@ -85,6 +88,11 @@ class SslJudgeViT(nn.Module):
 
 SslJudgeBase = SslJudgeNet | SslJudgeViT
 CNN_FIELDS = ("img_size", "width", "stages", "proj_hidden_dim", "proj_dim")
+
+
+def model_config(params: Params) -> dict:
+    """A model file's ``config["model"]``: ``ssl_judge.model`` at the views' crop size, ``arch`` resolved."""
+    return {**params.ssl_judge.model.model_dump(), "img_size": params.views.crop, "arch": params.ssl_judge_arch()}
 
 
 def build_ssl_judge(config: dict) -> SslJudgeBase:
