@@ -19,16 +19,23 @@ shift 5
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$run_dir"
+
+logged() {  # logged LOG CMD...: run CMD into LOG; on failure show the log's end and stop
+    local log=$1
+    shift
+    "$@" > "$log" 2>&1 || { echo "failed: $* (log: $log)" >&2; tail -5 "$log" >&2; exit 1; }
+}
+
 for g in $generators; do
     rm -f "data/state/train_pixel-$g.pt"
     start=$SECONDS
-    rcg train-pixel "$g" "$@" > "$out/train_$g.log" 2>&1
+    logged "$out/train_$g.log" rcg train-pixel "$g" "$@"
     echo "train_pixel $g: $((SECONDS - start)) s"
 done
 for seed in $seeds; do
     for s in $settings; do
-        rcg sample "$s" "$@" --set "sample.seed=$seed" > "$out/sample_${s}_$seed.log" 2>&1
-        rcg score "$s" "$@" --set "sample.seed=$seed" > "$out/score_${s}_$seed.log" 2>&1
+        logged "$out/sample_${s}_$seed.log" rcg sample "$s" "$@" --set "sample.seed=$seed"
+        logged "$out/score_${s}_$seed.log" rcg score "$s" "$@" --set "sample.seed=$seed"
         cp "metrics/score/$s.json" "$out/${s}_$seed.json"
         python -c "import json, sys; j = json.load(open(sys.argv[1]))['judge']
 print(f'{sys.argv[2]} seed {sys.argv[3]}: judge FID {j[\"fid\"]:.2f} IS {j[\"isc\"]:.3f}')" \
