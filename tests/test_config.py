@@ -15,6 +15,16 @@ def test_params_yaml_is_the_schema_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
+def test_params_yaml_spells_out_every_field():
+    """DVC hashes the values params.yaml holds: a field left to its schema default would not rerun the stages
+    that read it when that default changes."""
+    def missing(schema: dict, written: dict, where: str) -> list[str]:
+        out = [f"{where}{k}" for k in schema if k not in written]
+        return out + [m for k, v in schema.items() if isinstance(v, dict) and isinstance(written.get(k), dict)
+                      for m in missing(v, written[k], f"{where}{k}.")]
+    assert missing(Params().model_dump(), yaml.safe_load((ROOT / "params.yaml").read_text()), "") == []
+
+
 @pytest.mark.parametrize("name", ["default", "cifar10", "cifar10_cpu", "folder", "imagenet256_vitb", "imagenet256_vitl",
                                   "imagenet256_vitb_mage"])
 def test_presets_validate(name):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.core.errors import RcgError
 from pipeline.gen.masked_decoding import decode_tokens, guidance_scale, guided_logits
-from pipeline.models.mage import MAGE, MAGE_SIZES, masked_token_loss
+from pipeline.models.mage import MAGE, MAGE_SIZES, GridConv, masked_token_loss
 from pipeline.models.official.mage import convert_official_mage, load_official_mage, official_unused_shapes
 
 MANIFEST = Path("/work/shared/reference/manifests/mage_b_repcond.json")
@@ -206,6 +206,34 @@ def test_dropped_positions_never_reach_the_encoder():
     other[dropped] = torch.randint(32, (int(dropped.sum()),))  # whatever a dropped position holds is never read
     assert torch.equal(model(other, cond, dropped), out)
     assert not torch.allclose(model(ids, cond), out)  # without dropping, the encoder sees the [MASK] tokens
+
+
+def test_grid_conv_mixes_grid_neighbours_only_and_passes_the_slot():
+    conv = GridConv(dim=4, kernel=3, side=4).eval()
+    x = torch.randn(2, 17, 4)
+    poked = x.clone()
+    poked[:, 1 + 1 * 4 + 1] += 1.0  # grid cell (1, 1)
+    changed = (conv(poked) - conv(x)).abs().sum((0, 2)) > 0
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    near = ((rows - 1).abs() <= 1) & ((cols - 1).abs() <= 1)
+    assert torch.equal(changed[1:], near.flatten()) and not changed[0]
+    assert torch.equal(conv(x)[:, 0], x[:, 0])
+    slot = x.clone()
+    slot[:, 0] += 1.0
+    assert torch.equal(conv(slot)[:, 1:], conv(x)[:, 1:])  # the slot does not leak into the grid either
+
+
+def test_grid_conv_zero_is_mage_as_published():
+    plain, local = tiny().state_dict(), tiny(grid_conv=3).state_dict()
+    assert set(tiny(grid_conv=0).state_dict()) == set(plain)
+    assert set(local) - set(plain) == {"decoder_grid_convs.0.conv.weight", "decoder_grid_convs.0.conv.bias"}
+    model = tiny(grid_conv=3).eval()
+    tokens, cond = torch.randint(32, (2, 16)), torch.randn(2, 8)
+    assert model(tokens, cond).shape == (2, 16, 32)
+    with pytest.raises(RcgError, match="odd kernel"):
+        tiny(grid_conv=2)
+    with pytest.raises(RcgError, match="square token grid"):
+        tiny(grid_conv=3, seq_len=12)
 
 
 # ------------------------------------------------------------------------------------------ decoding

@@ -38,6 +38,9 @@ VQ = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, n_
           beta=0.25)
 
 
+OFFICIAL = {"vocab": "official", "grid_conv": 0}  # what an official MAGE file holds: no grid convolution
+
+
 def params_for(root: Path, *overrides: str, extra: dict | None = None):
     tree = json.loads(json.dumps(PIXEL))
     for k, v in (extra or {}).items():
@@ -254,7 +257,7 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
             "decoder_depth": 1, "decoder_num_heads": 2}
     model = MAGE(codebook_size=K, seq_len=H * W, rep_dim=D, **arch)
     good = official_file(tmp_path, model, ENCODER.state_dict(), vqgan.state_dict())
-    params = params_for(tmp_path, f"pixel.checkpoints.rep={good}", extra={"model": {"vocab": "official"}})
+    params = params_for(tmp_path, f"pixel.checkpoints.rep={good}", extra={"model": OFFICIAL})
     summary = train_pixel.run(params, "rep")
     assert (summary["source"], summary["encoder_check"], summary["vqgan_check"]) == ("official", "weights", "weights")
     loaded = load_model("pixel", params.paths.models / "pixel-rep.pt")[0]
@@ -263,15 +266,18 @@ def test_official_file_imported_and_checked_against_the_stores(tmp_path):
     other_vq = VQGAN(**VQ).state_dict()
     bad = official_file(tmp_path, model, ENCODER.state_dict(), other_vq)
     with pytest.raises(RcgError, match="another tokenizer .*same architecture, different weights"):
-        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": OFFICIAL}),
                         "rep")
     other_enc = build_encoder(MICRO["encoder"]["model"]).state_dict()
     bad = official_file(tmp_path, model, other_enc, vqgan.state_dict())
     with pytest.raises(RcgError, match="this MAGE was trained with another encoder"):
-        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": {"vocab": "official"}}),
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={bad}", extra={"model": OFFICIAL}),
                         "rep")
     with pytest.raises(RcgError, match="does not match pixel.model and the stores: vocab compact"):
         train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={good}"), "rep")
+    with pytest.raises(RcgError, match="grid_conv 3 .file: 0.*set pixel.model.grid_conv: 0"):
+        train_pixel.run(params_for(tmp_path, f"pixel.checkpoints.rep={good}", extra={"model": {"vocab": "official"}}),
+                        "rep")
 
 
 @pytest.mark.parametrize("name", ["imagenet256_vitb", "imagenet256_vitb_mage", "imagenet256_vitl", "cifar10",
@@ -286,6 +292,7 @@ def test_presets_name_the_pixel_architecture(name):
     if name.startswith("imagenet"):  # the paper's sizes and recipe: lr 2.4e-3 at batch 4096
         size = MAGE_SIZES["mage_large" if name.endswith("vitl") else "mage_base"]
         assert {k: getattr(p.model, k) for k in size} == size and p.model.vocab == "official"
+        assert p.model.grid_conv == 0  # MAGE as published: what official files hold
         assert p.train.batch_size == 4096 and p.train.blr * p.train.batch_size / 256 == pytest.approx(2.4e-3)
 
 
@@ -304,9 +311,9 @@ def test_real_micro_stores_train_and_an_official_file_built_from_their_models_pa
     assert summary["source"] == "trained" and model.seq_len == grid[0] * grid[1]
     encoder, _ = load_model("encoder", params.paths.models / "encoder.pt")
     vqgan, _ = load_model("tokenizer", params.paths.models / "tokenizer.pt")
-    official = MAGE(**{**payload["config"]["model"], "vocab": "official"})
+    official = MAGE(**{**payload["config"]["model"], **OFFICIAL})
     path = official_file(workspace, official, encoder.state_dict(), vqgan.state_dict())
-    params = params_for(workspace, f"pixel.checkpoints.rep={path}", extra={"model": {"vocab": "official"}})
+    params = params_for(workspace, f"pixel.checkpoints.rep={path}", extra={"model": OFFICIAL})
     summary = train_pixel.run(params, "rep")
     assert (summary["encoder_check"], summary["vqgan_check"]) == ("weights", "weights")
 

@@ -359,9 +359,13 @@ class PixelModel(Section):
     mask_ratio_max: float = Field(1.0, gt=0, le=1)
     rep_drop_prob: float = Field(0.1, ge=0, lt=1)     # slot -> fake_latent per sample (what guidance needs)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grid_conv: NonNegativeInt = 3                     # ours: a depthwise k x k conv over the token grid before each
+                                                      # decoder block (odd k; 0: none, MAGE as published)
 
     @model_validator(mode="after")
     def _check(self) -> "PixelModel":
+        if self.grid_conv % 2 == 0 and self.grid_conv:
+            raise ValueError("pixel.model.grid_conv: the kernel must be odd (or 0 for none)")
         if not self.mask_ratio_min <= self.mask_ratio_mu <= self.mask_ratio_max:
             raise ValueError("pixel.model: mask_ratio_min <= mask_ratio_mu <= mask_ratio_max must hold")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:

@@ -80,6 +80,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class GridConv(nn.Module):
+    """A depthwise k x k convolution over the token grid, added residually; position 0 (the slot) passes
+    through. Ours, not MAGE's: it gives the decoder the locality a short run cannot learn from attention alone
+    (a positional encoding generator, as in CPVT; bench/RESULTS.md, "a local prior for the pixel generator")."""
+
+    def __init__(self, dim: int, kernel: int, side: int):
+        super().__init__()
+        self.side = side
+        self.conv = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)  # PyTorch's default init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        grid = x[:, 1:].transpose(1, 2).reshape(b, c, self.side, self.side)
+        return torch.cat([x[:, :1], x[:, 1:] + self.conv(grid).flatten(2).transpose(1, 2)], 1)
+
+
 class BertEmbeddings(nn.Module):
     """Word + learned position embeddings, LayerNorm, dropout (the official ``token_emb``)."""
 
@@ -117,7 +133,8 @@ class MAGE(nn.Module):
     ``vocab="official"``: codebook + 1000 + 1 ids, [MASK] last, position 0 holds id codebook + 76 (1100 for the
     VQGAN's 1024 codes); what official files need. ``"compact"``: codebook + 1 ids ([MASK] last), for ours.
     Whatever id position 0 holds, its embedding is overwritten by the conditioning slot (``latent_prior_proj``
-    of the rep, of ``fake_latent``, or of a label embedding; see :meth:`condition`).
+    of the rep, of ``fake_latent``, or of a label embedding; see :meth:`condition`). ``grid_conv`` > 0 puts a
+    :class:`GridConv` of that kernel before each decoder block (ours; 0, no convolution, is MAGE).
     """
 
     def __init__(self, codebook_size: int = 1024, seq_len: int = 256, rep_dim: int = 256,
@@ -126,7 +143,8 @@ class MAGE(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 768,
                  decoder_depth: int = 8, decoder_num_heads: int = 16, mlp_ratio: float = 4.0, dropout: float = 0.1,
                  mask_ratio_mu: float = 0.75, mask_ratio_std: float = 0.25, mask_ratio_min: float = 0.5,
-                 mask_ratio_max: float = 1.0, rep_drop_prob: float = 0.1, label_smoothing: float = 0.1):
+                 mask_ratio_max: float = 1.0, rep_drop_prob: float = 0.1, label_smoothing: float = 0.1,
+                 grid_conv: int = 0):
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise RcgError(f"MAGE conditioning {conditioning!r} is not one of {', '.join(CONDITIONINGS)}")
@@ -134,6 +152,10 @@ class MAGE(nn.Module):
             raise RcgError(f"MAGE conditioning {conditioning!r} needs num_labels >= 1")
         if not 0 < mask_ratio_min <= mask_ratio_mu <= mask_ratio_max <= 1:
             raise RcgError("MAGE mask ratios must satisfy 0 < min <= mu <= max <= 1")
+        side = math.isqrt(seq_len)
+        if grid_conv and (grid_conv % 2 == 0 or side * side != seq_len):
+            raise RcgError(f"MAGE grid_conv {grid_conv}: needs an odd kernel and a square token grid "
+                           f"(got {seq_len} tokens)")
         self.codebook_size, self.seq_len, self.rep_dim = codebook_size, seq_len, rep_dim
         self.conditioning, self.num_labels, self.vocab = conditioning, num_labels, vocab
         vocab_size = codebook_size + (OFFICIAL_EXTRA_IDS + 1 if vocab == "official" else 1)
@@ -154,6 +176,8 @@ class MAGE(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.decoder_blocks = nn.ModuleList(Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, dropout)
                                             for _ in range(decoder_depth))
+        self.decoder_grid_convs = nn.ModuleList(GridConv(decoder_embed_dim, grid_conv, side) if grid_conv
+                                                else nn.Identity() for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.mlm_layer = MlmLayer(decoder_embed_dim, embed_dim, vocab_size)
         self._init_weights()
@@ -233,8 +257,8 @@ class MAGE(nn.Module):
             x = fill.scatter(1, keep.expand(-1, -1, x.shape[-1]), x)
         masked = torch.cat([ids.new_zeros(b, 1, dtype=torch.bool), ids == self.mask_id], 1)
         x = torch.where(masked[..., None], fill, x) + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
-            x = block(x)
+        for grid_conv, block in zip(self.decoder_grid_convs, self.decoder_blocks):
+            x = block(grid_conv(x))
         x = self.mlm_layer(self.decoder_norm(x), self.token_emb.word_embeddings.weight, self.codebook_size)
         return x[:, 1:]
 
@@ -298,7 +322,8 @@ def mage_kwargs(model_params: Any, codebook_size: int, seq_len: int, rep_dim: in
                 decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                 decoder_num_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                 mask_ratio_mu=m.mask_ratio_mu, mask_ratio_std=m.mask_ratio_std, mask_ratio_min=m.mask_ratio_min,
-                mask_ratio_max=m.mask_ratio_max, rep_drop_prob=m.rep_drop_prob, label_smoothing=m.label_smoothing)
+                mask_ratio_max=m.mask_ratio_max, rep_drop_prob=m.rep_drop_prob, label_smoothing=m.label_smoothing,
+                grid_conv=m.grid_conv)
 
 
 def _from_file(payload: dict, path: str | Path, use_ema: bool = True) -> MAGE:

@@ -80,7 +80,7 @@ def infer_official_config(sd: Mapping[str, Any], num_heads: int | None = None,
                 rep_dim=rep_dim, conditioning=conditioning, num_labels=0, vocab="official",
                 embed_dim=dim, depth=depth("blocks."), num_heads=num_heads, decoder_embed_dim=dec_dim,
                 decoder_depth=depth("decoder_blocks."), decoder_num_heads=decoder_num_heads,
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, grid_conv=0)
 
 
 def unconditional_slot(state: Mapping[str, torch.Tensor], config: dict, slot_id: int) -> dict:
@@ -192,7 +192,7 @@ def check_official_vqgan(embedded: dict, tokens_identity: dict, tokens_name: str
 
 
 ARCH = ("vocab", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
-        "mlp_ratio")
+        "mlp_ratio", "grid_conv")
 
 
 def load_official_mage_model(path: Path, model_kwargs: dict, reps_identity: dict, reps_name: str,
@@ -216,7 +216,9 @@ def load_official_mage_model(path: Path, model_kwargs: dict, reps_identity: dict
     keys = ARCH + ("codebook_size", "seq_len", "rep_dim", "conditioning")
     diffs = [f"{k} {model_kwargs[k]} (file: {config[k]})" for k in keys if model_kwargs[k] != config[k]]
     if diffs:
-        raise RcgError(f"{key} {path} does not match pixel.model and the stores: {', '.join(diffs)}")
+        hint = ("; official MAGE files have no grid convolution: set pixel.model.grid_conv: 0"
+                if model_kwargs["grid_conv"] != config["grid_conv"] else "")
+        raise RcgError(f"{key} {path} does not match pixel.model and the stores: {', '.join(diffs)}{hint}")
     checks = {}
     if conditioning == "rep":
         checks["encoder_check"] = check_official_encoder(encoder, reps_identity, reps_name, path, model_name="MAGE")
