@@ -375,9 +375,9 @@ class PixelModel(Section):
 
 class PixelTrain(Section):
     """MAGE's recipe (docs/official.md §3.2): AdamW (0.9, 0.95), no decay on biases and 1-D params, warm-up +
-    cosine to 0, clip 3.0. Default: ~22 epochs of the built-in set; ImageNet: batch 4096, blr 1.5e-4, 200-800
+    cosine to 0, clip 3.0. Default: ~68 epochs of the built-in set; ImageNet: batch 4096, blr 1.5e-4, 200-800
     epochs."""
-    steps: PositiveInt = 1300
+    steps: PositiveInt = 4000
     batch_size: PositiveInt = 64       # global: split evenly across DDP ranks (and accumulation micro-batches)
     accum_steps: PositiveInt = 1       # gradient accumulation: each rank runs batch_size / world / accum at a time
     blr: PositiveFloat = 1.8e-2        # lr = blr * batch_size / 256 (MAGE rule; official blr 1.5e-4 at 4096)
