@@ -13,6 +13,8 @@
 (3) decoding: images/s of ``decode_tokens`` (T = 20, choice temperature 6) without and with guidance (2B batch).
 (4) ``--mage-b B``: (2) and (3) at the paper's size for a few CPU steps of batch B: MAGE-B (official vocabulary,
     16x16 tokens) vs MAGE-B + the official VQGAN on 256x256 + MoCo v3 ViT-B/16 (at 224) per image, random weights.
+(5) the grid convolution's cost: the bare step with ``pixel.model.grid_conv`` as in the defaults over the same step
+    without it (0), in fp32 and under bf16 autocast, timed alternately (three rounds each) in this process.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def write_stores(root: Path, n: int, views: int, grid: int, codebook: int, dim: 
         writer.finalize()
 
 
-def bare_rate(model: MAGE, batch: int, steps: int, extra=None) -> float:
-    """Samples/s of fwd + bwd + AdamW (+ ``extra()``, the official per-step encoders) on one fixed random batch."""
+def bare_rate(model: MAGE, batch: int, steps: int, extra=None, bf16: bool = False) -> float:
+    """Samples/s of fwd + bwd + AdamW (+ ``extra()``, the official per-step encoders) on one fixed random batch,
+    the forward under bf16 autocast when ``bf16``."""
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(model.codebook_size, (batch, model.seq_len))
@@ -68,7 +71,8 @@ def bare_rate(model: MAGE, batch: int, steps: int, extra=None) -> float:
             tic = time.perf_counter()
         if extra is not None:
             extra()
-        loss, _ = masked_token_loss(model, tokens, reps, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = masked_token_loss(model, tokens, reps, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
@@ -110,7 +114,9 @@ def main() -> None:
         write_stores(root, args.images, defaults.views.count, grid, codebook, dim)
         params = validate({"paths": {"data": str(root / "data"), "metrics": str(root / "metrics")},
                            "pixel": {"train": {"steps": args.steps, "batch_size": args.batch, "log_every": 10,
-                                               "checkpoint_every": 10 ** 6}, "eval": {"num_images": 0}},
+                                               "checkpoint_every": 10 ** 6,
+                                               "codebook_init": False},  # synthetic stores: no tokenizer file
+                                     "eval": {"num_images": 0}},
                            "runtime": {"threads": args.threads}})
         bare_before = bare_rate(model, args.batch, args.steps)
         stage = run_stage("train_pixel", params, root, item="rep")["samples_per_s"]
@@ -138,6 +144,27 @@ def main() -> None:
               f"{decode_rate(model, args.decode_batch, guidance):.1f} images/s")
     if args.mage_b:
         mage_b(args.mage_b)
+    grid_conv_cost(defaults, grid * grid, codebook, dim, args.batch, args.steps)
+
+
+def grid_conv_cost(defaults: Params, seq_len: int, codebook: int, dim: int, batch: int, steps: int) -> None:
+    """(5): the default MAGE over the same one with ``grid_conv=0``, alternating, fp32 and bf16."""
+    kernel = defaults.pixel.model.grid_conv
+    if not kernel:
+        print("(5) the defaults have no grid convolution: nothing to compare")
+        return
+    models = {}
+    for k in (0, kernel):
+        torch.manual_seed(0)
+        models[k] = MAGE(**{**mage_kwargs(defaults.pixel.model, codebook, seq_len, dim, "rep"), "grid_conv": k})
+    for bf16 in (False, True):
+        rates = {k: [] for k in models}
+        for _ in range(3):
+            for k, model in models.items():
+                rates[k].append(bare_rate(model, batch, steps, bf16=bf16))
+        plain, local = (float(np.median(rates[k])) for k in (0, kernel))
+        print(f"(5) grid_conv {kernel} vs 0, {'bf16' if bf16 else 'fp32'}: {local:.1f} vs {plain:.1f} samples/s, "
+              f"step time x{plain / local:.3f}")
 
 
 def mage_b(batch: int) -> None:

@@ -145,10 +145,11 @@ def test_loss_takes_its_masks_and_null_slots_from_the_caller():
         masked_token_loss(model, tokens, reps, gen, masked=masked)
 
 
-def test_loss_through_a_compiled_wrapper():
+@pytest.mark.parametrize("grid_conv", [0, 3])
+def test_loss_through_a_compiled_wrapper(grid_conv):
     """runtime.compile hands the loss a torch.compile wrapper as ``net``: it must be called, not truth-tested
     (an OptimizedModule has no len()). The eager backend traces the same graph without a C++ build."""
-    model = tiny().eval()
+    model = tiny(grid_conv=grid_conv).eval()
     tokens, reps = torch.randint(32, (6, 16)), torch.randn(6, 8)
     plain, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(3))
     compiled, _ = masked_token_loss(model, tokens, reps, torch.Generator().manual_seed(3),

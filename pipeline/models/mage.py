@@ -1,10 +1,10 @@
 """MAGE pixel generator as RCG modifies it: a ViT encoder-decoder over VQGAN token ids, conditioned through
 sequence position 0 (docs/official.md §3), its masked-token training loss, and the official-checkpoint import.
 
-Module names follow the official code, so ``MAGE.state_dict()`` keys are the official ``model`` keys minus the
-parameters the official forward never reads and the frozen encoder / VQGAN it embeds (the import, with those
-accounted for, is :mod:`pipeline.models.official.mage`). Iterative decoding lives beside this file, in
-:mod:`pipeline.gen.masked_decoding`.
+Module names follow the official code, so with ``grid_conv=0`` ``MAGE.state_dict()`` keys are the official
+``model`` keys minus the parameters the official forward never reads and the frozen encoder / VQGAN it embeds (the
+import, with those accounted for, is :mod:`pipeline.models.official.mage`). Iterative decoding lives beside this
+file, in :mod:`pipeline.gen.masked_decoding`.
 """
 
 from __future__ import annotations
