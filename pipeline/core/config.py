@@ -345,9 +345,11 @@ class PixelModel(Section):
     768/12/12 with a 768/8/16 decoder (presets)."""
     vocab: Literal["official", "compact"] = "compact"  # official: codebook + 1000 + 1 ids (needed by official files)
     embed_dim: PositiveInt = 64
-    depth: PositiveInt = 2                            # the default: encoder 2, decoder 4 blocks (the decoder, which
-    num_heads: PositiveInt = 2                        # sees every position and holds the grid convolutions, is
-    decoder_embed_dim: PositiveInt = 64               # where a short run's blocks pay; bench/RESULTS.md)
+    # encoder 2 blocks, decoder 4: the decoder sees every position and holds the grid convolutions, so that is
+    # where a short run's blocks pay (bench/RESULTS.md, "a local prior for the pixel generator")
+    depth: PositiveInt = 2
+    num_heads: PositiveInt = 2
+    decoder_embed_dim: PositiveInt = 64
     decoder_depth: PositiveInt = 4
     decoder_num_heads: PositiveInt = 2
     mlp_ratio: PositiveFloat = 4.0
