@@ -28,11 +28,14 @@ IMPORTS = {"pretrain_encoder": "encoder.pt", "train_rdm": "rdm.pt", "train_token
            "train_pixel-rep": "pixel-rep.pt", "train_pixel-none": "pixel-none.pt"}  # curve name: model file
 
 
+OFFICIAL_MAGE = ["pixel.model.vocab=official", "pixel.model.grid_conv=0"]  # what official MAGE files hold
+
+
 def official_files(root: Path) -> list[str]:
     """Toy-size official files that fit the micro params, each embedding the encoder / VQGAN the others are made
     with (so every import's checks compare weights); -> the ``--set`` overrides that import them."""
     root.mkdir()
-    params = micro_params(root, ["pixel.model.vocab=official", "pixel.model.grid_conv=0"])
+    params = micro_params(root, OFFICIAL_MAGE)
     torch.manual_seed(0)
     encoder = build_encoder(MICRO["encoder"]["model"])
     vqgan = VQGAN(**model_kwargs(params.tokenizer.model))
@@ -51,7 +54,7 @@ def official_files(root: Path) -> list[str]:
              "pixel.checkpoints.none": uncond_mage_file(root / "mage-vitb-1600.pth", mage["none"],
                                                         vqgan.state_dict())}
     official_rdm = ["rdm.model.whiten_power=0", "rdm.train.min_snr_gamma=null"]  # how official RDMs are trained
-    return [f"{key}={path}" for key, path in files.items()] + official_rdm + ["pixel.model.vocab=official", "pixel.model.grid_conv=0"]
+    return [f"{key}={path}" for key, path in files.items()] + official_rdm + OFFICIAL_MAGE
 
 
 def test_dvc_repro_with_every_checkpoint_imported(tmp_path):

@@ -16,7 +16,7 @@ from pipeline.models.mage import MAGE, MAGE_SIZES
 from pipeline.models.official.mage import REP_SLOT, convert_official_mage, load_official_mage, official_unused_shapes
 from pipeline.models.vqgan import VQGAN
 from stages import train_pixel
-from test_train_pixel import ENCODER, VQ, D, H, K, W, params_for, stores_with_a_tokenizer
+from test_train_pixel import ENCODER, OFFICIAL, VQ, D, H, K, W, params_for, stores_with_a_tokenizer
 from conftest import micro_params
 
 MANIFEST = Path("/work/shared/reference/manifests/mage_b_repcond.json")
@@ -94,7 +94,7 @@ def test_stage_imports_the_unconditional_mage(tmp_path):
     vqgan, _ = stores_with_a_tokenizer(tmp_path)
     src = source()
     path = uncond_mage_file(tmp_path / "mage-vitb.pth", src, vqgan.state_dict())
-    params = params_for(tmp_path, f"pixel.checkpoints.none={path}", extra={"model": {"vocab": "official", "grid_conv": 0}})
+    params = params_for(tmp_path, f"pixel.checkpoints.none={path}", extra={"model": OFFICIAL})
     summary = train_pixel.run(params, "none")
     assert (summary["source"], summary["vqgan_check"]) == ("official", "weights") and "encoder_check" not in summary
     assert not (params.paths.state / "train_pixel-none.pt").exists()  # nothing trained
@@ -133,7 +133,7 @@ def test_wrong_files_are_refused_in_one_line(tmp_path):
     cases["none", tmp_path / "with-encoder.pth"] = "embeds an encoder .*but has no rep slot"
     for (conditioning, path), message in cases.items():
         params = params_for(tmp_path, f"pixel.checkpoints.{conditioning}={path}",
-                            extra={"model": {"vocab": "official", "grid_conv": 0}})
+                            extra={"model": OFFICIAL})
         with pytest.raises(RcgError, match=message) as err:
             train_pixel.run(params, conditioning)
         assert "\n" not in str(err.value)
